@@ -1,0 +1,59 @@
+"""step-hf: STEP (SuperToken and Early-Pruning) ViT segmenters for Hugging Face Transformers.
+
+Importing the package registers the model type "step" with the Auto classes and the image-segmentation pipeline.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForSemanticSegmentation,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
+
+from .configuration_step import StepConfig
+from .image_processing_step import StepImageProcessor
+from .modeling_step import (
+    StepForSemanticSegmentation,
+    StepModel,
+    StepModelOutput,
+    StepPreTrainedModel,
+    StepSemanticSegmenterOutput,
+)
+from .token_layout import PackedBatch, TokenLayout
+from .vit_weights import load_vit_weights
+
+__version__ = "0.1.0"
+
+AutoConfig.register(StepConfig.model_type, StepConfig, exist_ok=True)
+AutoModel.register(StepConfig, StepModel, exist_ok=True)
+AutoModelForSemanticSegmentation.register(StepConfig, StepForSemanticSegmentation, exist_ok=True)
+AutoImageProcessor.register(
+    StepConfig, image_processor_classes={"pil": StepImageProcessor, "torchvision": StepImageProcessor}, exist_ok=True
+)
+# STEP has no video processor. Saying so stops `pipeline()` from guessing a remote `StepVideoProcessor` from the
+# image processor's `auto_map` and asking the user whether to trust it.
+VIDEO_PROCESSOR_MAPPING.register(StepConfig, {}, exist_ok=True)
+# Lets the image-segmentation pipeline recognise the model type (it only logs otherwise).
+MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(StepConfig.model_type, StepForSemanticSegmentation.__name__)
+
+# `save_pretrained` copies the code files next to the weights and writes `auto_map`, so that a process without
+# step_hf loads everything with `trust_remote_code=True`.
+StepConfig.register_for_auto_class()
+StepModel.register_for_auto_class("AutoModel")
+StepForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+StepImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+__all__ = [
+    "StepConfig",
+    "StepModel",
+    "StepForSemanticSegmentation",
+    "StepPreTrainedModel",
+    "StepModelOutput",
+    "StepSemanticSegmenterOutput",
+    "StepImageProcessor",
+    "TokenLayout",
+    "PackedBatch",
+    "load_vit_weights",
+]

@@ -1,0 +1,284 @@
+"""Image processor for STEP (PIL / NumPy backend, no torchvision).
+
+Shipped as Hub code next to saved weights: imports only numpy, torch and transformers.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    ChannelDimension,
+    ImageInput,
+    PILImageResampling,
+    SizeDict,
+)
+from transformers.processing_utils import ImagesKwargs, Unpack
+
+
+class StepImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    do_reduce_labels (`bool`): map label 0 to the ignore index and shift the others down by one (ADE20K style).
+    window_size (`int` or `dict[str, int]`): side, or `{"height", "width"}`, of the sliding windows that images
+        larger than it are cut into after resizing; `None` feeds whole images.
+    window_stride (`int` or `dict[str, int]`): step between windows; defaults to two thirds of `window_size`.
+    num_labels (`int`): when set, label values outside `[0, num_labels)` other than `ignore_index` are refused.
+    ignore_index (`int`): the void label (255).
+    """
+
+    do_reduce_labels: bool
+    window_size: int | dict[str, int] | None
+    window_stride: int | dict[str, int] | None
+    num_labels: int | None
+    ignore_index: int
+
+
+def _pair(value: int | dict[str, int] | None, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, dict) and set(value) == {"height", "width"}:
+        return value["height"], value["width"]
+    raise ValueError(f"`{name}` must be an int or a dict with 'height' and 'width', got {value!r}.")
+
+
+def window_starts(length: int, window: int, stride: int, step: int) -> list[int]:
+    """Start offsets of windows of `window` pixels covering `length` pixels, every start a multiple of `step`,
+    the last window ending exactly at `length` (which must be a multiple of `step` when windows are needed)."""
+    if length <= window:
+        return [0]
+    count = math.ceil((length - window) / stride) + 1
+    starts = [min(i * stride, length - window) // step * step for i in range(count)]
+    return sorted(set(starts))
+
+
+class StepImageProcessor(PilBackend):
+    r"""
+    Prepares images (and optionally segmentation maps) for [`StepForSemanticSegmentation`].
+
+    Images are converted to RGB (greyscale, RGBA and palette images included), resized, rescaled to [0, 1] and
+    normalised. With `size={"height", "width"}` both sides are set exactly; with `size={"shortest_edge": n}` the
+    aspect ratio is kept and each side rounded to a multiple of `size_divisor` (the patch size), since the model
+    accepts any height and width that are multiples of 16. With `window_size`, each resized image larger than the
+    window is cut into overlapping windows (padded where smaller), and `post_process_semantic_segmentation` stitches
+    the windows' logits back together by averaging where they overlap.
+
+    Segmentation maps are resized with nearest-neighbour, returned as int64 `labels`; 255 (`ignore_index`) is void.
+    """
+
+    valid_kwargs = StepImageProcessorKwargs
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    size = {"height": 512, "width": 512}
+    size_divisor = 16
+    default_to_square = True
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    do_reduce_labels = False
+    window_size = None
+    window_stride = None
+    num_labels = None
+    ignore_index = 255
+
+    def __init__(self, **kwargs: Unpack[StepImageProcessorKwargs]):
+        super().__init__(**kwargs)
+
+    def preprocess(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None = None,
+        **kwargs: Unpack[StepImageProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        images (`ImageInput`): one image or a list (PIL, NumPy or torch).
+        segmentation_maps (`ImageInput`, *optional*): one single-channel class-id map per image.
+
+        Returns a `BatchFeature` with `pixel_values`, `labels` when maps are given, and `window_offsets`
+        `(num_windows, 5)` = (image index, top, left, resized height, resized width) when windows are used.
+        """
+        return super().preprocess(images, segmentation_maps, **kwargs)
+
+    def output_size(self, height: int, width: int, size: SizeDict) -> tuple[int, int]:
+        """The resized (height, width) of an image: exact, or aspect-preserving rounded to `size_divisor`."""
+        divisor = self.size_divisor
+        if size.height and size.width:
+            if size.height % divisor or size.width % divisor:
+                raise ValueError(
+                    f"`size` {size.height}x{size.width} is not a multiple of {divisor}; the model needs multiples "
+                    f"of its patch size."
+                )
+            return size.height, size.width
+        if size.shortest_edge:
+            scale = size.shortest_edge / min(height, width)
+            return tuple(max(divisor, round(side * scale / divisor) * divisor) for side in (height, width))
+        raise ValueError(f"`size` must have 'height' and 'width' or 'shortest_edge', got {dict(size)}.")
+
+    def _preprocess_image_like_inputs(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None,
+        do_convert_rgb: bool,
+        input_data_format: ChannelDimension,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        images = self._prepare_image_like_inputs(
+            images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format
+        )
+        label_maps = None
+        if segmentation_maps is not None:
+            label_maps = self._prepare_image_like_inputs(
+                images=segmentation_maps,
+                expected_ndims=2,
+                do_convert_rgb=False,
+                input_data_format=ChannelDimension.FIRST,
+            )
+            if len(label_maps) != len(images):
+                raise ValueError(f"Got {len(images)} images but {len(label_maps)} segmentation maps.")
+
+        pixel_values, labels, window_offsets = [], [], []
+        for index, image in enumerate(images):
+            if image.shape[0] != 3:
+                raise ValueError(
+                    f"Image {index} has {image.shape[0]} channels; pass RGB images or keep `do_convert_rgb=True`."
+                )
+            label = None if label_maps is None else self._prepare_label(label_maps[index], index, image, **kwargs)
+            image = self._prepare_pixels(image, **kwargs)
+            if kwargs["window_size"] is None:
+                pixel_values.append(image)
+                labels.append(label)
+                continue
+            for top, left, window_image, window_label in self._split_windows(image, label, **kwargs):
+                pixel_values.append(window_image)
+                labels.append(window_label)
+                window_offsets.append([index, top, left, image.shape[1], image.shape[2]])
+
+        data = {"pixel_values": pixel_values}
+        if label_maps is not None:
+            data["labels"] = labels
+        if window_offsets:
+            data["window_offsets"] = np.array(window_offsets, dtype=np.int64)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _prepare_pixels(self, image: np.ndarray, do_resize, size, resample, do_rescale, rescale_factor,
+                        do_normalize, image_mean, image_std, **kwargs) -> np.ndarray:
+        if do_resize:
+            height, width = self.output_size(image.shape[1], image.shape[2], size)
+            image = self.resize(image, SizeDict(height=height, width=width), resample)
+        elif image.shape[1] % self.size_divisor or image.shape[2] % self.size_divisor:
+            raise ValueError(
+                f"Image of {image.shape[1]}x{image.shape[2]} pixels is not a multiple of {self.size_divisor} and "
+                "`do_resize=False`; resize it or enable `do_resize`."
+            )
+        if do_rescale:
+            image = self.rescale(image, rescale_factor)
+        if do_normalize:
+            image = self.normalize(image, image_mean, image_std)
+        return image.astype(np.float32)
+
+    def _prepare_label(self, label: np.ndarray, index: int, image: np.ndarray, do_resize, size, do_reduce_labels,
+                       num_labels, ignore_index, **kwargs) -> np.ndarray:
+        if label.shape[0] != 1:
+            raise ValueError(
+                f"Segmentation map {index} has {label.shape[0]} channels; it must be a single-channel map of class "
+                "ids (PIL mode 'L', 'P' or 'I'), not a colour image."
+            )
+        if label.shape[1:] != image.shape[1:]:
+            raise ValueError(
+                f"Segmentation map {index} is {label.shape[1]}x{label.shape[2]} but its image is "
+                f"{image.shape[1]}x{image.shape[2]}; they must have the same size."
+            )
+        label = label.astype(np.int64)
+        if do_reduce_labels:
+            label = np.where(label == 0, ignore_index, label - 1)
+            label[label == ignore_index - 1] = ignore_index
+        if num_labels is not None:
+            invalid = (label != ignore_index) & ((label < 0) | (label >= num_labels))
+            if invalid.any():
+                raise ValueError(
+                    f"Segmentation map {index} holds the label value {int(label[invalid][0])}, which is not a class "
+                    f"id in [0, {num_labels}) nor the ignore index {ignore_index}; map it to a class or to "
+                    f"{ignore_index} (or set `do_reduce_labels` if 0 means void)."
+                )
+        if do_resize:
+            height, width = self.output_size(image.shape[1], image.shape[2], size)
+            label = self.resize(label.astype(np.int32), SizeDict(height=height, width=width), PILImageResampling.NEAREST)
+        return label[0].astype(np.int64)
+
+    def _split_windows(self, image: np.ndarray, label: np.ndarray | None, window_size, window_stride, ignore_index,
+                       **kwargs):
+        """Yield `(top, left, window_image, window_label)`; windows beyond a small image's edge are padded
+        (0 for pixels, the ignore index for labels)."""
+        window_height, window_width = _pair(window_size, "window_size")
+        stride = _pair(window_stride, "window_stride") or (window_height * 2 // 3, window_width * 2 // 3)
+        if any(side % self.size_divisor for side in (window_height, window_width)):
+            raise ValueError(f"`window_size` must be a multiple of {self.size_divisor}, got {window_size}.")
+        height, width = image.shape[1:]
+        pad = ((0, max(0, window_height - height)), (0, max(0, window_width - width)))
+        image = np.pad(image, ((0, 0), *pad))
+        if label is not None:
+            label = np.pad(label, pad, constant_values=ignore_index)
+        for top in window_starts(height, window_height, max(1, stride[0]), self.size_divisor):
+            for left in window_starts(width, window_width, max(1, stride[1]), self.size_divisor):
+                rows, cols = slice(top, top + window_height), slice(left, left + window_width)
+                yield top, left, image[:, rows, cols], None if label is None else label[rows, cols]
+
+    def post_process_semantic_segmentation(
+        self, outputs, target_sizes: list[tuple[int, int]] | None = None
+    ) -> list[torch.Tensor]:
+        """
+        Turn model outputs into one class-id map per image.
+
+        Args:
+            outputs: a [`StepSemanticSegmenterOutput`] (its `logits`, and `window_offsets` when the processor cut
+                the images into windows).
+            target_sizes (`list[tuple[int, int]]`, *optional*): (height, width) of each original image. The logits
+                are bilinearly resized to it; without it the maps stay on the patch grid (for windows: the grid of
+                the resized image).
+
+        Returns:
+            `list[torch.Tensor]`: one `(height, width)` int64 map of class ids per image.
+        """
+        logits = self.stitch_windows(outputs.logits, outputs.get("window_offsets"))
+        if target_sizes is not None and len(target_sizes) != len(logits):
+            raise ValueError(f"Got {len(target_sizes)} target sizes for {len(logits)} images.")
+        maps = []
+        for index, image_logits in enumerate(logits):
+            if target_sizes is not None:
+                size = tuple(int(side) for side in target_sizes[index])
+                image_logits = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)[0]
+            maps.append(image_logits.argmax(dim=0))
+        return maps
+
+    def stitch_windows(self, logits: torch.Tensor, window_offsets: torch.Tensor | None) -> list[torch.Tensor]:
+        """Per-image logits on the patch grid: the windows' logits averaged where windows overlap (cells are
+        `size_divisor` pixels, and window offsets are multiples of it)."""
+        if window_offsets is None:
+            return list(logits)
+        cell = self.size_divisor
+        offsets = torch.as_tensor(window_offsets).tolist()
+        num_images = max(row[0] for row in offsets) + 1
+        sizes = {row[0]: (row[3] // cell, row[4] // cell) for row in offsets}
+        sums = [logits.new_zeros(logits.shape[1], *sizes[i]) for i in range(num_images)]
+        counts = [logits.new_zeros(1, *sizes[i]) for i in range(num_images)]
+        for window, (image, top, left, height, width) in enumerate(offsets):
+            rows = min(logits.shape[2], height // cell - top // cell)
+            cols = min(logits.shape[3], width // cell - left // cell)
+            region = (slice(None), slice(top // cell, top // cell + rows), slice(left // cell, left // cell + cols))
+            sums[image][region] += logits[window, :, :rows, :cols]
+            counts[image][region] += 1
+        return [total / count for total, count in zip(sums, counts)]
+
+
+__all__ = ["StepImageProcessor"]

@@ -1,0 +1,165 @@
+"""Packed token state: where every token of a batch sits, and the small stateless operations on it.
+
+The encoder never works on a fixed `(batch, rows * cols, dim)` grid. The tokens of all images are concatenated
+into one packed sequence `(num_tokens, dim)`, image after image, and a `TokenLayout` says for each token which image
+it belongs to and which square block of grid cells it covers. Dense ViT inference is the special case where every
+cell is its own token; supertokens (dCTS) and halted tokens (early exits) only change the layout.
+
+Shipped as Hub code next to saved weights: imports only torch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """
+    Segment lengths of a packed sequence holding several images.
+
+    Attributes:
+        lengths (`torch.LongTensor` of shape `(batch_size,)`): tokens per image.
+        max_length (`int`): the largest entry of `lengths`, known on the host (attention needs it).
+        all_equal (`bool`): whether every image has `max_length` tokens; then the sequence is a plain
+            `(batch_size, max_length)` batch and needs neither padding nor a variable-length kernel.
+    """
+
+    lengths: torch.Tensor
+    max_length: int
+    all_equal: bool
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """`(batch_size + 1,)` start of each image's segment, then the total (the `cu_seqlens` of varlen kernels)."""
+        return F.pad(self.lengths.cumsum(0), (1, 0))
+
+    def image_index(self, num_tokens: int) -> torch.Tensor:
+        """`(num_tokens,)` the image each token belongs to (no host sync: the total is given)."""
+        images = torch.arange(self.batch_size, device=self.lengths.device)
+        return images.repeat_interleave(self.lengths, output_size=num_tokens)
+
+    def grow(self, extra_per_image: int) -> "PackedBatch":
+        """The batch after `extra_per_image` tokens are added to every image."""
+        return PackedBatch(self.lengths + extra_per_image, self.max_length + extra_per_image, self.all_equal)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """
+    Where each (super)token of a packed batch sits on the patch grid. Class tokens are not part of it.
+
+    Attributes:
+        batch (`PackedBatch`): tokens per image.
+        image_index (`torch.LongTensor` of shape `(num_tokens,)`): the image of each token.
+        cell_row, cell_col (`torch.LongTensor` of shape `(num_tokens,)`): the top-left grid cell each token covers.
+        cell_size (`torch.LongTensor` of shape `(num_tokens,)`): side, in cells, of the square block it covers
+            (1 = a plain 16x16 patch).
+        cell_to_token (`torch.LongTensor` of shape `(batch_size, grid_rows, grid_cols)`): for every grid cell, the
+            index of the token covering it in the packed sequence. Drives un-sharing of per-token outputs.
+    """
+
+    batch: PackedBatch
+    image_index: torch.Tensor
+    cell_row: torch.Tensor
+    cell_col: torch.Tensor
+    cell_size: torch.Tensor
+    cell_to_token: torch.Tensor
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.cell_to_token.shape[1:])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.image_index.shape[0]
+
+
+def dense_token_layout(batch_size: int, grid_size: tuple[int, int], device: torch.device) -> TokenLayout:
+    """The layout of a plain ViT: one token per cell, in raster order, for every image."""
+    rows, cols = grid_size
+    cells = rows * cols
+    token = torch.arange(batch_size * cells, device=device)
+    cell = token % cells
+    return TokenLayout(
+        batch=PackedBatch(torch.full((batch_size,), cells, device=device), cells, True),
+        image_index=token // cells,
+        cell_row=cell // cols,
+        cell_col=cell % cols,
+        cell_size=torch.ones_like(token),
+        cell_to_token=token.view(batch_size, rows, cols),
+    )
+
+
+def insert_per_image(
+    tokens: torch.Tensor, extra: torch.Tensor, batch: PackedBatch, at_start: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch]:
+    """
+    Add `extra` tokens to every image of a packed sequence, before or after its own tokens.
+
+    Args:
+        tokens: `(num_tokens, dim)` packed tokens described by `batch`.
+        extra: `(batch_size, num_extra, dim)`, e.g. the class token (1, at the start) or the decoder's class
+            embeddings (num_labels, at the end).
+        batch: segment lengths of `tokens`.
+        at_start: put the extra tokens first in each segment (else last).
+
+    Returns:
+        `(sequence, token_positions, extra_positions, new_batch)`: the combined packed sequence, where the original
+        tokens went (`(num_tokens,)`), where the extra tokens went (`(batch_size, num_extra)`), and its lengths.
+    """
+    num_tokens, num_extra = tokens.shape[0], extra.shape[1]
+    new_batch = batch.grow(num_extra)
+    image = batch.image_index(num_tokens)
+    token_positions = torch.arange(num_tokens, device=tokens.device) + num_extra * (image + int(at_start))
+    segment_start = new_batch.offsets[:-1] if at_start else new_batch.offsets[:-1] + batch.lengths
+    extra_positions = segment_start[:, None] + torch.arange(num_extra, device=tokens.device)
+    sequence = tokens.new_empty(num_tokens + extra_positions.numel(), tokens.shape[1])
+    sequence[token_positions] = tokens
+    sequence[extra_positions.flatten()] = extra.reshape(-1, tokens.shape[1]).to(tokens.dtype)
+    return sequence, token_positions, extra_positions, new_batch
+
+
+def packed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """
+    Scaled dot-product attention restricted to each image of a packed sequence.
+
+    `query`, `key`, `value`: `(num_tokens, num_heads, head_dim)`. Returns the same shape. Equal-length images run
+    as one ordinary batch; unequal ones are padded to `max_length` with a key mask (padding queries are computed
+    and thrown away, so every real query sees exactly its own image's keys).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    batch_size, length = batch.batch_size, batch.max_length
+    if batch.all_equal:
+        q, k, v = (x.view(batch_size, length, num_heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return out.transpose(1, 2).reshape(num_tokens, num_heads, head_dim)
+
+    image = batch.image_index(num_tokens)
+    position = torch.arange(num_tokens, device=query.device) - batch.offsets[image]
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(batch_size, length, num_heads, head_dim)
+        padded[image, position] = x
+        return padded.transpose(1, 2)
+
+    key_mask = torch.arange(length, device=query.device) < batch.lengths[:, None]
+    out = F.scaled_dot_product_attention(
+        pad(query), pad(key), pad(value), attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p
+    )
+    return out.transpose(1, 2)[image, position]
+
+
+def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Copy each token's values `(num_tokens, channels)` onto every cell it covers: `(batch, channels, rows, cols)`."""
+    return token_values[layout.cell_to_token].permute(0, 3, 1, 2)
+
+
+__all__ = ["PackedBatch", "TokenLayout", "dense_token_layout", "insert_per_image", "packed_attention", "unshare"]

@@ -1,0 +1,117 @@
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForSemanticSegmentation,
+    pipeline,
+)
+
+from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel
+
+
+@pytest.fixture
+def saved(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    StepImageProcessor(size={"height": 64, "width": 64}, num_labels=4).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def check_pipeline_output(result, image, id2label):
+    assert isinstance(result, list) and result
+    for segment in result:
+        assert set(segment) == {"score", "label", "mask"}
+        assert segment["score"] is None and segment["label"] in id2label.values()
+        assert segment["mask"].mode == "L" and segment["mask"].size == image.size
+        assert set(np.unique(np.array(segment["mask"]))) <= {0, 255}
+    # Each pixel belongs to exactly one segment.
+    total = sum(np.array(segment["mask"]) // 255 for segment in result)
+    assert (total == 1).all()
+
+
+def test_auto_classes_in_process(saved, model):
+    assert isinstance(AutoConfig.from_pretrained(saved), StepConfig)
+    assert type(AutoModel.from_pretrained(saved)) is StepModel
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(saved).eval()
+    assert type(loaded) is StepForSemanticSegmentation
+    assert type(AutoImageProcessor.from_pretrained(saved)) is StepImageProcessor
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values).logits, model(pixel_values).logits)
+
+
+def test_saved_folder_carries_the_code(saved):
+    files = set(os.listdir(saved))
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "configuration_step.py",
+            "modeling_step.py", "token_layout.py", "image_processing_step.py"} <= files
+    auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForSemanticSegmentation"}
+    for name in files:
+        if name.endswith(".py"):
+            imports = re.findall(r"^\s*(?:from|import)\s+step_hf", (saved / name).read_text(), re.MULTILINE)
+            assert not imports, f"{name} must not import step_hf"
+
+
+def test_pipeline_in_process(saved, monkeypatch):
+    def no_prompt(*args):
+        raise AssertionError(f"pipeline asked the user: {args}")
+
+    monkeypatch.setattr("builtins.input", no_prompt)  # with step_hf imported, nothing is remote code
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    segmenter = pipeline("image-segmentation", model=str(saved))
+    check_pipeline_output(segmenter(image), image, segmenter.model.config.id2label)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["step_hf"] = None  # any `import step_hf` now fails: only the saved code may be used
+    import json, numpy as np, torch
+    from PIL import Image
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation,
+                              pipeline)
+    folder = sys.argv[1]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    with torch.no_grad():
+        logits = model(**processor(image, return_tensors="pt")).logits
+    segments = pipeline("image-segmentation", model=folder, trust_remote_code=True)(image)
+    print(json.dumps({
+        "classes": [type(x).__name__ for x in (config, encoder, model, processor)],
+        "logits": logits.tolist(),
+        "segments": [[s["label"], s["mask"].size, np.array(s["mask"]).tolist()] for s in segments],
+    }))
+    """
+)
+
+
+def test_remote_code_without_step_hf(saved, model, tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, str(saved)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["classes"] == ["StepConfig", "StepModel", "StepForSemanticSegmentation", "StepImageProcessor"]
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    processor = StepImageProcessor.from_pretrained(saved)
+    with torch.no_grad():
+        logits = model(**processor(image, return_tensors="pt")).logits
+    torch.testing.assert_close(torch.tensor(remote["logits"]), logits, rtol=1e-5, atol=1e-5)
+    local = pipeline("image-segmentation", model=str(saved))(image)
+    assert [[s["label"], list(s["mask"].size), np.array(s["mask"]).tolist()] for s in local] == remote["segments"]

@@ -1,0 +1,174 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformers import AutoModel
+
+from step_hf import StepForSemanticSegmentation, StepModel
+from step_hf.token_layout import PackedBatch, dense_token_layout, insert_per_image, packed_attention
+
+from .conftest import tiny_config
+
+
+def reference_block(block, x):
+    """A timm-style pre-norm block on a plain (batch, tokens, dim) tensor, attention written out by hand."""
+    batch, tokens, dim = x.shape
+    heads = block.attn.num_heads
+    q, k, v = block.attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    weights = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5).softmax(-1)
+    x = x + block.attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+    return x + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(x))))
+
+
+def reference_vit_segmenter(model, pixel_values):
+    """Plain ViT + Segmenter mask transformer on fixed grids, with the model's parameters: what STEP must equal
+    when it shares and prunes nothing."""
+    encoder, decoder = model.step, model.decoder
+    batch, _, height, width = pixel_values.shape
+    rows, cols = height // 16, width // 16
+    x = encoder.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
+    stored = encoder.config.image_grid_size
+    grid = encoder.pos_embed[:, 1:].reshape(1, *stored, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(batch, -1, -1)
+    x = torch.cat([cls, x + grid], dim=1)
+    for block in encoder.blocks:
+        x = reference_block(block, x)
+    x = encoder.norm(x)[:, 1:]
+
+    num_labels = decoder.cls_emb.shape[1]
+    x = torch.cat([decoder.proj_dec(x), decoder.cls_emb.expand(batch, -1, -1)], dim=1)
+    for block in decoder.blocks:
+        x = reference_block(block, x)
+    x = decoder.decoder_norm(x)
+    patches = F.normalize(x[:, :-num_labels] @ decoder.proj_patch, dim=-1)
+    classes = F.normalize(x[:, -num_labels:] @ decoder.proj_classes, dim=-1)
+    masks = decoder.mask_norm(patches @ classes.transpose(1, 2))
+    return masks.transpose(1, 2).reshape(batch, num_labels, rows, cols)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 96), (80, 32)])
+def test_equals_plain_vit_segmenter(model, size):
+    pixel_values = torch.randn(3, 3, *size)
+    with torch.no_grad():
+        output = model(pixel_values)
+        expected = reference_vit_segmenter(model, pixel_values)
+    assert output.logits.shape == (3, 4, size[0] // 16, size[1] // 16)
+    torch.testing.assert_close(output.logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_equals_one_image_at_a_time(model):
+    pixel_values = torch.randn(3, 3, 48, 64)
+    with torch.no_grad():
+        batched = model(pixel_values).logits
+        single = torch.cat([model(image[None]).logits for image in pixel_values])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_with_unequal_lengths_equals_per_image():
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    query, key, value = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
+    batch = PackedBatch(torch.tensor(lengths), max(lengths), all_equal=False)
+    packed = packed_attention(query, key, value, batch)
+    pieces, start = [], 0
+    for length in lengths:
+        q, k, v = (x[start:start + length].transpose(0, 1) for x in (query, key, value))
+        pieces.append(F.scaled_dot_product_attention(q, k, v).transpose(0, 1))
+        start += length
+    torch.testing.assert_close(packed, torch.cat(pieces), rtol=1e-5, atol=1e-6)
+
+
+def test_insert_per_image_places_tokens_and_extras():
+    batch = PackedBatch(torch.tensor([2, 3]), 3, all_equal=False)
+    tokens = torch.arange(5.0)[:, None]
+    extra = torch.tensor([[[10.0], [11.0]], [[20.0], [21.0]]])
+    first, _, _, new_batch = insert_per_image(tokens, extra, batch, at_start=True)
+    last, token_positions, extra_positions, _ = insert_per_image(tokens, extra, batch, at_start=False)
+    assert first[:, 0].tolist() == [10, 11, 0, 1, 20, 21, 2, 3, 4]
+    assert last[:, 0].tolist() == [0, 1, 10, 11, 2, 3, 4, 20, 21]
+    assert new_batch.lengths.tolist() == [4, 5] and new_batch.max_length == 5
+    assert token_positions.tolist() == [0, 1, 4, 5, 6] and extra_positions.tolist() == [[2, 3], [7, 8]]
+
+
+def test_dense_layout_covers_every_cell_once():
+    layout = dense_token_layout(2, (3, 5), torch.device("cpu"))
+    assert layout.cell_to_token.flatten().sort().values.tolist() == list(range(30))
+    token = layout.cell_to_token[1, 2, 4]
+    assert (layout.image_index[token], layout.cell_row[token], layout.cell_col[token]) == (1, 2, 4)
+
+
+def test_loss_ignores_void(model):
+    torch.manual_seed(1)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 4, (2, 64, 64))
+    void = torch.rand(2, 64, 64) < 0.5
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+        loss = model(pixel_values, labels=labels.masked_fill(void, 255)).loss
+    upsampled = F.interpolate(logits, size=(64, 64), mode="bilinear", align_corners=False)
+    per_pixel = F.cross_entropy(upsampled, labels, reduction="none")
+    torch.testing.assert_close(loss, per_pixel[~void].mean())
+    # Changing the labels under void changes nothing.
+    with torch.no_grad():
+        other = model(pixel_values, labels=torch.where(void, 255, labels)).loss
+    torch.testing.assert_close(loss, other)
+
+
+def test_loss_at_label_resolution_and_gradients(model):
+    model.train()
+    output = model(torch.randn(2, 3, 32, 48), labels=torch.randint(0, 4, (2, 45, 70)))
+    output.loss.backward()
+    assert model.step.pos_embed.grad is not None and model.decoder.cls_emb.grad is not None
+
+
+@pytest.mark.parametrize(
+    "pixel_values, message",
+    [
+        (torch.randn(3, 64, 64), "4-D tensor"),
+        (torch.randn(1, 1, 64, 64), "1 channels but the model expects 3"),
+        (torch.randn(1, 3, 60, 64), "multiples of the patch size 16"),
+        (torch.randn(1, 3, 0, 64), "multiples of the patch size 16"),
+    ],
+)
+def test_bad_inputs(model, pixel_values, message):
+    with pytest.raises(ValueError, match=message):
+        model(pixel_values)
+
+
+def test_labels_out_of_range_name_value_and_image(model):
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[1, 3, 3] = 7
+    with pytest.raises(ValueError, match="image 1 hold the value 7"):
+        model(torch.randn(2, 3, 32, 32), labels=labels)
+    with pytest.raises(ValueError, match="must have shape"):
+        model(torch.randn(2, 3, 32, 32), labels=labels[0])
+
+
+def test_save_load_identical_logits(model, tmp_path):
+    pixel_values = torch.randn(2, 3, 64, 80)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = StepForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values).logits, loaded(pixel_values).logits)
+    encoder = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(encoder, StepModel)
+    with torch.no_grad():
+        assert torch.equal(encoder(pixel_values).last_hidden_state, model.step(pixel_values).last_hidden_state)
+
+
+def test_return_tuple_and_hidden_states(model):
+    output = model(torch.randn(1, 3, 32, 32), output_hidden_states=True)
+    assert len(output.hidden_states) == 1 + model.config.num_hidden_layers
+    assert all(state.shape == (4, 32) for state in output.hidden_states)
+    logits = model(torch.randn(1, 3, 32, 32), return_dict=False)[0]
+    assert logits.shape == (1, 4, 2, 2)
+
+
+def test_non_square_stored_grid():
+    model = StepForSemanticSegmentation(tiny_config(image_size=[32, 64])).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 64)).logits.shape == (1, 4, 2, 4)
+        expected = reference_vit_segmenter(model, torch.zeros(1, 3, 48, 48))
+        torch.testing.assert_close(model(torch.zeros(1, 3, 48, 48)).logits, expected, rtol=1e-5, atol=1e-5)
