@@ -48,6 +48,23 @@ class StepConfig(PreTrainedConfig):
         decoder_num_attention_heads (`int`, *optional*): decoder heads; defaults to `decoder_hidden_size // 64`.
         decoder_intermediate_size (`int`, *optional*): decoder MLP width; defaults to `4 * decoder_hidden_size`.
         semantic_loss_ignore_index (`int`, defaults to 255): label value ignored by the loss (void).
+        superpatch_sizes (`list[int]`, defaults to `[2, 4, 8, 16]`): the sides, in patches, that a supertoken may
+            have (dCTS); powers of two among 1, 2, 4, 8, 16. A plain patch (1) is always possible; `[1]` switches
+            token sharing off.
+        partition_source (`str`, defaults to `"policy"`): how the partition into superpatches is chosen when no
+            `superpatch_map` is passed to `forward`: `"policy"` (the policy network, with `policy_thresholds` or
+            `token_budget`), `"oracle"` (ground-truth `superpatch_targets`, for analysis and segmenter training) or
+            `"dense"` (no sharing: exactly a plain ViT).
+        policy_thresholds (`list[float]`, *optional*): one probability per superpatch size > 1, ascending sizes; a
+            block is shared when the policy's probability that it holds one class exceeds it. Defaults to 0.5 each.
+            Higher thresholds keep more tokens.
+        token_budget (`int`, *optional*): instead of thresholds, keep a fixed number of tokens per image (static
+            shapes) by sharing the blocks the policy is most confident about. Each merge of four blocks removes 3
+            tokens, so the count is the budget when `rows * cols - budget` is a multiple of 3, else the largest
+            reachable count below it. Needs `superpatch_sizes` to be consecutive powers of two from 2.
+        policy_hidden_size (`int`, defaults to 64): channels of the policy CNN (a multiple of 4).
+        policy_loss_weight (`float`, defaults to 1.0): weight of the policy's binary cross-entropy in the loss when
+            `superpatch_targets` are given.
         id2label / label2id / num_labels: the classes, as in every `transformers` config.
 
     Example:
@@ -79,6 +96,12 @@ class StepConfig(PreTrainedConfig):
     decoder_num_attention_heads: int | None = None
     decoder_intermediate_size: int | None = None
     semantic_loss_ignore_index: int = 255
+    superpatch_sizes: list[int] | tuple[int, ...] = (2, 4, 8, 16)
+    partition_source: str = "policy"
+    policy_thresholds: list[float] | tuple[float, ...] | None = None
+    token_budget: int | None = None
+    policy_hidden_size: int = 64
+    policy_loss_weight: float | int = 1.0
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, tuple):
@@ -89,6 +112,10 @@ class StepConfig(PreTrainedConfig):
             self.decoder_num_attention_heads = max(1, self.decoder_hidden_size // 64)
         if self.decoder_intermediate_size is None:
             self.decoder_intermediate_size = 4 * self.decoder_hidden_size
+        self.superpatch_sizes = sorted(self.superpatch_sizes)
+        if self.policy_thresholds is None:
+            self.policy_thresholds = [0.5] * len(self.shared_sizes)
+        self.policy_thresholds = [float(threshold) for threshold in self.policy_thresholds]
         super().__post_init__(**kwargs)
         # Remote-code loading needs one `auto_map` entry per Auto class; `save_pretrained` only writes the saved
         # model's own class, so the base model's entry is added here (missing entries only).
@@ -100,6 +127,11 @@ class StepConfig(PreTrainedConfig):
         """The (rows, columns) of the stored position-embedding grid."""
         height, width = (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
         return height // self.patch_size, width // self.patch_size
+
+    @property
+    def shared_sizes(self) -> list[int]:
+        """The superpatch sizes above 1, ascending: those the policy scores and a partition may use."""
+        return [size for size in self.superpatch_sizes if size > 1]
 
     def _check_consistency(self) -> None:
         """Raise a `ValueError` naming the field when the configuration cannot build a working model."""
@@ -113,6 +145,7 @@ class StepConfig(PreTrainedConfig):
             "decoder_hidden_size": self.decoder_hidden_size,
             "decoder_num_attention_heads": self.decoder_num_attention_heads,
             "decoder_intermediate_size": self.decoder_intermediate_size,
+            "policy_hidden_size": self.policy_hidden_size,
         }
         for name, value in positive.items():
             if value < 1:
@@ -142,6 +175,43 @@ class StepConfig(PreTrainedConfig):
                 f"`semantic_loss_ignore_index` ({self.semantic_loss_ignore_index}) is a valid class id "
                 f"(num_labels={self.num_labels}); use 255 or another value outside [0, num_labels)."
             )
+
+        self._check_token_sharing()
+
+    def _check_token_sharing(self) -> None:
+        sizes = self.superpatch_sizes
+        if not sizes or len(set(sizes)) != len(sizes) or not set(sizes) <= {1, 2, 4, 8, 16}:
+            raise ValueError(
+                f"`superpatch_sizes` ({sizes}) must be distinct powers of two among 1, 2, 4, 8, 16 (use [1] for no "
+                "token sharing)."
+            )
+        if self.partition_source not in ("policy", "oracle", "dense"):
+            raise ValueError(
+                f"`partition_source` must be 'policy', 'oracle' or 'dense', got {self.partition_source!r}."
+            )
+        if len(self.policy_thresholds) != len(self.shared_sizes):
+            raise ValueError(
+                f"`policy_thresholds` has {len(self.policy_thresholds)} values but there are "
+                f"{len(self.shared_sizes)} superpatch sizes above 1 ({self.shared_sizes}): give one per size."
+            )
+        if any(not 0.0 <= threshold <= 1.0 for threshold in self.policy_thresholds):
+            raise ValueError(f"`policy_thresholds` must be probabilities in [0, 1], got {self.policy_thresholds}.")
+        if self.policy_hidden_size % 4:
+            raise ValueError(f"`policy_hidden_size` must be a multiple of 4, got {self.policy_hidden_size}.")
+        if self.shared_sizes and self.patch_size % 4:
+            raise ValueError(f"The policy network needs `patch_size` divisible by 4, got {self.patch_size}.")
+        if self.token_budget is not None:
+            rows, cols = self.image_grid_size
+            if not 1 <= self.token_budget <= rows * cols:
+                raise ValueError(
+                    f"`token_budget` ({self.token_budget}) must be between 1 and the {rows}x{cols} = {rows * cols} "
+                    "cells of the `image_size` grid."
+                )
+            if self.shared_sizes != [2**level for level in range(1, len(self.shared_sizes) + 1)]:
+                raise ValueError(
+                    f"`token_budget` needs `superpatch_sizes` to be consecutive powers of two from 2 (e.g. "
+                    f"[2, 4, 8, 16]), got {self.superpatch_sizes}."
+                )
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "StepConfig":

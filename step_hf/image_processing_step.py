@@ -20,6 +20,8 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
 
+from .superpatch import superpatch_targets_from_labels
+
 
 class StepImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
@@ -29,6 +31,8 @@ class StepImageProcessorKwargs(ImagesKwargs, total=False):
     window_stride (`int` or `dict[str, int]`): step between windows; defaults to two thirds of `window_size`.
     num_labels (`int`): when set, label values outside `[0, num_labels)` other than `ignore_index` are refused.
     ignore_index (`int`): the void label (255).
+    superpatch_sizes (`list[int]`): the superpatch sizes (set it to the model's `superpatch_sizes`) for which
+        `superpatch_targets` are emitted along with `labels`; sizes of 1 are skipped, `[]` emits none.
     """
 
     do_reduce_labels: bool
@@ -36,6 +40,7 @@ class StepImageProcessorKwargs(ImagesKwargs, total=False):
     window_stride: int | dict[str, int] | None
     num_labels: int | None
     ignore_index: int
+    superpatch_sizes: list[int] | None
 
 
 def _pair(value: int | dict[str, int] | None, name: str) -> tuple[int, int] | None:
@@ -70,6 +75,11 @@ class StepImageProcessor(PilBackend):
     the windows' logits back together by averaging where they overlap.
 
     Segmentation maps are resized with nearest-neighbour, returned as int64 `labels`; 255 (`ignore_index`) is void.
+    With them come `superpatch_targets`, uint8 `(batch, len(sizes), height / 16, width / 16)` for the sizes above 1
+    in `superpatch_sizes`: each cell holds the target of the aligned block of that size containing it, 1 when the
+    block holds a single label (all-void counts as uniform), 0 when it holds several, 255 when it must not be
+    supervised (one class mixed with void, or a block that does not fit inside the image). They train the dCTS
+    policy and give the oracle partition; the same resize and windows apply to images, labels and targets.
     """
 
     valid_kwargs = StepImageProcessorKwargs
@@ -90,6 +100,7 @@ class StepImageProcessor(PilBackend):
     window_stride = None
     num_labels = None
     ignore_index = 255
+    superpatch_sizes = [2, 4, 8, 16]
 
     def __init__(self, **kwargs: Unpack[StepImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -104,7 +115,8 @@ class StepImageProcessor(PilBackend):
         images (`ImageInput`): one image or a list (PIL, NumPy or torch).
         segmentation_maps (`ImageInput`, *optional*): one single-channel class-id map per image.
 
-        Returns a `BatchFeature` with `pixel_values`, `labels` when maps are given, and `window_offsets`
+        Returns a `BatchFeature` with `pixel_values`, `labels` and `superpatch_targets` when maps are given, and
+        `window_offsets`
         `(num_windows, 5)` = (image index, top, left, resized height, resized width) when windows are used.
         """
         return super().preprocess(images, segmentation_maps, **kwargs)
@@ -167,6 +179,14 @@ class StepImageProcessor(PilBackend):
         data = {"pixel_values": pixel_values}
         if label_maps is not None:
             data["labels"] = labels
+            sizes = [size for size in kwargs["superpatch_sizes"] or [] if size > 1]
+            if sizes:
+                data["superpatch_targets"] = [
+                    superpatch_targets_from_labels(
+                        torch.from_numpy(label), sizes, self.size_divisor, kwargs["ignore_index"]
+                    ).numpy()
+                    for label in labels
+                ]
         if window_offsets:
             data["window_offsets"] = np.array(window_offsets, dtype=np.int64)
         return BatchFeature(data=data, tensor_type=return_tensors)

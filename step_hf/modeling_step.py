@@ -16,6 +16,17 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_step import StepConfig
+from .superpatch import (
+    TARGET_IGNORE,
+    blocks_to_cells,
+    cells_to_blocks,
+    check_superpatch_map,
+    decisions_for_budget,
+    decisions_from_targets,
+    decisions_from_thresholds,
+    layout_from_superpatch_map,
+    partition_from_decisions,
+)
 from .token_layout import PackedBatch, TokenLayout, dense_token_layout, insert_per_image, packed_attention, unshare
 
 
@@ -33,6 +44,14 @@ class StepModelOutput(ModelOutput):
             The final features of each image's class token.
         token_layout (`TokenLayout`):
             Which image and which square block of grid cells each token covers, and the cell-to-token map.
+        superpatch_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`):
+            The partition used: the side, in cells, of the superpatch covering each cell (1 = a plain patch).
+        token_counts (`torch.LongTensor` of shape `(batch_size,)`):
+            Tokens embedded per image (class token excluded).
+        policy_logits (`torch.FloatTensor` of shape `(batch_size, len(config.shared_sizes), height / 16, width / 16)`,
+            *optional*, returned when the policy ran): for each superpatch size above 1, the policy's logit that
+            the aligned block containing each cell holds a single class (the block's value repeated on its cells;
+            `-inf` where no whole block fits).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             The packed (super)token features after the embedding and after each block, each `(num_tokens, dim)`.
     """
@@ -40,6 +59,9 @@ class StepModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     class_token_state: torch.FloatTensor | None = None
     token_layout: TokenLayout | None = None
+    superpatch_map: torch.LongTensor | None = None
+    token_counts: torch.LongTensor | None = None
+    policy_logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -49,14 +71,20 @@ class StepSemanticSegmenterOutput(ModelOutput):
     Output of [`StepForSemanticSegmentation`].
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` are given):
-            Cross-entropy between the logits, bilinearly upsampled to the label resolution, and `labels`; pixels
-            equal to `config.semantic_loss_ignore_index` are ignored.
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` or `superpatch_targets` are
+            given): the segmentation loss plus `config.policy_loss_weight` times the policy loss.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / 16, width / 16)`):
-            Per-cell class scores on the patch grid. Upsample them (or use the image processor's
-            `post_process_semantic_segmentation`) to get full-resolution maps.
+            Per-cell class scores on the patch grid; a supertoken's scores are copied onto every cell it covers.
+            Upsample them (or use the image processor's `post_process_semantic_segmentation`) to get
+            full-resolution maps. `None` with `policy_only=True`.
+        segmentation_loss (`torch.FloatTensor`, *optional*): cross-entropy between the logits, bilinearly upsampled
+            to the label resolution, and `labels`; pixels equal to `config.semantic_loss_ignore_index` are ignored.
+        policy_loss (`torch.FloatTensor`, *optional*): binary cross-entropy of the policy against
+            `superpatch_targets` (targets 255 ignored), averaged per size, then over sizes.
         token_layout (`TokenLayout`):
             The token layout the encoder and decoder used.
+        superpatch_map, token_counts, policy_logits:
+            As in [`StepModelOutput`].
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             As in [`StepModelOutput`].
         window_offsets (`torch.LongTensor` of shape `(num_windows, 5)`, *optional*):
@@ -66,7 +94,12 @@ class StepSemanticSegmenterOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    segmentation_loss: torch.FloatTensor | None = None
+    policy_loss: torch.FloatTensor | None = None
     token_layout: TokenLayout | None = None
+    superpatch_map: torch.LongTensor | None = None
+    token_counts: torch.LongTensor | None = None
+    policy_logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     window_offsets: torch.LongTensor | None = None
 
@@ -124,6 +157,57 @@ class PatchEmbed(nn.Module):
         return self.proj(pixel_values).permute(0, 2, 3, 1)
 
 
+def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    padding = kernel_size // 2 if stride == 1 else 0  # strided convs tile the image exactly, like patches
+    # GroupNorm, not BatchNorm: per-image statistics, so a partition never depends on the rest of the batch or on
+    # train/eval mode, and the coarsest levels (often 1x1) train at any batch size.
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False),
+        nn.GroupNorm(1, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class PolicyNetwork(nn.Module):
+    """
+    The dCTS policy: a small CNN scoring, for every superpatch size s, each aligned s x s block of patches with the
+    logit that it holds a single class. A patch-aligned stem reaches the patch grid; each further level halves the
+    grid with a 2x2 stride-2 convolution, so the level for size s has exactly one output per whole aligned block.
+    """
+
+    def __init__(self, config: StepConfig):
+        super().__init__()
+        width, patch = config.policy_hidden_size, config.patch_size
+        self.stem = nn.Sequential(
+            conv_norm_relu(config.num_channels, width // 4, 4, stride=4),
+            conv_norm_relu(width // 4, width // 2, 3),
+            conv_norm_relu(width // 2, width, patch // 4, stride=patch // 4),
+            conv_norm_relu(width, width, 3),
+        )
+        self.sizes = config.shared_sizes
+        num_levels = max(self.sizes).bit_length() - 1
+        self.levels = nn.ModuleList(
+            nn.Sequential(conv_norm_relu(width, width, 2, stride=2), conv_norm_relu(width, width, 3))
+            for _ in range(num_levels)
+        )
+        self.heads = nn.ModuleDict({str(size): nn.Conv2d(width, 1, 1) for size in self.sizes})
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        """`(batch, channels, H, W)` -> for each size s, logits `(batch, H / 16 // s, W / 16 // s)`."""
+        features = self.stem(pixel_values)
+        block_logits = {}
+        for level, layer in enumerate(self.levels, start=1):
+            if min(features.shape[-2:]) < 2:  # no whole block of this size or larger fits
+                break
+            features = layer(features)
+            if 2**level in self.sizes:
+                block_logits[2**level] = self.heads[str(2**level)](features)[:, 0]
+        for size in self.sizes:  # sizes larger than the grid: no blocks at all
+            if size not in block_logits:
+                block_logits[size] = features.new_zeros(features.shape[0], 0, 0)
+        return block_logits
+
+
 class StepPreTrainedModel(PreTrainedModel):
     config_class = StepConfig
     config: StepConfig
@@ -138,7 +222,7 @@ class StepPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, StepModel):
@@ -174,7 +258,10 @@ def check_pixel_values(pixel_values: torch.Tensor, config: StepConfig) -> tuple[
 
 
 class StepModel(StepPreTrainedModel):
-    """The ViT encoder of STEP, working on a packed token state (see `token_layout.py`)."""
+    """
+    The STEP encoder: the dCTS policy chooses a partition of the patch grid into superpatches, each superpatch is
+    embedded as one token, and a plain ViT runs on the packed tokens (see `token_layout.py`).
+    """
 
     def __init__(self, config: StepConfig):
         super().__init__(config)
@@ -187,6 +274,7 @@ class StepModel(StepPreTrainedModel):
             for _ in range(config.num_hidden_layers)
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.policy = PolicyNetwork(config) if config.shared_sizes else None
         self.post_init()
 
     def position_grid(self, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -198,35 +286,127 @@ class StepModel(StepPreTrainedModel):
             grid = F.interpolate(grid, size=grid_size, mode="bicubic", align_corners=False)
         return grid[0].permute(1, 2, 0)
 
-    def embed_tokens(self, pixel_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Patch embedding plus position embedding of every token in `layout`: `(num_tokens, hidden_size)`."""
-        patches = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype))
-        positions = self.position_grid(layout.grid_size)
-        return (
-            patches[layout.image_index, layout.cell_row, layout.cell_col]
-            + positions[layout.cell_row, layout.cell_col]
-        )
+    def embed_tokens(self, pixel_values: torch.Tensor, layout: TokenLayout, sizes: list[int]) -> torch.Tensor:
+        """
+        Embed every token of `layout`: `(num_tokens, hidden_size)`. A superpatch of side s is the image
+        average-pooled by s, cut by the shared patch embedding; its position embedding is the mean of the ones it
+        covers. At s = 1 this is the plain ViT embedding. One table of embeddings per size in `sizes`, then one
+        gather: no loop over tokens or images.
+        """
+        pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
+        positions = self.position_grid(layout.grid_size).permute(2, 0, 1)
+        sizes = [size for size in sizes if size <= min(layout.grid_size)]  # larger ones have no whole block
+        tables = []
+        for size in sizes:
+            pooled_pixels = pixel_values if size == 1 else F.avg_pool2d(pixel_values, size)
+            pooled_positions = positions if size == 1 else F.avg_pool2d(positions, size)
+            tables.append((self.patch_embed(pooled_pixels) + pooled_positions.permute(1, 2, 0)).flatten(0, 2))
+
+        rows, cols = layout.grid_size
+        device = layout.cell_size.device
+        size_of_level = torch.tensor(sizes, device=device)
+        level = torch.searchsorted(size_of_level, layout.cell_size)
+        level_rows, level_cols = rows // size_of_level[level], cols // size_of_level[level]
+        table_start = F.pad(torch.tensor([len(table) for table in tables], device=device).cumsum(0), (1, 0))
+        size = layout.cell_size
+        row_in_table = (layout.image_index * level_rows + layout.cell_row // size) * level_cols + layout.cell_col // size
+        return torch.cat(tables)[table_start[level] + row_in_table]
+
+    def choose_partition(
+        self,
+        pixel_values: torch.Tensor,
+        grid_size: tuple[int, int],
+        superpatch_map: torch.Tensor | None,
+        superpatch_targets: torch.Tensor | None,
+        partition_source: str,
+        run_policy: bool,
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None]:
+        """The partition to embed (`None` = dense) and the policy's block logits (`None` if it did not run)."""
+        sizes, budget = self.config.shared_sizes, self.config.token_budget
+        if budget is not None and budget > grid_size[0] * grid_size[1] and partition_source == "policy":
+            raise ValueError(
+                f"`token_budget` ({budget}) exceeds the {grid_size[0]}x{grid_size[1]} grid of this input; lower it or "
+                "feed larger images."
+            )
+        block_logits = self.policy(pixel_values) if self.policy is not None and run_policy else None
+        if superpatch_map is not None:
+            check_superpatch_map(superpatch_map, self.config.superpatch_sizes, grid_size)
+            return superpatch_map.long(), block_logits
+        if partition_source == "dense" or not sizes:
+            return None, block_logits
+        if partition_source == "oracle":
+            check_superpatch_targets(superpatch_targets, pixel_values.shape[0], len(sizes), grid_size)
+            return partition_from_decisions(decisions_from_targets(superpatch_targets, sizes), grid_size), block_logits
+        if budget is not None:
+            decisions = decisions_for_budget(block_logits, grid_size, budget)
+        else:
+            decisions = decisions_from_thresholds(block_logits, self.config.policy_thresholds)
+        return partition_from_decisions(decisions, grid_size), block_logits
 
     def forward(
         self,
         pixel_values: torch.Tensor,
+        superpatch_map: torch.LongTensor | None = None,
+        superpatch_targets: torch.Tensor | None = None,
+        partition_source: str | None = None,
+        policy_only: bool = False,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> StepModelOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images; height and width must be multiples of `config.patch_size` (any aspect ratio).
+            superpatch_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`, *optional*):
+                A partition chosen by the caller; checked, and used instead of `partition_source`.
+            superpatch_targets (`torch.Tensor` of shape `(batch_size, len(config.shared_sizes), height / 16,
+                width / 16)`, *optional*): ground-truth sharing targets from `StepImageProcessor`; needed by the
+                `"oracle"` source and by the policy loss.
+            partition_source (`str`, *optional*): `"policy"`, `"oracle"` or `"dense"`; defaults to
+                `config.partition_source`.
+            policy_only (`bool`, defaults to `False`): run only the policy and the partition (training stage 1,
+                token-count analysis); the ViT does not run and `last_hidden_state` is `None`.
+        """
         grid_size = check_pixel_values(pixel_values, self.config)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        partition_source = partition_source or self.config.partition_source
+        if partition_source not in ("policy", "oracle", "dense"):
+            raise ValueError(f"`partition_source` must be 'policy', 'oracle' or 'dense', got {partition_source!r}.")
 
-        layout = dense_token_layout(pixel_values.shape[0], grid_size, pixel_values.device)
-        tokens = self.embed_tokens(pixel_values, layout)
-        class_token = (self.cls_token + self.pos_embed[:, :1]).expand(layout.batch.batch_size, -1, -1)
+        superpatch_map, block_logits = self.choose_partition(
+            pixel_values, grid_size, superpatch_map, superpatch_targets, partition_source,
+            run_policy=policy_only or (partition_source == "policy" and superpatch_map is None),
+        )
+        batch_size, device = pixel_values.shape[0], pixel_values.device
+        if superpatch_map is None:
+            layout, sizes = dense_token_layout(batch_size, grid_size, device), [1]
+            superpatch_map = torch.ones(batch_size, *grid_size, dtype=torch.long, device=device)
+        else:
+            layout, sizes = layout_from_superpatch_map(superpatch_map), [1, *self.config.shared_sizes]
+        policy_logits = None
+        if block_logits is not None:
+            policy_logits = torch.stack(
+                [blocks_to_cells(block_logits[size], size, grid_size, float("-inf")) for size in sorted(block_logits)],
+                dim=1,
+            )
+        output = StepModelOutput(
+            token_layout=layout,
+            superpatch_map=superpatch_map,
+            token_counts=layout.batch.lengths,
+            policy_logits=policy_logits,
+        )
+        if policy_only:
+            return output if return_dict else output.to_tuple()
+
+        tokens = self.embed_tokens(pixel_values, layout, sizes)
+        class_token = (self.cls_token + self.pos_embed[:, :1]).expand(batch_size, -1, -1)
         sequence, token_positions, class_positions, batch = insert_per_image(
             tokens, class_token, layout.batch, at_start=True
         )
-
         hidden_states = (tokens,) if output_hidden_states else None
         for block in self.blocks:
             sequence = block(sequence, batch)
@@ -234,13 +414,38 @@ class StepModel(StepPreTrainedModel):
                 hidden_states += (sequence[token_positions],)
         sequence = self.norm(sequence)
 
-        output = StepModelOutput(
-            last_hidden_state=sequence[token_positions],
-            class_token_state=sequence[class_positions[:, 0]],
-            token_layout=layout,
-            hidden_states=hidden_states,
-        )
+        output.last_hidden_state = sequence[token_positions]
+        output.class_token_state = sequence[class_positions[:, 0]]
+        output.hidden_states = hidden_states
         return output if return_dict else output.to_tuple()
+
+
+def check_superpatch_targets(targets: torch.Tensor | None, batch_size: int, num_sizes: int, grid_size) -> None:
+    """Refuse missing or mis-shaped `superpatch_targets`, saying where they come from."""
+    expected = (batch_size, num_sizes, *grid_size)
+    if targets is None:
+        raise ValueError(
+            "The 'oracle' partition and the policy loss need `superpatch_targets`; `StepImageProcessor` emits them "
+            "when given segmentation maps."
+        )
+    if tuple(targets.shape) != expected:
+        raise ValueError(
+            f"`superpatch_targets` must have shape {expected} (batch, superpatch sizes above 1, grid), got "
+            f"{tuple(targets.shape)}; build them with the model's `superpatch_sizes`."
+        )
+
+
+def policy_loss(policy_logits: torch.Tensor, superpatch_targets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Binary cross-entropy of the policy's block logits against the targets (255 ignored), averaged per size and
+    then over sizes, so large blocks weigh as much as small ones."""
+    per_size = []
+    for index, size in enumerate(sizes):
+        logits = cells_to_blocks(policy_logits[:, index], size)
+        targets = cells_to_blocks(superpatch_targets[:, index], size)
+        valid = targets != TARGET_IGNORE
+        losses = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
+        per_size.append(torch.where(valid, losses, 0).sum() / valid.sum().clamp(min=1))
+    return torch.stack(per_size).mean()
 
 
 class MaskTransformerDecoder(nn.Module):
@@ -295,6 +500,10 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.LongTensor | None = None,
+        superpatch_targets: torch.Tensor | None = None,
+        superpatch_map: torch.LongTensor | None = None,
+        partition_source: str | None = None,
+        policy_only: bool = False,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         window_offsets: torch.LongTensor | None = None,
@@ -307,27 +516,61 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
                 Class id per pixel, `config.semantic_loss_ignore_index` for void. Any resolution: the logits are
                 upsampled to it for the loss.
+            superpatch_targets, superpatch_map, partition_source, policy_only:
+                As in [`StepModel.forward`]. With `superpatch_targets` and a policy that ran, the policy loss is
+                added to the loss.
             window_offsets (`torch.LongTensor`, *optional*):
                 Sliding-window bookkeeping from `StepImageProcessor`, returned unchanged in the output.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoder_output = self.step(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        encoder_output = self.step(
+            pixel_values,
+            superpatch_map=superpatch_map,
+            superpatch_targets=superpatch_targets,
+            partition_source=partition_source,
+            policy_only=policy_only,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
         layout = encoder_output.token_layout
-        token_logits = self.decoder(encoder_output.last_hidden_state, layout)
-        logits = unshare(token_logits, layout)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels)
-
+        logits = segmentation_loss = policy_term = None
+        if not policy_only:
+            logits = unshare(self.decoder(encoder_output.last_hidden_state, layout), layout)
+            if labels is not None:
+                segmentation_loss = self.loss_function(logits, labels)
+        if superpatch_targets is not None and encoder_output.policy_logits is not None:
+            check_superpatch_targets(
+                superpatch_targets, pixel_values.shape[0], len(self.config.shared_sizes), layout.grid_size
+            )
+            policy_term = policy_loss(encoder_output.policy_logits, superpatch_targets, self.config.shared_sizes)
+        losses = [segmentation_loss] if segmentation_loss is not None else []
+        if policy_term is not None:
+            losses.append(self.config.policy_loss_weight * policy_term)
         output = StepSemanticSegmenterOutput(
-            loss=loss,
+            loss=sum(losses) if losses else None,
             logits=logits,
+            segmentation_loss=segmentation_loss,
+            policy_loss=policy_term,
             token_layout=layout,
+            superpatch_map=encoder_output.superpatch_map,
+            token_counts=encoder_output.token_counts,
+            policy_logits=encoder_output.policy_logits,
             hidden_states=encoder_output.hidden_states,
             window_offsets=window_offsets,
         )
         return output if return_dict else output.to_tuple()
+
+    def set_training_stage(self, stage: str) -> None:
+        """
+        Choose what trains (the STEP recipe): `"policy"` trains the policy network alone (stage 1, use
+        `policy_only=True`); `"segmenter"` trains the encoder and decoder with the policy frozen (stage 2, with the
+        policy's or oracle partitions); `"all"` trains everything.
+        """
+        if stage not in ("policy", "segmenter", "all"):
+            raise ValueError(f"Unknown training stage {stage!r}; choose 'policy', 'segmenter' or 'all'.")
+        for name, parameter in self.named_parameters():
+            is_policy = name.startswith("step.policy.")
+            parameter.requires_grad_(stage == "all" or (stage == "policy") == is_policy)
 
     def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy at label resolution, ignoring `semantic_loss_ignore_index`."""

@@ -154,7 +154,8 @@ def load_vit_weights(
     converted = convert_vit_state_dict(state_dict)
     if "pos_embed" in converted:
         converted["pos_embed"] = resize_position_embedding(converted["pos_embed"], encoder.config.image_grid_size)
-    expected = encoder.state_dict()
+    # The policy network is STEP's own: no ViT checkpoint has it.
+    expected = {name: tensor for name, tensor in encoder.state_dict().items() if not name.startswith("policy.")}
     missing = sorted(set(expected) - set(converted))
     if missing:
         raise ValueError(
@@ -167,7 +168,7 @@ def load_vit_weights(
                 f"Shape mismatch for `{name}`: checkpoint {tuple(converted[name].shape)}, model {tuple(tensor.shape)}"
                 "; the preset (hidden size, heads, depth, MLP size) must match the checkpoint's."
             )
-    encoder.load_state_dict({name: converted[name] for name in expected})
+    encoder.load_state_dict({name: converted[name] for name in expected}, strict=False)
     return sorted(set(converted) - set(expected))
 
 

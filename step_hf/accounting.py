@@ -1,0 +1,125 @@
+"""Token and compute accounting for STEP models: where tokens go and what a forward pass costs.
+
+FLOPs here count a multiply-add as **two** FLOPs (the convention of `torch.utils.flop_counter`); halve them for
+MACs. Only matrix products and convolutions are counted (norms, activations, softmax and pooling are not).
+"""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .configuration_step import StepConfig
+from .modeling_step import StepForSemanticSegmentation, StepModel
+
+ALL_SIZES = (1, 2, 4, 8, 16)
+
+
+def superpatch_area_shares(superpatch_map: torch.Tensor, sizes: tuple[int, ...] = ALL_SIZES) -> torch.Tensor:
+    """`(batch, len(sizes))`: the share of each image's grid cells covered by superpatches of each size."""
+    return torch.stack([(superpatch_map == size).float().mean((1, 2)) for size in sizes], dim=1)
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    # The CPU flash-attention kernel has no formula in torch's registry; its work is that of any SDPA.
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CUSTOM_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+@torch.no_grad()
+def count_flops(model: StepForSemanticSegmentation | StepModel, **inputs) -> dict[str, int]:
+    """
+    Run one forward pass under `FlopCounterMode` and return FLOPs (2 per multiply-add) for the whole pass and for
+    the parts: `policy`, `encoder` (the ViT without the policy) and `decoder` (zero for a bare `StepModel`).
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOP_FORMULAS)
+    with counter:
+        model(**inputs)
+    by_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    prefix = f"{root}.step" if isinstance(model, StepForSemanticSegmentation) else root
+    total = counter.get_total_flops()
+    policy = by_module.get(f"{prefix}.policy", 0)
+    decoder = by_module.get(f"{root}.decoder", 0)
+    return {"total": total, "policy": policy, "encoder": total - policy - decoder, "decoder": decoder}
+
+
+def _transformer_flops(lengths: list[int], padded_length: int | None, dim: int, mlp_dim: int, layers: int) -> int:
+    """Multiply-adds of `layers` pre-norm blocks over images of the given lengths (attention over the padded
+    length when images are padded to a common one)."""
+    macs = 0
+    for length in lengths:
+        attended = padded_length or length
+        macs += length * dim * 3 * dim + length * dim * dim + 2 * length * dim * mlp_dim  # qkv, proj, MLP
+        macs += 2 * attended * attended * dim if padded_length else 2 * length * length * dim  # scores, mixing
+    return layers * macs
+
+
+def analytic_flops(
+    config: StepConfig,
+    image_size: tuple[int, int],
+    token_counts: list[int],
+    embedding_sizes: list[int],
+    policy_ran: bool,
+    with_decoder: bool = True,
+) -> dict[str, int]:
+    """
+    The FLOPs (2 per multiply-add) of one forward pass written out by hand, part by part, as `count_flops` reports
+    them: for checking the counter, and for estimates without running a model.
+
+    Args:
+        image_size: the input (height, width) in pixels.
+        token_counts: tokens embedded per image (class token excluded).
+        embedding_sizes: the superpatch sizes whose embedding tables were built (`[1]` for the dense model).
+        policy_ran: whether the policy network ran.
+    """
+    height, width = image_size
+    patch, channels, dim = config.patch_size, config.num_channels, config.hidden_size
+    rows, cols = height // patch, width // patch
+    batch = len(token_counts)
+    equal = len(set(token_counts)) == 1
+
+    macs_embed = sum(
+        batch * (rows // size) * (cols // size) * dim * channels * patch * patch
+        for size in embedding_sizes
+        if size <= min(rows, cols)
+    )
+    encoder = macs_embed + _transformer_flops(
+        [count + 1 for count in token_counts], None if equal else max(token_counts) + 1,
+        dim, config.intermediate_size, config.num_hidden_layers,
+    )
+
+    policy = 0
+    if policy_ran:
+        width_p = config.policy_hidden_size
+        quarter = (height // 4) * (width // 4)
+        policy += quarter * (width_p // 4) * channels * 16  # 4x4 stride-4 stem
+        policy += quarter * (width_p // 2) * (width_p // 4) * 9
+        policy += rows * cols * width_p * (width_p // 2) * (patch // 4) ** 2
+        policy += rows * cols * width_p * width_p * 9
+        level_rows, level_cols = rows, cols
+        for level in range(1, max(config.shared_sizes).bit_length()):
+            if min(level_rows, level_cols) < 2:
+                break
+            level_rows, level_cols = level_rows // 2, level_cols // 2
+            policy += level_rows * level_cols * width_p * width_p * (4 + 9)
+            if 2**level in config.shared_sizes:
+                policy += level_rows * level_cols * width_p
+        policy *= batch
+
+    decoder = 0
+    if with_decoder:
+        d, labels, tokens = config.decoder_hidden_size, config.num_labels, sum(token_counts)
+        decoder += tokens * dim * d  # proj_dec
+        decoder += _transformer_flops(
+            [count + labels for count in token_counts], None if equal else max(token_counts) + labels,
+            d, config.decoder_intermediate_size, config.decoder_num_hidden_layers,
+        )
+        decoder += tokens * d * d + batch * labels * d * d  # proj_patch, proj_classes
+        decoder += tokens * batch * labels * d  # every token against every image's classes
+    flops = {"policy": 2 * policy, "encoder": 2 * encoder, "decoder": 2 * decoder}
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+__all__ = ["analytic_flops", "count_flops", "superpatch_area_shares"]
