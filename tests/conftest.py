@@ -1,11 +1,19 @@
 import os
+import sys
+import tempfile
+from pathlib import Path
 
-import pytest
-import torch
-
+# Before any Hugging Face import: no network, and caches (datasets, remote code) away from the developer's own.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="step-hf-tests-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from step_hf import StepConfig, StepForSemanticSegmentation  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
 
 LABELS = {0: "road", 1: "sky", 2: "car", 3: "tree"}
 
@@ -39,3 +47,20 @@ def config() -> StepConfig:
 def model(config) -> StepForSemanticSegmentation:
     torch.manual_seed(0)
     return StepForSemanticSegmentation(config).eval()
+
+
+@pytest.fixture(scope="session")
+def scene_dataset(tmp_path_factory) -> Path:
+    """A tiny segmentation dataset folder laid out like a Hub dataset repo (train and validation parquet)."""
+    from datasets import Dataset, Image
+    from scenes import SCENE_CLASSES, make_scene
+
+    folder = tmp_path_factory.mktemp("scenes")
+    (folder / "data").mkdir()
+    for split, seeds in (("train", range(8)), ("validation", range(100, 104))):
+        rows = [make_scene(96, 128, seed=seed) for seed in seeds]
+        dataset = Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[1] for r in rows]})
+        dataset = dataset.cast_column("image", Image()).cast_column("label", Image())
+        dataset.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    (folder / "id2label.json").write_text(__import__("json").dumps(SCENE_CLASSES))
+    return folder
