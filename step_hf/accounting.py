@@ -4,6 +4,8 @@ FLOPs here count a multiply-add as **two** FLOPs (the convention of `torch.utils
 MACs. Only matrix products and convolutions are counted (norms, activations, softmax and pooling are not).
 """
 
+import re
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -30,7 +32,8 @@ _CUSTOM_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_
 def count_flops(model: StepForSemanticSegmentation | StepModel, **inputs) -> dict[str, int]:
     """
     Run one forward pass under `FlopCounterMode` and return FLOPs (2 per multiply-add) for the whole pass and for
-    the parts: `policy`, `encoder` (the ViT without the policy) and `decoder` (zero for a bare `StepModel`).
+    the parts: `policy`, `exits` (the exit heads), `encoder` (the ViT without policy and exit heads) and `decoder`
+    (zero for a bare `StepModel`).
     """
     counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOP_FORMULAS)
     with counter:
@@ -40,18 +43,19 @@ def count_flops(model: StepForSemanticSegmentation | StepModel, **inputs) -> dic
     prefix = f"{root}.step" if isinstance(model, StepForSemanticSegmentation) else root
     total = counter.get_total_flops()
     policy = by_module.get(f"{prefix}.policy", 0)
+    # A ModuleList never runs itself: add up its heads.
+    exits = sum(flops for name, flops in by_module.items() if re.fullmatch(rf"{prefix}\.exit_heads\.\d+", name))
     decoder = by_module.get(f"{root}.decoder", 0)
-    return {"total": total, "policy": policy, "encoder": total - policy - decoder, "decoder": decoder}
+    return {"total": total, "policy": policy, "exits": exits, "encoder": total - policy - exits - decoder,
+            "decoder": decoder}
 
 
-def _transformer_flops(lengths: list[int], padded_length: int | None, dim: int, mlp_dim: int, layers: int) -> int:
-    """Multiply-adds of `layers` pre-norm blocks over images of the given lengths (attention over the padded
-    length when images are padded to a common one)."""
-    macs = 0
-    for length in lengths:
-        attended = padded_length or length
-        macs += length * dim * 3 * dim + length * dim * dim + 2 * length * dim * mlp_dim  # qkv, proj, MLP
-        macs += 2 * attended * attended * dim if padded_length else 2 * length * length * dim  # scores, mixing
+def _transformer_macs(lengths: list[int], dim: int, mlp_dim: int, layers: int) -> int:
+    """Multiply-adds of `layers` pre-norm blocks over images of the given lengths; unequal images are padded to the
+    longest for attention, as `packed_attention` does."""
+    attended = lengths if len(set(lengths)) == 1 else [max(lengths)] * len(lengths)
+    macs = sum(length * dim * 3 * dim + length * dim * dim + 2 * length * dim * mlp_dim for length in lengths)
+    macs += sum(2 * length * length * dim for length in attended)  # scores and mixing
     return layers * macs
 
 
@@ -61,6 +65,8 @@ def analytic_flops(
     token_counts: list[int],
     embedding_sizes: list[int],
     policy_ran: bool,
+    exit_survivors: list[list[int]] | None = None,
+    exits_ran: bool = False,
     with_decoder: bool = True,
 ) -> dict[str, int]:
     """
@@ -72,21 +78,27 @@ def analytic_flops(
         token_counts: tokens embedded per image (class token excluded).
         embedding_sizes: the superpatch sizes whose embedding tables were built (`[1]` for the dense model).
         policy_ran: whether the policy network ran.
+        exit_survivors: with halting, for each exit the tokens per image left after it.
+        exits_ran: whether the exit heads ran (halting, or training).
     """
     height, width = image_size
     patch, channels, dim = config.patch_size, config.num_channels, config.hidden_size
     rows, cols = height // patch, width // patch
     batch = len(token_counts)
-    equal = len(set(token_counts)) == 1
 
-    macs_embed = sum(
+    encoder = sum(
         batch * (rows // size) * (cols // size) * dim * channels * patch * patch
         for size in embedding_sizes
         if size <= min(rows, cols)
     )
-    encoder = macs_embed + _transformer_flops(
-        [count + 1 for count in token_counts], None if equal else max(token_counts) + 1,
-        dim, config.intermediate_size, config.num_hidden_layers,
+    exits, alive, previous_layer = 0, list(token_counts), 0
+    exit_points = list(zip(config.exit_layers, exit_survivors or [None] * len(config.exit_layers)))
+    for layer, survivors in (exit_points if exits_ran else []):
+        encoder += _transformer_macs([n + 1 for n in alive], dim, config.intermediate_size, layer - previous_layer)
+        exits += sum(alive) * (dim * config.exit_hidden_size + config.exit_hidden_size * config.num_labels)
+        alive, previous_layer = survivors or alive, layer
+    encoder += _transformer_macs(
+        [n + 1 for n in alive], dim, config.intermediate_size, config.num_hidden_layers - previous_layer
     )
 
     policy = 0
@@ -109,15 +121,14 @@ def analytic_flops(
 
     decoder = 0
     if with_decoder:
-        d, labels, tokens = config.decoder_hidden_size, config.num_labels, sum(token_counts)
+        d, labels, tokens = config.decoder_hidden_size, config.num_labels, sum(alive)
         decoder += tokens * dim * d  # proj_dec
-        decoder += _transformer_flops(
-            [count + labels for count in token_counts], None if equal else max(token_counts) + labels,
-            d, config.decoder_intermediate_size, config.decoder_num_hidden_layers,
+        decoder += _transformer_macs(
+            [n + labels for n in alive], d, config.decoder_intermediate_size, config.decoder_num_hidden_layers
         )
         decoder += tokens * d * d + batch * labels * d * d  # proj_patch, proj_classes
         decoder += tokens * batch * labels * d  # every token against every image's classes
-    flops = {"policy": 2 * policy, "encoder": 2 * encoder, "decoder": 2 * decoder}
+    flops = {"policy": 2 * policy, "exits": 2 * exits, "encoder": 2 * encoder, "decoder": 2 * decoder}
     flops["total"] = sum(flops.values())
     return flops
 

@@ -13,6 +13,13 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "base": {"hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "intermediate_size": 3072},
     "large": {"hidden_size": 1024, "num_attention_heads": 16, "num_hidden_layers": 24, "intermediate_size": 4096},
 }
+# The published halting thresholds: 0.95 for ViT-L, 0.9 for ViT-B (and here the smaller ViTs).
+PRESET_EXIT_THRESHOLD = {"tiny": 0.9, "small": 0.9, "base": 0.9, "large": 0.95}
+
+
+def default_exit_layers(num_hidden_layers: int) -> list[int]:
+    """Exits after a third and two thirds of the blocks: blocks 8 and 16 of ViT-L's 24, as DToP."""
+    return sorted({layer for layer in (num_hidden_layers // 3, 2 * num_hidden_layers // 3) if layer >= 1})
 
 DEFAULT_AUTO_MAP = {
     "AutoConfig": "configuration_step.StepConfig",
@@ -65,6 +72,20 @@ class StepConfig(PreTrainedConfig):
         policy_hidden_size (`int`, defaults to 64): channels of the policy CNN (a multiple of 4).
         policy_loss_weight (`float`, defaults to 1.0): weight of the policy's binary cross-entropy in the loss when
             `superpatch_targets` are given.
+        exit_layers (`list[int]`, *optional*): 1-based indices of the encoder blocks after which an exit head runs
+            (early pruning). Defaults to a third and two thirds of the depth (blocks 8 and 16 of 24); `[]` builds
+            no exit heads.
+        exit_thresholds (`list[float]`, *optional*): one per exit; a token halts when its top class probability
+            exceeds it (values above 1 never halt). Defaults to 0.9 (0.95 in the ViT-L preset, as published).
+            Exits and thresholds apply to the tokens the exits see, supertokens of any size included.
+        exit_keep_topk_per_class (`int`, defaults to 5): at every exit, for every class, the k tokens of each image
+            most confident in that class stay in, so that later blocks keep context for every class.
+        halting (`bool`, defaults to `False`): whether confident tokens leave the sequence at the exits. Off while
+            the base model trains (the heads still train, by deep supervision), on for the pruning fine-tune and
+            for fast inference.
+        exit_hidden_size (`int`, defaults to 256): hidden width of the exit heads (LayerNorm, Linear, GELU, Linear).
+        exit_loss_weight (`float`, defaults to 0.4): weight of each exit head's cross-entropy (deep supervision) in
+            the loss when `labels` are given in training.
         id2label / label2id / num_labels: the classes, as in every `transformers` config.
 
     Example:
@@ -102,6 +123,12 @@ class StepConfig(PreTrainedConfig):
     token_budget: int | None = None
     policy_hidden_size: int = 64
     policy_loss_weight: float | int = 1.0
+    exit_layers: list[int] | tuple[int, ...] | None = None
+    exit_thresholds: list[float] | tuple[float, ...] | None = None
+    exit_keep_topk_per_class: int = 5
+    halting: bool = False
+    exit_hidden_size: int = 256
+    exit_loss_weight: float | int = 0.4
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, tuple):
@@ -116,6 +143,12 @@ class StepConfig(PreTrainedConfig):
         if self.policy_thresholds is None:
             self.policy_thresholds = [0.5] * len(self.shared_sizes)
         self.policy_thresholds = [float(threshold) for threshold in self.policy_thresholds]
+        if self.exit_layers is None:
+            self.exit_layers = default_exit_layers(self.num_hidden_layers)
+        self.exit_layers = list(self.exit_layers)
+        if self.exit_thresholds is None:
+            self.exit_thresholds = [0.9] * len(self.exit_layers)
+        self.exit_thresholds = [float(threshold) for threshold in self.exit_thresholds]
         super().__post_init__(**kwargs)
         # Remote-code loading needs one `auto_map` entry per Auto class; `save_pretrained` only writes the saved
         # model's own class, so the base model's entry is added here (missing entries only).
@@ -177,6 +210,28 @@ class StepConfig(PreTrainedConfig):
             )
 
         self._check_token_sharing()
+        self._check_early_exits()
+
+    def _check_early_exits(self) -> None:
+        layers = self.exit_layers
+        if layers != sorted(set(layers)) or any(not 1 <= layer < self.num_hidden_layers for layer in layers):
+            raise ValueError(
+                f"`exit_layers` ({layers}) must be increasing block indices between 1 and num_hidden_layers - 1 "
+                f"({self.num_hidden_layers - 1}): an exit runs after that block."
+            )
+        if len(self.exit_thresholds) != len(layers):
+            raise ValueError(
+                f"`exit_thresholds` has {len(self.exit_thresholds)} values for {len(layers)} `exit_layers`; give one "
+                "per exit."
+            )
+        if any(threshold <= 0 for threshold in self.exit_thresholds):
+            raise ValueError(f"`exit_thresholds` must be positive probabilities, got {self.exit_thresholds}.")
+        if self.exit_keep_topk_per_class < 0:
+            raise ValueError(f"`exit_keep_topk_per_class` must be >= 0, got {self.exit_keep_topk_per_class}.")
+        if self.exit_hidden_size < 1:
+            raise ValueError(f"`exit_hidden_size` must be positive, got {self.exit_hidden_size}.")
+        if self.halting and not layers:
+            raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
 
     def _check_token_sharing(self) -> None:
         sizes = self.superpatch_sizes
@@ -222,7 +277,11 @@ class StepConfig(PreTrainedConfig):
         name = preset.lower().removeprefix("vit-").removeprefix("vit_")
         if name not in VIT_PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(VIT_PRESETS)}.")
-        return cls(**{**VIT_PRESETS[name], **kwargs})
+        fields = {**VIT_PRESETS[name], **kwargs}
+        if "exit_thresholds" not in kwargs:
+            exits = fields.get("exit_layers") or default_exit_layers(fields["num_hidden_layers"])
+            fields["exit_thresholds"] = [PRESET_EXIT_THRESHOLD[name]] * len(exits)
+        return cls(**fields)
 
 
 __all__ = ["StepConfig", "VIT_PRESETS"]

@@ -52,8 +52,22 @@ class StepModelOutput(ModelOutput):
             *optional*, returned when the policy ran): for each superpatch size above 1, the policy's logit that
             the aligned block containing each cell holds a single class (the block's value repeated on its cells;
             `-inf` where no whole block fits).
+        survivor_index (`torch.LongTensor` of shape `(num_survivors,)`):
+            For each row of `last_hidden_state`, the index of its token in `token_layout`. With halting off every
+            token survives and this is `arange(num_tokens)`.
+        survivor_batch (`PackedBatch`):
+            Tokens per image that reached the last block.
+        token_exit_layer (`torch.LongTensor` of shape `(num_tokens,)`):
+            For each token of `token_layout`, the block after which it halted; `num_hidden_layers` if it never did.
+        exit_logits (`tuple(torch.FloatTensor)`, *optional*, returned when the exit heads ran):
+            One `(num_tokens, num_labels)` tensor per exit: the exit head's class logits for every token of
+            `token_layout` that was still in the sequence at that exit (zeros for the others).
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The packed (super)token features after the embedding and after each block, each `(num_tokens, dim)`.
+            The packed (super)token features after the embedding and after each block (only the tokens still in the
+            sequence), each `(tokens, dim)`.
+
+    `last_hidden_state` holds the tokens that reached the end of the encoder: all of them unless `config.halting` is
+    on, in which case halted tokens have left (see `survivor_index`).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -62,6 +76,10 @@ class StepModelOutput(ModelOutput):
     superpatch_map: torch.LongTensor | None = None
     token_counts: torch.LongTensor | None = None
     policy_logits: torch.FloatTensor | None = None
+    survivor_index: torch.LongTensor | None = None
+    survivor_batch: PackedBatch | None = None
+    token_exit_layer: torch.LongTensor | None = None
+    exit_logits: tuple[torch.FloatTensor, ...] | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -79,12 +97,20 @@ class StepSemanticSegmenterOutput(ModelOutput):
             full-resolution maps. `None` with `policy_only=True`.
         segmentation_loss (`torch.FloatTensor`, *optional*): cross-entropy between the logits, bilinearly upsampled
             to the label resolution, and `labels`; pixels equal to `config.semantic_loss_ignore_index` are ignored.
+        exit_loss (`torch.FloatTensor`, *optional*, in training with `labels` and exit heads): the sum over exits of
+            each head's cross-entropy on the cells whose token it saw (deep supervision), before
+            `config.exit_loss_weight`.
         policy_loss (`torch.FloatTensor`, *optional*): binary cross-entropy of the policy against
             `superpatch_targets` (targets 255 ignored), averaged per size, then over sizes.
         token_layout (`TokenLayout`):
             The token layout the encoder and decoder used.
         superpatch_map, token_counts, policy_logits:
             As in [`StepModelOutput`].
+        exit_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`):
+            The block after which each cell's token halted; `num_hidden_layers` where it never halted. A halted
+            cell's logits are its exit head's; the others' are the decoder's.
+        halted_share (`torch.FloatTensor` of shape `(batch_size, len(config.exit_layers))`):
+            The share of each image's tokens halted at each exit.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             As in [`StepModelOutput`].
         window_offsets (`torch.LongTensor` of shape `(num_windows, 5)`, *optional*):
@@ -96,10 +122,13 @@ class StepSemanticSegmenterOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     segmentation_loss: torch.FloatTensor | None = None
     policy_loss: torch.FloatTensor | None = None
+    exit_loss: torch.FloatTensor | None = None
     token_layout: TokenLayout | None = None
     superpatch_map: torch.LongTensor | None = None
     token_counts: torch.LongTensor | None = None
     policy_logits: torch.FloatTensor | None = None
+    exit_map: torch.LongTensor | None = None
+    halted_share: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     window_offsets: torch.LongTensor | None = None
 
@@ -208,6 +237,40 @@ class PolicyNetwork(nn.Module):
         return block_logits
 
 
+class ExitHead(nn.Module):
+    """A light per-token classifier run after an encoder block: LayerNorm, Linear, GELU, Linear."""
+
+    def __init__(self, config: StepConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc1 = nn.Linear(config.hidden_size, config.exit_hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.exit_hidden_size, config.num_labels)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(tokens))))
+
+
+def keep_topk_per_class(probabilities: torch.Tensor, batch: PackedBatch, k: int) -> torch.Tensor:
+    """
+    `(num_tokens,)` bool: for every image and every class, its `k` tokens with the highest probability of that
+    class. Images are padded to a common length for one `topk`; no host sync.
+    """
+    num_tokens, num_labels = probabilities.shape
+    k = min(k, batch.max_length)
+    keep = torch.zeros(num_tokens + 1, dtype=torch.bool, device=probabilities.device)
+    if k == 0 or num_tokens == 0:
+        return keep[:num_tokens]
+    image = batch.image_index(num_tokens)
+    position = torch.arange(num_tokens, device=probabilities.device) - batch.offsets[image]
+    padded = probabilities.new_full((batch.batch_size, batch.max_length, num_labels), -1.0)
+    padded[image, position] = probabilities
+    top = padded.topk(k, dim=1).indices  # (batch, k, classes), positions within each image
+    real = top < batch.lengths[:, None, None]  # an image with fewer than k tokens picks padding: drop it
+    packed = torch.where(real, batch.offsets[:-1, None, None] + top, num_tokens)
+    return keep.index_fill_(0, packed.flatten(), True)[:num_tokens]
+
+
 class StepPreTrainedModel(PreTrainedModel):
     config_class = StepConfig
     config: StepConfig
@@ -275,6 +338,7 @@ class StepModel(StepPreTrainedModel):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.policy = PolicyNetwork(config) if config.shared_sizes else None
+        self.exit_heads = nn.ModuleList(ExitHead(config) for _ in config.exit_layers)
         self.post_init()
 
     def position_grid(self, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -404,20 +468,72 @@ class StepModel(StepPreTrainedModel):
 
         tokens = self.embed_tokens(pixel_values, layout, sizes)
         class_token = (self.cls_token + self.pos_embed[:, :1]).expand(batch_size, -1, -1)
-        sequence, token_positions, class_positions, batch = insert_per_image(
-            tokens, class_token, layout.batch, at_start=True
+        run_exits = len(self.exit_heads) > 0 and (self.config.halting or self.training)
+        encoded = self.encode(tokens, class_token, layout.batch, run_exits, output_hidden_states)
+        output.last_hidden_state, output.class_token_state, output.survivor_index, output.survivor_batch = encoded[:4]
+        output.token_exit_layer, output.exit_logits, output.hidden_states = encoded[4:]
+        return output if return_dict else output.to_tuple()
+
+    def encode(
+        self,
+        tokens: torch.Tensor,
+        class_token: torch.Tensor,
+        batch: PackedBatch,
+        run_exits: bool,
+        output_hidden_states: bool,
+    ) -> tuple:
+        """
+        Run the blocks on packed tokens (plus one class token per image). After each exit block the exit head
+        classifies the tokens; with `config.halting`, confident tokens (bar the top-k per class) leave the sequence,
+        at the cost of one host sync per exit (the new lengths). Returns the final tokens and class tokens, which
+        tokens survived, their lengths, each token's exit block, the exit logits and the hidden states.
+        """
+        num_tokens, num_layers = tokens.shape[0], self.config.num_hidden_layers
+        survivor_index = torch.arange(num_tokens, device=tokens.device)
+        token_exit_layer = torch.full_like(survivor_index, num_layers)
+        exit_of_layer = dict(zip(self.config.exit_layers, zip(self.exit_heads, self.config.exit_thresholds)))
+        exit_logits = []
+        sequence, token_positions, class_positions, sequence_batch = insert_per_image(
+            tokens, class_token, batch, at_start=True
         )
         hidden_states = (tokens,) if output_hidden_states else None
-        for block in self.blocks:
-            sequence = block(sequence, batch)
+        for layer, block in enumerate(self.blocks, start=1):
+            sequence = block(sequence, sequence_batch)
             if output_hidden_states:
                 hidden_states += (sequence[token_positions],)
+            if not run_exits or layer not in exit_of_layer:
+                continue
+            head, threshold = exit_of_layer[layer]
+            tokens = sequence[token_positions]
+            logits = head(tokens)
+            exit_logits.append(logits.new_zeros(num_tokens, logits.shape[1]).index_copy(0, survivor_index, logits))
+            if not self.config.halting:
+                continue
+            with torch.no_grad():  # the decision to halt carries no gradient
+                probabilities = logits.float().softmax(-1)
+                keep = (probabilities.amax(-1) <= threshold) | keep_topk_per_class(
+                    probabilities, batch, self.config.exit_keep_topk_per_class
+                )
+                image = batch.image_index(tokens.shape[0])
+                lengths = torch.zeros_like(batch.lengths).index_add_(0, image, keep.long())
+                host_lengths = lengths.tolist()  # the one host sync of this exit
+                order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(host_lengths)]
+                token_exit_layer[survivor_index] = torch.where(keep, num_layers, layer)
+            survivor_index, tokens = survivor_index[order], tokens[order]
+            batch = PackedBatch(lengths, max(host_lengths), all_equal=len(set(host_lengths)) == 1)
+            sequence, token_positions, class_positions, sequence_batch = insert_per_image(
+                tokens, sequence[class_positions], batch, at_start=True
+            )
         sequence = self.norm(sequence)
-
-        output.last_hidden_state = sequence[token_positions]
-        output.class_token_state = sequence[class_positions[:, 0]]
-        output.hidden_states = hidden_states
-        return output if return_dict else output.to_tuple()
+        return (
+            sequence[token_positions],
+            sequence[class_positions[:, 0]],
+            survivor_index,
+            batch,
+            token_exit_layer,
+            tuple(exit_logits) if exit_logits else None,
+            hidden_states,
+        )
 
 
 def check_superpatch_targets(targets: torch.Tensor | None, batch_size: int, num_sizes: int, grid_size) -> None:
@@ -469,11 +585,12 @@ class MaskTransformerDecoder(nn.Module):
         self.proj_classes = nn.Parameter(torch.zeros(dim, dim))
         self.mask_norm = nn.LayerNorm(config.num_labels, eps=config.layer_norm_eps)
 
-    def forward(self, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """`tokens` `(num_tokens, hidden_size)` -> per-token class scores `(num_tokens, num_labels)`."""
-        batch_size, num_labels = layout.batch.batch_size, self.cls_emb.shape[1]
+    def forward(self, tokens: torch.Tensor, tokens_batch: PackedBatch) -> torch.Tensor:
+        """`tokens` `(num_tokens, hidden_size)`, packed as `tokens_batch` says -> per-token class scores
+        `(num_tokens, num_labels)`."""
+        batch_size, num_labels = tokens_batch.batch_size, self.cls_emb.shape[1]
         sequence, token_positions, class_positions, batch = insert_per_image(
-            self.proj_dec(tokens), self.cls_emb.expand(batch_size, -1, -1), layout.batch, at_start=False
+            self.proj_dec(tokens), self.cls_emb.expand(batch_size, -1, -1), tokens_batch, at_start=False
         )
         for block in self.blocks:
             sequence = block(sequence, batch)
@@ -483,7 +600,8 @@ class MaskTransformerDecoder(nn.Module):
         class_features = F.normalize(sequence[class_positions.flatten()] @ self.proj_classes, dim=-1)
         # Score every token against the classes of every image, then keep its own image's: one matmul, no loop.
         all_scores = (token_features @ class_features.T).view(-1, batch_size, num_labels)
-        scores = all_scores.gather(1, layout.image_index[:, None, None].expand(-1, 1, num_labels))[:, 0]
+        image = tokens_batch.image_index(tokens.shape[0])
+        scores = all_scores.gather(1, image[:, None, None].expand(-1, 1, num_labels))[:, 0]
         return self.mask_norm(scores)
 
 
@@ -533,11 +651,16 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             return_dict=True,
         )
         layout = encoder_output.token_layout
-        logits = segmentation_loss = policy_term = None
+        logits = segmentation_loss = policy_term = exit_term = None
         if not policy_only:
-            logits = unshare(self.decoder(encoder_output.last_hidden_state, layout), layout)
+            token_logits = self.merge_exits(
+                self.decoder(encoder_output.last_hidden_state, encoder_output.survivor_batch), encoder_output
+            )
+            logits = unshare(token_logits, layout)
             if labels is not None:
                 segmentation_loss = self.loss_function(logits, labels)
+                if self.training and encoder_output.exit_logits is not None:
+                    exit_term = self.exit_loss(encoder_output, labels)
         if superpatch_targets is not None and encoder_output.policy_logits is not None:
             check_superpatch_targets(
                 superpatch_targets, pixel_values.shape[0], len(self.config.shared_sizes), layout.grid_size
@@ -546,19 +669,59 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         losses = [segmentation_loss] if segmentation_loss is not None else []
         if policy_term is not None:
             losses.append(self.config.policy_loss_weight * policy_term)
+        if exit_term is not None:
+            losses.append(self.config.exit_loss_weight * exit_term)
+
+        exit_map = halted_share = None
+        if encoder_output.token_exit_layer is not None:
+            exit_layer = encoder_output.token_exit_layer
+            exit_map = unshare(exit_layer[:, None], layout)[:, 0]
+            halted = torch.stack([exit_layer == layer for layer in self.config.exit_layers], dim=1).float()
+            counts = layout.batch.lengths[:, None].float()
+            halted_share = torch.zeros_like(counts.expand(-1, halted.shape[1])).index_add_(
+                0, layout.image_index, halted
+            ) / counts
         output = StepSemanticSegmenterOutput(
             loss=sum(losses) if losses else None,
             logits=logits,
             segmentation_loss=segmentation_loss,
             policy_loss=policy_term,
+            exit_loss=exit_term,
             token_layout=layout,
             superpatch_map=encoder_output.superpatch_map,
             token_counts=encoder_output.token_counts,
             policy_logits=encoder_output.policy_logits,
+            exit_map=exit_map,
+            halted_share=halted_share,
             hidden_states=encoder_output.hidden_states,
             window_offsets=window_offsets,
         )
         return output if return_dict else output.to_tuple()
+
+    def merge_exits(self, survivor_logits: torch.Tensor, encoder_output: StepModelOutput) -> torch.Tensor:
+        """Per-token logits for every token of the layout: the decoder's for survivors, the exit head's for the
+        tokens that halted there."""
+        num_tokens = encoder_output.token_exit_layer.shape[0]
+        merged = survivor_logits.new_zeros(num_tokens, survivor_logits.shape[1])
+        merged = merged.index_copy(0, encoder_output.survivor_index, survivor_logits)
+        if encoder_output.exit_logits is None:
+            return merged
+        for layer, logits in zip(self.config.exit_layers, encoder_output.exit_logits):
+            halted_here = (encoder_output.token_exit_layer == layer)[:, None]
+            merged = torch.where(halted_here, logits.to(merged.dtype), merged)
+        return merged
+
+    def exit_loss(self, encoder_output: StepModelOutput, labels: torch.Tensor) -> torch.Tensor:
+        """Deep supervision: each exit head's cross-entropy on the cells whose token was still in the sequence at
+        that exit (the others are marked ignore)."""
+        layout, ignore = encoder_output.token_layout, self.config.semantic_loss_ignore_index
+        total = 0
+        for layer, logits in zip(self.config.exit_layers, encoder_output.exit_logits):
+            cell_logits = unshare(logits, layout)
+            seen = unshare((encoder_output.token_exit_layer >= layer)[:, None].float(), layout)
+            seen = F.interpolate(seen, size=labels.shape[-2:], mode="nearest")[:, 0] > 0
+            total = total + self.loss_function(cell_logits, torch.where(seen, labels, ignore))
+        return total
 
     def set_training_stage(self, stage: str) -> None:
         """

@@ -154,8 +154,10 @@ def load_vit_weights(
     converted = convert_vit_state_dict(state_dict)
     if "pos_embed" in converted:
         converted["pos_embed"] = resize_position_embedding(converted["pos_embed"], encoder.config.image_grid_size)
-    # The policy network is STEP's own: no ViT checkpoint has it.
-    expected = {name: tensor for name, tensor in encoder.state_dict().items() if not name.startswith("policy.")}
+    # The policy network and the exit heads are STEP's own: no ViT checkpoint has them.
+    expected = {
+        name: tensor for name, tensor in encoder.state_dict().items() if not name.startswith(("policy.", "exit_heads."))
+    }
     missing = sorted(set(expected) - set(converted))
     if missing:
         raise ValueError(

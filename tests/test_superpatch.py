@@ -260,7 +260,8 @@ def test_oracle_partition_and_policy_training_hooks():
     model.set_training_stage("segmenter")
     assert not any(p.requires_grad for p in model.step.policy.parameters())
     output = model(torch.randn(2, 3, 64, 96), labels=labels, superpatch_targets=targets, partition_source="oracle")
-    assert output.policy_loss is None and torch.equal(output.loss, output.segmentation_loss)
+    assert output.policy_loss is None and output.exit_loss is not None  # exit heads are deep-supervised
+    torch.testing.assert_close(output.loss, output.segmentation_loss + 0.4 * output.exit_loss)
 
 
 def test_area_shares_and_token_counts():
