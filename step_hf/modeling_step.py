@@ -96,7 +96,8 @@ class StepSemanticSegmenterOutput(ModelOutput):
             Upsample them (or use the image processor's `post_process_semantic_segmentation`) to get
             full-resolution maps. `None` with `policy_only=True`.
         segmentation_loss (`torch.FloatTensor`, *optional*): cross-entropy between the logits, bilinearly upsampled
-            to the label resolution, and `labels`; pixels equal to `config.semantic_loss_ignore_index` are ignored.
+            to the label resolution, and `labels`, averaged over each image's pixels, then over images; pixels equal
+            to `config.semantic_loss_ignore_index` are ignored.
         exit_loss (`torch.FloatTensor`, *optional*, in training with `labels` and exit heads): the sum over exits of
             each head's cross-entropy on the cells whose token it saw (deep supervision), before
             `config.exit_loss_weight`.
@@ -552,15 +553,15 @@ def check_superpatch_targets(targets: torch.Tensor | None, batch_size: int, num_
 
 
 def policy_loss(policy_logits: torch.Tensor, superpatch_targets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Binary cross-entropy of the policy's block logits against the targets (255 ignored), averaged per size and
-    then over sizes, so large blocks weigh as much as small ones."""
+    """Binary cross-entropy of the policy's block logits against the targets (255 ignored): the mean over each
+    image's supervised blocks of a size, then over images, then over sizes, so large blocks weigh as much as small
+    ones (and, as for the segmentation loss, split batches average exactly)."""
     per_size = []
     for index, size in enumerate(sizes):
         logits = cells_to_blocks(policy_logits[:, index], size)
         targets = cells_to_blocks(superpatch_targets[:, index], size)
-        valid = targets != TARGET_IGNORE
         losses = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
-        per_size.append(torch.where(valid, losses, 0).sum() / valid.sum().clamp(min=1))
+        per_size.append(per_image_mean(losses, targets != TARGET_IGNORE))
     return torch.stack(per_size).mean()
 
 
@@ -736,10 +737,21 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             parameter.requires_grad_(stage == "all" or (stage == "policy") == is_policy)
 
     def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy at label resolution, ignoring `semantic_loss_ignore_index`."""
+        """Cross-entropy at label resolution, ignoring `semantic_loss_ignore_index`: the mean over each image's
+        valid pixels, then over images. Averaging per image makes the loss of a batch split across processes (as
+        data-parallel training splits it) average to exactly the loss of the whole batch."""
         check_labels(labels, logits.shape[0], self.config)
         upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
+        ignore = self.config.semantic_loss_ignore_index
+        losses = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore, reduction="none")
+        return per_image_mean(losses, labels != ignore)
+
+
+def per_image_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the `valid` entries of each image (dimension 0), then over images."""
+    valid = valid.flatten(1)
+    sums = torch.where(valid, values.flatten(1), 0).sum(1)
+    return (sums / valid.sum(1).clamp(min=1)).mean()
 
 
 def check_labels(labels: torch.Tensor, batch_size: int, config: StepConfig) -> None:

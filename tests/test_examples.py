@@ -14,11 +14,6 @@ def run_example(script, *args, cwd):
     return result.stdout
 
 
-def test_demo_writes_model_and_picture(tmp_path):
-    out = run_example("demo.py", "--output_dir", tmp_path / "demo", "--image_size", 64, cwd=tmp_path)
-    assert (tmp_path / "demo" / "segmentation.png").is_file()
-    assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
-    assert "segments:" in out
 
 
 def test_dcts_tokens_trains_the_policy_and_sweeps_thresholds(tmp_path, scene_dataset):

@@ -1,0 +1,523 @@
+"""Train a STEP segmenter with Accelerate on any `datasets` semantic-segmentation set.
+
+    accelerate launch examples/train.py --dataset_name ../shared/datasets/camvid --preset small --stage all
+    python examples/train.py                      # a built-in procedural scene set, offline, a few minutes on CPU
+
+STEP trains in three stages, each starting from the previous stage's weights: `policy` (the dCTS policy network
+alone, on the processor's superpatch targets), `segmenter` (encoder + decoder with the policy frozen; the exit heads
+learn by deep supervision, halting off) and `prune` (a short fine-tune with halting on). `--stage all` runs them in
+order. Checkpoints are written atomically every `--checkpointing_steps`; `--resume_from_checkpoint latest` continues
+the same run with the same data order. The final model, processor, code and model card go to `--output_dir`.
+
+Results on the built-in scenes mean nothing about real data: they exist so that the whole path runs offline.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from datasets import Dataset, DatasetDict, Image, load_dataset
+from PIL import Image as PILImage
+from PIL import ImageEnhance, ImageOps
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scenes import SCENE_CLASSES, make_scene  # noqa: E402
+
+from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights  # noqa: E402
+from step_hf.model_card import model_card  # noqa: E402
+
+STAGES = ("policy", "segmenter", "prune")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset_name", help="a Hub id or a local folder laid out like one; default: built-in scenes")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--train_split", default="train")
+    data.add_argument("--eval_split", default="validation")
+    data.add_argument("--image_column_name", default="image")
+    data.add_argument("--label_column_name", default="label")
+    data.add_argument("--id2label", help="a JSON file or string {id: name}; default: the dataset's id2label.json")
+    data.add_argument("--reduce_labels", action="store_true", help="label 0 is void: map it to 255, shift the rest")
+    data.add_argument("--max_train_samples", type=int)
+    data.add_argument("--max_eval_samples", type=int)
+    data.add_argument("--image_size", type=int, default=256, help="resize so that the shortest edge is this")
+    data.add_argument("--crop_size", type=int, help="training crop side (default: --image_size)")
+    data.add_argument("--min_scale", type=float, default=0.5)
+    data.add_argument("--max_scale", type=float, default=2.0)
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "large"])
+    model.add_argument("--model_name_or_path", help="a saved STEP model to start from")
+    model.add_argument("--backbone_checkpoint", help="public ViT weights (timm or HF names, safetensors)")
+    model.add_argument("--partition_source", default="policy", choices=["policy", "oracle", "dense"],
+                       help="partitions for the segmenter and prune stages")
+    model.add_argument("--exit_thresholds", type=float, nargs="+")
+    train = p.add_argument_group("training")
+    train.add_argument("--stage", default="all", choices=[*STAGES, "all"])
+    train.add_argument("--policy_steps", type=int, default=200)
+    train.add_argument("--segmenter_steps", type=int, default=300)
+    train.add_argument("--prune_steps", type=int, default=60)
+    train.add_argument("--per_device_train_batch_size", type=int, default=8)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=1)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=5e-4)
+    train.add_argument("--head_learning_rate_multiplier", type=float, default=10.0)
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument("--warmup_steps", type=int, default=20)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--num_workers", type=int, default=0)
+    run = p.add_argument_group("run")
+    run.add_argument("--output_dir", default="outputs/train")
+    run.add_argument("--checkpointing_steps", type=int, default=100)
+    run.add_argument("--resume_from_checkpoint", help="a checkpoint folder or 'latest'")
+    run.add_argument("--eval_steps", type=int, default=0, help="also evaluate every N steps (0: at stage ends)")
+    run.add_argument("--report_to", default="none", help="an Accelerate tracker ('tensorboard', 'all') or 'none'")
+    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--hub_model_id")
+    args = p.parse_args(argv)
+    args.crop_size = args.crop_size or args.image_size
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id org/name")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def builtin_scenes(seed: int) -> tuple[DatasetDict, dict[int, str]]:
+    """A small procedural road-scene set: 160 training and 32 validation images of 192x256."""
+    splits = {}
+    for split, seeds in (("train", range(160)), ("validation", range(10_000, 10_032))):
+        rows = [make_scene(192, 256, seed=seed * 100_000 + s) for s in seeds]
+        splits[split] = Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[1] for r in rows]})
+    return DatasetDict(splits).cast_column("image", Image()).cast_column("label", Image()), dict(SCENE_CLASSES)
+
+
+def load_data(args) -> tuple[DatasetDict, dict[int, str]]:
+    """The train and eval splits with `image` and `label` columns, and `id2label`; bad input is refused here."""
+    if args.dataset_name is None:
+        dataset, id2label = builtin_scenes(args.seed)
+    else:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name)
+        id2label = read_id2label(args)
+    for split in (args.train_split, args.eval_split):
+        if split not in dataset:
+            raise ValueError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set --train_split/--eval_split.")
+        columns = dataset[split].column_names
+        for column in (args.image_column_name, args.label_column_name):
+            if column not in columns:
+                raise ValueError(f"Split {split!r} has no column {column!r} (columns: {columns}); set "
+                                 "--image_column_name/--label_column_name.")
+        if len(dataset[split]) == 0:
+            raise ValueError(f"Split {split!r} is empty.")
+    dataset = DatasetDict({
+        "train": dataset[args.train_split], "validation": dataset[args.eval_split]
+    }).select_columns([args.image_column_name, args.label_column_name])
+    if args.image_column_name != "image":
+        dataset = dataset.rename_column(args.image_column_name, "image")
+    if args.label_column_name != "label":
+        dataset = dataset.rename_column(args.label_column_name, "label")
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit:
+            dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
+    check_labels(dataset, id2label, args.reduce_labels)
+    return dataset, id2label
+
+
+def read_id2label(args) -> dict[int, str]:
+    source = args.id2label
+    if source is None:
+        candidate = os.path.join(args.dataset_name, "id2label.json")
+        if not os.path.isfile(candidate):
+            from huggingface_hub import hf_hub_download
+
+            candidate = hf_hub_download(args.dataset_name, "id2label.json", repo_type="dataset")
+        source = candidate
+    text = open(source).read() if os.path.isfile(source) else source
+    try:
+        return {int(k): v for k, v in json.loads(text).items()}
+    except (json.JSONDecodeError, ValueError, AttributeError) as error:
+        raise ValueError(f"--id2label must be a JSON file or string mapping ids to names: {error}") from None
+
+
+def check_labels(dataset: DatasetDict, id2label: dict[int, str], reduce_labels: bool, ignore: int = 255) -> None:
+    """Refuse label values that are neither a class nor void, naming the split, row and value; and corrupt or
+    unreadable images."""
+    valid = set(id2label) | {ignore}
+    for split in dataset:
+        for row in range(len(dataset[split])):
+            try:
+                example = dataset[split][row]
+                label = np.asarray(example["label"])
+                image = example["image"]
+            except Exception as error:  # a corrupt file surfaces on decoding
+                raise ValueError(f"Split {split!r}, row {row}: the image or label cannot be read ({error}).") from None
+            if label.ndim != 2:
+                raise ValueError(f"Split {split!r}, row {row}: the label map has shape {label.shape}; it must be a "
+                                 "single-channel class-id map.")
+            if image.size[::-1] != label.shape:
+                raise ValueError(f"Split {split!r}, row {row}: image {image.size[::-1]} and label {label.shape} differ "
+                                 "in size.")
+            values = set(np.unique(label).tolist())
+            if reduce_labels:
+                values = {ignore if v == 0 else v - 1 for v in values}
+            unknown = values - valid
+            if unknown:
+                raise ValueError(f"Split {split!r}, row {row}: label value(s) {sorted(unknown)} are not in id2label "
+                                 f"({len(id2label)} classes) nor the ignore index {ignore}.")
+
+
+class TrainTransform:
+    """Random scale, crop, flip and photometric jitter on image and label together, then the processor (which
+    derives the superpatch targets from the augmented labels). Randomness depends on (seed, epoch, index) only, so
+    that any number of processes and a resumed run see exactly the same samples."""
+
+    def __init__(self, dataset, processor: StepImageProcessor, args):
+        self.dataset, self.processor, self.args, self.epoch = dataset, processor, args, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        args = self.args
+        rng = np.random.default_rng([args.seed, self.epoch, index])
+        example = self.dataset[index]
+        image, label = example["image"].convert("RGB"), example["label"]
+        scale = rng.uniform(args.min_scale, args.max_scale) * args.image_size / min(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image, label = image.resize(size, PILImage.BILINEAR), label.resize(size, PILImage.NEAREST)
+        crop = args.crop_size
+        padded_image = PILImage.new("RGB", (max(crop, size[0]), max(crop, size[1])), (124, 116, 104))
+        padded_label = PILImage.new(label.mode, padded_image.size, 0 if args.reduce_labels else 255)
+        padded_image.paste(image)
+        padded_label.paste(label)
+        left = rng.integers(0, padded_image.width - crop + 1)
+        top = rng.integers(0, padded_image.height - crop + 1)
+        box = (left, top, left + crop, top + crop)
+        image, label = padded_image.crop(box), padded_label.crop(box)
+        if rng.random() < 0.5:
+            image, label = ImageOps.mirror(image), ImageOps.mirror(label)
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = enhance(image).enhance(rng.uniform(0.8, 1.2))
+        inputs = self.processor(image, segmentation_maps=label, do_resize=False, return_tensors="pt")
+        return {key: value[0] for key, value in inputs.items()}
+
+
+class EvalTransform:
+    def __init__(self, dataset, processor: StepImageProcessor):
+        self.dataset, self.processor = dataset, processor
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[index]
+        inputs = self.processor(example["image"], segmentation_maps=example["label"], return_tensors="pt")
+        original = np.asarray(example["label"]).astype(np.int64)
+        if self.processor.do_reduce_labels:
+            original = np.where(original == 0, 255, original - 1)
+            original[original == 254] = 255
+        return {"pixel_values": inputs["pixel_values"][0], "superpatch_targets": inputs["superpatch_targets"][0],
+                "original_labels": torch.from_numpy(original)}
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
+    label2id = {name: i for i, name in id2label.items()}
+    if args.model_name_or_path:
+        model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+        if model.config.id2label != id2label:
+            raise ValueError(f"{args.model_name_or_path} has classes {model.config.id2label}, the data {id2label}.")
+    else:
+        overrides = {"exit_thresholds": args.exit_thresholds} if args.exit_thresholds else {}
+        config = StepConfig.from_preset(args.preset, image_size=args.crop_size, id2label=id2label, label2id=label2id,
+                                        **overrides)
+        model = StepForSemanticSegmentation(config)
+        if args.backbone_checkpoint:
+            load_vit_weights(model, args.backbone_checkpoint)
+    if args.crop_size % model.config.patch_size:
+        raise ValueError(f"--crop_size {args.crop_size} is not a multiple of the patch size {model.config.patch_size}.")
+    if args.crop_size > args.image_size * args.max_scale:
+        raise ValueError(f"Images resized to a shortest edge of {args.image_size} (at most x{args.max_scale}) are too "
+                         f"small for a {args.crop_size} crop; raise --image_size or lower --crop_size.")
+    return model
+
+
+def optimizer_and_scheduler(model, args, num_steps: int, num_processes: int):
+    """AdamW with a larger learning rate for the heads (decoder, exits, policy), linear warm-up, then poly decay.
+    A scheduler prepared by Accelerate steps once per process per optimizer step: the schedule divides that out."""
+    backbone, heads = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            is_head = name.startswith(("decoder.", "step.exit_heads.", "step.policy."))
+            (heads if is_head else backbone).append(parameter)
+    groups = [{"params": backbone, "lr": args.learning_rate},
+              {"params": heads, "lr": args.learning_rate * args.head_learning_rate_multiplier}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
+
+    def factor(process_steps: int) -> float:
+        step = process_steps // num_processes
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        return (1 - (step - args.warmup_steps) / max(1, num_steps - args.warmup_steps)) ** 0.9
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def stage_inputs(stage: str, batch: dict, partition_source: str) -> dict:
+    """Stage 1 sees only the policy's targets; later stages the labels (and the targets only for oracle
+    partitions: the frozen policy gets no loss)."""
+    if stage == "policy":
+        return {"pixel_values": batch["pixel_values"], "superpatch_targets": batch["superpatch_targets"],
+                "policy_only": True}
+    inputs = {"pixel_values": batch["pixel_values"], "labels": batch["labels"], "partition_source": partition_source}
+    if partition_source == "oracle":
+        inputs["superpatch_targets"] = batch["superpatch_targets"]
+    return inputs
+
+
+def configure_stage(model: StepForSemanticSegmentation, stage: str) -> None:
+    model.set_training_stage("policy" if stage == "policy" else "segmenter")
+    model.config.halting = stage == "prune"
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, partition_source: str) -> dict:
+    """mIoU as the Hub's `mean_iou` metric computes it (areas summed over the dataset, nan-mean over classes),
+    per-class IoU, pixel accuracy, tokens per image and share halted per exit; correct across processes."""
+    unwrapped = accelerator.unwrap_model(model)
+    num_labels, ignore = unwrapped.config.num_labels, unwrapped.config.semantic_loss_ignore_index
+    model.eval()
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
+    tokens, halted = [], []
+    for batch in loader:
+        outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
+                        partition_source=partition_source)
+        labels = batch["original_labels"]
+        logits = torch.nn.functional.interpolate(outputs.logits.float(), size=labels.shape[-2:], mode="bilinear",
+                                                 align_corners=False)
+        prediction, valid = logits.argmax(1), labels != ignore
+        image = torch.arange(len(labels), device=labels.device)[:, None, None].expand_as(labels)
+        cells = (image * num_labels + labels) * num_labels + prediction
+        per_image = torch.bincount(cells[valid], minlength=len(labels) * num_labels**2)
+        # Per-image matrices, so that gather_for_metrics can drop the duplicates even batches add at the end.
+        confusion += accelerator.gather_for_metrics(per_image.view(-1, num_labels, num_labels)).sum(0)
+        tokens.append(accelerator.gather_for_metrics(outputs.token_counts.float()))
+        if outputs.halted_share is not None:
+            halted.append(accelerator.gather_for_metrics(outputs.halted_share.float()))
+    model.train()
+    area_label, area_prediction = confusion.sum(1).double(), confusion.sum(0).double()
+    intersection = confusion.diag().double()
+    union = area_label + area_prediction - intersection
+    iou = (intersection / union).tolist()  # nan for classes absent from both
+    results = {
+        "mean_iou": float(np.nanmean(iou)),
+        "per_category_iou": {unwrapped.config.id2label[i]: iou[i] for i in range(num_labels)},
+        "overall_accuracy": float(intersection.sum() / area_label.sum()),
+        "tokens_per_image": float(torch.cat(tokens).mean()),
+        "halted_share": torch.cat(halted).mean(0).tolist() if halted else [],
+    }
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(accelerator, args, stage: str, step: int, history: list) -> None:
+    """Write to a temporary folder, then rename: a crash never leaves a half-written checkpoint."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    final = os.path.join(root, f"{STAGES.index(stage)}-{stage}-{step:07d}")
+    temporary = final + ".tmp"
+    accelerator.save_state(temporary)
+    if accelerator.is_main_process:
+        with open(os.path.join(temporary, "trainer_state.json"), "w") as f:
+            json.dump({"stage": stage, "step": step, "history": history}, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(args) -> str | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        return args.resume_from_checkpoint
+    root = os.path.join(args.output_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
+    return os.path.join(root, names[-1]) if names else None
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def run_stage(stage, model, data, accelerator, args, history, resume, progress_label) -> StepForSemanticSegmentation:
+    """Train one stage and return the (unwrapped) model; resumes mid-stage from `resume` if given."""
+    num_steps = {"policy": args.policy_steps, "segmenter": args.segmenter_steps, "prune": args.prune_steps}[stage]
+    if stage == "policy" and model.step.policy is None:
+        accelerator.print("no policy network (superpatch_sizes has no size above 1): skipping the policy stage")
+        return model
+    configure_stage(model, stage)
+    optimizer, scheduler = optimizer_and_scheduler(model, args, num_steps, accelerator.num_processes)
+    train_loader = DataLoader(data["train"], batch_size=args.per_device_train_batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(args.seed), drop_last=True,
+                              num_workers=args.num_workers)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    start = 0
+    if resume:
+        accelerator.load_state(resume["path"])
+        start = resume["step"]
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        raise ValueError(f"The training split has fewer samples than one batch of {args.per_device_train_batch_size} "
+                         "per process.")
+    progress = tqdm(range(num_steps), initial=start, desc=progress_label, disable=not accelerator.is_main_process)
+    step, micro = start, start * args.gradient_accumulation_steps
+    model.train()
+    while step < num_steps:
+        epoch, skip = divmod(micro, batches_per_epoch)
+        data["train"].epoch = epoch
+        train_loader.set_epoch(epoch)  # the shuffle order of this epoch, the same on every process and on resume
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**stage_inputs(stage, batch, args.partition_source)).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            record = {"stage": stage, "step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
+            history.append(record)
+            accelerator.log({f"{stage}/loss": mean_loss, f"{stage}/lr": record["lr"]}, step=len(history))
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            if args.eval_steps and step % args.eval_steps == 0 and stage != "policy":
+                log_eval(model, data, accelerator, args, history, stage, step)
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, stage, step, history)
+            if step == num_steps:
+                break
+    progress.close()
+    if args.checkpointing_steps and step % args.checkpointing_steps:  # the stage's end, unless just saved
+        save_checkpoint(accelerator, args, stage, step, history)
+    if stage != "policy":  # the segmenter is untrained after stage 1: nothing to measure yet
+        log_eval(model, data, accelerator, args, history, stage, step)
+    model = accelerator.unwrap_model(model)
+    accelerator.free_memory()
+    return model
+
+
+def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
+    loader = accelerator.prepare_data_loader(DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size))
+    results = evaluate(model, loader, accelerator, args.partition_source)
+    record = {"stage": stage, "step": step, "eval": results}
+    history.append(record)
+    accelerator.log({f"{stage}/eval_mean_iou": results["mean_iou"],
+                     f"{stage}/eval_tokens_per_image": results["tokens_per_image"]}, step=len(history))
+    accelerator.print(f"[{stage} step {step}] validation mIoU {100 * results['mean_iou']:.2f}, pixel accuracy "
+                      f"{100 * results['overall_accuracy']:.2f}, tokens/image {results['tokens_per_image']:.1f}, "
+                      f"halted {[round(s, 3) for s in results['halted_share']]}")
+    return results
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+    set_seed(args.seed)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # The shuffle order is seed + epoch on every process: resumable, and the same for any process count.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    dataset, id2label = load_data(args)
+    model = build_model(args, id2label)
+    processor = StepImageProcessor(
+        size={"shortest_edge": args.image_size}, superpatch_sizes=model.config.superpatch_sizes,
+        num_labels=model.config.num_labels, do_reduce_labels=args.reduce_labels,
+    )
+    data = {"train": TrainTransform(dataset["train"], processor, args),
+            "validation": EvalTransform(dataset["validation"], processor)}
+    if args.report_to != "none":
+        accelerator.init_trackers("step", config={k: v for k, v in vars(args).items() if v is not None})
+
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    checkpoint, history = find_checkpoint(args), []
+    resume = None
+    if checkpoint:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            state = json.load(f)
+        if state["stage"] not in stages:
+            raise ValueError(f"{checkpoint} is from stage {state['stage']!r}, which this run ({stages}) does not run.")
+        stages = stages[stages.index(state["stage"]):]
+        resume, history = {"path": checkpoint, "step": state["step"]}, state["history"]
+        accelerator.print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
+    for index, stage in enumerate(stages):
+        model = run_stage(stage, model, data, accelerator, args, history, resume if index == 0 else None,
+                          f"{stage} ({index + 1}/{len(stages)})")
+
+    accelerator.wait_for_everyone()
+    final_eval = next((r["eval"] for r in reversed(history) if "eval" in r), None)
+    if accelerator.is_main_process:
+        save_final(model, processor, args, history, final_eval, time.time() - started)
+    accelerator.end_training()
+
+
+def save_final(model, processor, args, history, final_eval, seconds) -> None:
+    """Model, processor, code, `metrics.json` and the model card in `--output_dir`; optionally pushed."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump({"history": history, "final_eval": final_eval, "train_seconds": seconds}, f, indent=1)
+    dataset_name = args.dataset_name or "built-in procedural scenes"
+    if args.dataset_name and os.path.isdir(args.dataset_name):
+        dataset_name = os.path.basename(os.path.normpath(args.dataset_name))
+    command = "accelerate launch examples/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    notes = "" if args.dataset_name else ("Trained on the built-in procedural scenes: its results say nothing about "
+                                           "real images.")
+    model_card(name, model.config, command, dataset_name, final_eval, notes).save(
+        os.path.join(args.output_dir, "README.md"))
+    print(f"saved the model, processor, code and model card to {args.output_dir}")
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.hub_model_id, exist_ok=True)
+        api.upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir,
+                          ignore_patterns=["checkpoints/*", "runs/*", "*.tmp"])
+        print(f"pushed {args.output_dir} to {args.hub_model_id}")
+
+
+if __name__ == "__main__":
+    main()

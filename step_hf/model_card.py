@@ -1,0 +1,88 @@
+"""Model cards for STEP models in Hub format (YAML metadata with `model-index`, then prose)."""
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .configuration_step import StepConfig
+
+
+def model_card(
+    model_name: str,
+    config: StepConfig,
+    training_command: str | None,
+    dataset_name: str | None = None,
+    results: dict | None = None,
+    notes: str = "",
+) -> ModelCard:
+    """
+    A model card for a STEP model. `results` holds measured numbers only (`mean_iou`, `overall_accuracy` in [0, 1],
+    `tokens_per_image`, ...); without them the card says "not trained yet".
+    """
+    eval_results = None
+    if results and dataset_name:
+        eval_results = [
+            EvalResult(
+                task_type="image-segmentation", dataset_type=dataset_name, dataset_name=dataset_name,
+                metric_type=metric, metric_name=name, metric_value=round(float(results[metric]) * 100, 2),
+                dataset_split=results.get("split", "validation"),
+            )
+            for metric, name in (("mean_iou", "mIoU"), ("overall_accuracy", "Pixel accuracy"))
+            if metric in results
+        ]
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-segmentation", license="apache-2.0",
+        tags=["step", "vision-transformer", "semantic-segmentation", "token-reduction"],
+        datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
+        model_name=model_name, eval_results=eval_results,
+    )
+    encoder = (f"ViT with {config.num_hidden_layers} blocks of width {config.hidden_size}, "
+               f"{config.num_attention_heads} heads, patch {config.patch_size}")
+    lines = [
+        f"# {model_name}",
+        "",
+        "A [STEP](https://arxiv.org/abs/2509.14165) (SuperToken and Early-Pruning) semantic-segmentation model: a "
+        f"plain {encoder}, a Segmenter mask-transformer decoder, a dCTS policy network that merges uniform "
+        f"square groups of patches (sizes {config.superpatch_sizes}) into one token, and exit heads after blocks "
+        f"{config.exit_layers} that halt confident tokens (thresholds {config.exit_thresholds}, halting "
+        f"{'on' if config.halting else 'off'}).",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        f'segmenter = pipeline("image-segmentation", model="{model_name}", trust_remote_code=True)',
+        "```",
+        "",
+        "## Training",
+        "",
+    ]
+    if training_command:
+        lines += ["Trained with:", "", "```bash", training_command, "```", ""]
+    else:
+        lines += ["Not trained yet.", ""]
+    lines += ["## Results", ""]
+    if results:
+        split = results.get("split", "validation")
+        lines += [
+            f"Measured on the {split} split of `{dataset_name}`.", "",
+            "| mIoU | pixel accuracy | tokens / image | share halted per exit |",
+            "|---|---|---|---|",
+            f"| {100 * results['mean_iou']:.2f} | {100 * results['overall_accuracy']:.2f} | "
+            f"{results.get('tokens_per_image', float('nan')):.1f} | "
+            f"{', '.join(f'{100 * s:.1f}%' for s in results.get('halted_share', [])) or '-'} |",
+            "",
+        ]
+    else:
+        lines += ["Not trained yet: no measured results.", ""]
+    lines += [
+        "## Intended use and limits",
+        "",
+        "Semantic segmentation of images like those of its training set. Token sharing and halting trade a little "
+        "accuracy for speed; the partition and exit decisions are returned with every prediction "
+        "(`superpatch_map`, `exit_map`). Models trained on small or synthetic data are for testing only.",
+    ]
+    if notes:
+        lines += ["", notes]
+    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+__all__ = ["model_card"]
