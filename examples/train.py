@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scenes import SCENE_CLASSES, make_scene  # noqa: E402
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights  # noqa: E402
+from step_hf.accounting import analytic_flops  # noqa: E402
 from step_hf.model_card import model_card  # noqa: E402
 
 STAGES = ("policy", "segmenter", "prune")
@@ -112,7 +113,10 @@ def load_data(args) -> tuple[DatasetDict, dict[int, str]]:
     if args.dataset_name is None:
         dataset, id2label = builtin_scenes(args.seed)
     else:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name)
+        try:
+            dataset = load_dataset(args.dataset_name, args.dataset_config_name)
+        except ValueError as error:  # e.g. an empty split: datasets names it
+            raise ValueError(f"Cannot load {args.dataset_name}: {error}") from error
         id2label = read_id2label(args)
     for split in (args.train_split, args.eval_split):
         if split not in dataset:
@@ -303,12 +307,13 @@ def configure_stage(model: StepForSemanticSegmentation, stage: str) -> None:
 @torch.no_grad()
 def evaluate(model, loader, accelerator, partition_source: str) -> dict:
     """mIoU as the Hub's `mean_iou` metric computes it (areas summed over the dataset, nan-mean over classes),
-    per-class IoU, pixel accuracy, tokens per image and share halted per exit; correct across processes."""
+    per-class IoU, pixel accuracy, tokens per image, share halted per exit and FLOPs per image (each image as if run
+    alone, policy included; 2 FLOPs per multiply-add); correct across processes."""
     unwrapped = accelerator.unwrap_model(model)
     num_labels, ignore = unwrapped.config.num_labels, unwrapped.config.semantic_loss_ignore_index
     model.eval()
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
-    tokens, halted = [], []
+    tokens, halted, flops = [], [], []
     for batch in loader:
         outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
                         partition_source=partition_source)
@@ -324,6 +329,8 @@ def evaluate(model, loader, accelerator, partition_source: str) -> dict:
         tokens.append(accelerator.gather_for_metrics(outputs.token_counts.float()))
         if outputs.halted_share is not None:
             halted.append(accelerator.gather_for_metrics(outputs.halted_share.float()))
+        flops.append(accelerator.gather_for_metrics(image_flops(unwrapped.config, batch["pixel_values"].shape[-2:],
+                                                                outputs, partition_source)))
     model.train()
     area_label, area_prediction = confusion.sum(1).double(), confusion.sum(0).double()
     intersection = confusion.diag().double()
@@ -335,8 +342,26 @@ def evaluate(model, loader, accelerator, partition_source: str) -> dict:
         "overall_accuracy": float(intersection.sum() / area_label.sum()),
         "tokens_per_image": float(torch.cat(tokens).mean()),
         "halted_share": torch.cat(halted).mean(0).tolist() if halted else [],
+        "gflops_per_image": float(torch.cat(flops).mean()) / 1e9,
     }
     return results
+
+
+def image_flops(config: StepConfig, image_size, outputs, partition_source: str) -> torch.Tensor:
+    """FLOPs of each image of a batch, from its token counts and halted shares (analytic formula)."""
+    sharing = partition_source != "dense" and bool(config.shared_sizes)
+    per_image = []
+    for index, count in enumerate(outputs.token_counts.tolist()):
+        survivors, alive = [], count
+        if config.halting and outputs.halted_share is not None:
+            for share in outputs.halted_share[index].tolist():
+                alive -= round(share * count)
+                survivors.append([alive])
+        flops = analytic_flops(config, tuple(image_size), [count], [1, *config.shared_sizes] if sharing else [1],
+                               policy_ran=sharing and partition_source == "policy",
+                               exit_survivors=survivors or None, exits_ran=config.halting)
+        per_image.append(flops["total"])
+    return torch.tensor(per_image, dtype=torch.float64, device=outputs.token_counts.device)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -442,7 +467,8 @@ def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
                      f"{stage}/eval_tokens_per_image": results["tokens_per_image"]}, step=len(history))
     accelerator.print(f"[{stage} step {step}] validation mIoU {100 * results['mean_iou']:.2f}, pixel accuracy "
                       f"{100 * results['overall_accuracy']:.2f}, tokens/image {results['tokens_per_image']:.1f}, "
-                      f"halted {[round(s, 3) for s in results['halted_share']]}")
+                      f"halted {[round(s, 3) for s in results['halted_share']]}, "
+                      f"{results['gflops_per_image']:.2f} GFLOPs/image")
     return results
 
 

@@ -1,0 +1,141 @@
+"""examples/train.py: bad input is refused before training, resume is exact, and two processes train exactly like
+one process with the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from .conftest import EXAMPLES
+
+import train  # examples/train.py (conftest puts examples/ on the path)
+
+TINY = ["--image_size", "64", "--policy_steps", "2", "--segmenter_steps", "4", "--prune_steps", "2",
+        "--max_train_samples", "16", "--max_eval_samples", "3", "--per_device_train_batch_size", "4"]
+
+
+def run_train(args, cwd, launcher=None, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    command = (launcher or [sys.executable]) + [str(EXAMPLES / "train.py"), *map(str, args)]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def losses(output_dir):
+    history = json.loads((output_dir / "metrics.json").read_text())["history"]
+    return [(r["stage"], r["step"], r.get("loss")) for r in history]
+
+
+def max_weight_difference(a, b):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def test_train_saves_a_loadable_model_and_resumes_exactly(tmp_path, scene_dataset):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "2"]
+    run_train([*args, "--output_dir", full], cwd=tmp_path)
+    checkpoints = sorted(os.listdir(full / "checkpoints"))
+    assert checkpoints == ["0-policy-0000002", "1-segmenter-0000002", "1-segmenter-0000004", "2-prune-0000002"]
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_step.py", "README.md",
+                 "metrics.json"):
+        assert (full / name).is_file(), name
+    card = (full / "README.md").read_text()
+    assert "pipeline_tag: image-segmentation" in card and "model-index" in card and "mIoU" in card
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert 0 <= metrics["final_eval"]["mean_iou"] <= 1 and len(metrics["final_eval"]["halted_share"]) == 2
+
+    # A run killed after segmenter step 2 (its newest checkpoint), then resumed: same steps, same losses, weights.
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "1-segmenter-0000002", resumed / "checkpoints" / "1-segmenter-0000002")
+    (resumed / "checkpoints" / "2-prune-0000009.tmp").mkdir()  # a half-written checkpoint is never picked
+    run_train([*args, "--output_dir", resumed, "--resume_from_checkpoint", "latest"], cwd=tmp_path)
+    assert losses(resumed) == losses(full)
+    assert max_weight_difference(full, resumed) == 0
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, scene_dataset):
+    args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "0"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    run_train([*args, "--output_dir", single], cwd=tmp_path)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = [a if a != "4" or i == 0 or args[i - 1] != "--per_device_train_batch_size" else "2"
+           for i, a in enumerate(args)]
+    run_train([*two, "--output_dir", double], cwd=tmp_path, launcher=launcher,
+              env_extra={"ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf_home")})
+    assert max_weight_difference(single, double) < 1e-4
+    a, b = losses(single), losses(double)
+    assert [x[:2] for x in a] == [x[:2] for x in b]
+    np.testing.assert_allclose([x[2] for x in a if x[2] is not None], [x[2] for x in b if x[2] is not None],
+                               rtol=1e-4)
+    eval_a = json.loads((single / "metrics.json").read_text())["final_eval"]
+    eval_b = json.loads((double / "metrics.json").read_text())["final_eval"]
+    assert eval_a["mean_iou"] == pytest.approx(eval_b["mean_iou"], abs=1e-6)  # every image counted once
+
+
+def write_dataset(folder, rows, splits=("train", "validation")):
+    from datasets import Dataset, Image
+
+    (folder / "data").mkdir(parents=True)
+    for split in splits:
+        dataset = Dataset.from_dict(rows).cast_column("image", Image()).cast_column("label", Image())
+        dataset.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    (folder / "id2label.json").write_text(json.dumps({"0": "a", "1": "b"}))
+    return folder
+
+
+def scene_rows(label_value=1, count=2):
+    from PIL import Image
+
+    images = [Image.new("RGB", (64, 48), (i * 40, 90, 30)) for i in range(count)]
+    labels = [Image.fromarray(np.full((48, 64), label_value, dtype=np.uint8)) for _ in range(count)]
+    return {"image": images, "label": labels}
+
+
+@pytest.mark.parametrize(
+    "make, extra, message",
+    [
+        (lambda d: write_dataset(d, scene_rows()), ["--label_column_name", "mask"], "no column 'mask'"),
+        (lambda d: write_dataset(d, scene_rows(label_value=7)), [], r"label value\(s\) \[7\]"),
+        (lambda d: write_dataset(d, scene_rows()), ["--eval_split", "test"], "no split 'test'"),
+        (lambda d: write_dataset(d, scene_rows()), ["--crop_size", "512"], "too small for a 512 crop"),
+        (lambda d: write_dataset(d, scene_rows()), ["--id2label", "{not json"], "--id2label must be"),
+    ],
+)
+def test_bad_input_is_refused_before_training(tmp_path, make, extra, message):
+    folder = make(tmp_path / "data")
+    args = train.parse_args(["--dataset_name", str(folder), "--image_size", "64", *extra])
+    with pytest.raises(ValueError, match=message):
+        dataset, id2label = train.load_data(args)
+        train.build_model(args, id2label)
+
+
+def test_empty_split_is_refused(tmp_path):
+    from datasets import Dataset, Image
+
+    folder = write_dataset(tmp_path / "data", scene_rows(), splits=("train",))
+    empty = Dataset.from_dict({"image": [], "label": []}).cast_column("image", Image()).cast_column("label", Image())
+    empty.to_parquet(str(folder / "data" / "validation-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match='Cannot load .*"validation" corresponds to no data'):
+        train.load_data(train.parse_args(["--dataset_name", str(folder)]))
+
+
+def test_corrupt_image_is_refused(tmp_path):
+    from datasets import Dataset, Image
+
+    folder = write_dataset(tmp_path / "data", scene_rows(), splits=("validation",))
+    rows = scene_rows()
+    broken = Dataset.from_dict(rows).cast_column("image", Image()).cast_column("label", Image())
+    broken = broken.cast_column("image", Image(decode=False))
+    broken = broken.map(lambda row: {"image": {"bytes": b"not an image", "path": None}})
+    broken.cast_column("image", Image()).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match="cannot be read"):
+        train.load_data(train.parse_args(["--dataset_name", str(folder)]))
