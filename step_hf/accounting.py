@@ -50,10 +50,11 @@ def count_flops(model: StepForSemanticSegmentation | StepModel, **inputs) -> dic
             "decoder": decoder}
 
 
-def _transformer_macs(lengths: list[int], dim: int, mlp_dim: int, layers: int) -> int:
-    """Multiply-adds of `layers` pre-norm blocks over images of the given lengths; unequal images are padded to the
-    longest for attention, as `packed_attention` does."""
-    attended = lengths if len(set(lengths)) == 1 else [max(lengths)] * len(lengths)
+def _transformer_macs(lengths: list[int], dim: int, mlp_dim: int, layers: int, attention_mode: str) -> int:
+    """Multiply-adds of `layers` pre-norm blocks over images of the given lengths; in `"padded"` attention mode
+    unequal images are padded to the longest for attention, as `packed_attention` does."""
+    padded = attention_mode == "padded" and len(set(lengths)) > 1
+    attended = [max(lengths)] * len(lengths) if padded else lengths
     macs = sum(length * dim * 3 * dim + length * dim * dim + 2 * length * dim * mlp_dim for length in lengths)
     macs += sum(2 * length * length * dim for length in attended)  # scores and mixing
     return layers * macs
@@ -94,11 +95,14 @@ def analytic_flops(
     exits, alive, previous_layer = 0, list(token_counts), 0
     exit_points = list(zip(config.exit_layers, exit_survivors or [None] * len(config.exit_layers)))
     for layer, survivors in (exit_points if exits_ran else []):
-        encoder += _transformer_macs([n + 1 for n in alive], dim, config.intermediate_size, layer - previous_layer)
+        encoder += _transformer_macs(
+            [n + 1 for n in alive], dim, config.intermediate_size, layer - previous_layer, config.attention_mode
+        )
         exits += sum(alive) * (dim * config.exit_hidden_size + config.exit_hidden_size * config.num_labels)
         alive, previous_layer = survivors or alive, layer
     encoder += _transformer_macs(
-        [n + 1 for n in alive], dim, config.intermediate_size, config.num_hidden_layers - previous_layer
+        [n + 1 for n in alive], dim, config.intermediate_size, config.num_hidden_layers - previous_layer,
+        config.attention_mode,
     )
 
     policy = 0
@@ -124,7 +128,8 @@ def analytic_flops(
         d, labels, tokens = config.decoder_hidden_size, config.num_labels, sum(alive)
         decoder += tokens * dim * d  # proj_dec
         decoder += _transformer_macs(
-            [n + labels for n in alive], d, config.decoder_intermediate_size, config.decoder_num_hidden_layers
+            [n + labels for n in alive], d, config.decoder_intermediate_size, config.decoder_num_hidden_layers,
+            config.attention_mode,
         )
         decoder += tokens * d * d + batch * labels * d * d  # proj_patch, proj_classes
         decoder += tokens * batch * labels * d  # every token against every image's classes

@@ -86,6 +86,10 @@ class StepConfig(PreTrainedConfig):
         exit_hidden_size (`int`, defaults to 256): hidden width of the exit heads (LayerNorm, Linear, GELU, Linear).
         exit_loss_weight (`float`, defaults to 0.4): weight of each exit head's cross-entropy (deep supervision) in
             the loss when `labels` are given in training.
+        attention_mode (`str`, defaults to `"packed"`): how attention runs when the images of a batch keep different
+            numbers of tokens: `"packed"` (a variable-length flash kernel on GPU in half precision, one call per
+            image elsewhere; the fastest measured) or `"padded"` (pad to the longest image with a key mask). Both
+            give the same logits; equal-length batches need neither.
         id2label / label2id / num_labels: the classes, as in every `transformers` config.
 
     Example:
@@ -129,6 +133,7 @@ class StepConfig(PreTrainedConfig):
     halting: bool = False
     exit_hidden_size: int = 256
     exit_loss_weight: float | int = 0.4
+    attention_mode: str = "packed"
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, tuple):
@@ -230,6 +235,8 @@ class StepConfig(PreTrainedConfig):
             raise ValueError(f"`exit_keep_topk_per_class` must be >= 0, got {self.exit_keep_topk_per_class}.")
         if self.exit_hidden_size < 1:
             raise ValueError(f"`exit_hidden_size` must be positive, got {self.exit_hidden_size}.")
+        if self.attention_mode not in ("packed", "padded"):
+            raise ValueError(f"`attention_mode` must be 'packed' or 'padded', got {self.attention_mode!r}.")
         if self.halting and not layers:
             raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
 

@@ -5,6 +5,7 @@ Parameter names follow timm's `VisionTransformer` (`cls_token`, `pos_embed`, `pa
 without renaming. Shipped as Hub code next to saved weights: imports only torch, transformers and its siblings.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from .configuration_step import StepConfig
 from .superpatch import (
     TARGET_IGNORE,
     blocks_to_cells,
+    budget_token_count,
     cells_to_blocks,
     check_superpatch_map,
     decisions_for_budget,
@@ -442,6 +444,10 @@ class StepModel(StepPreTrainedModel):
         if partition_source not in ("policy", "oracle", "dense"):
             raise ValueError(f"`partition_source` must be 'policy', 'oracle' or 'dense', got {partition_source!r}.")
 
+        budgeted = (
+            superpatch_map is None and partition_source == "policy" and self.config.token_budget is not None
+            and bool(self.config.shared_sizes)
+        )
         superpatch_map, block_logits = self.choose_partition(
             pixel_values, grid_size, superpatch_map, superpatch_targets, partition_source,
             run_policy=policy_only or (partition_source == "policy" and superpatch_map is None),
@@ -451,7 +457,13 @@ class StepModel(StepPreTrainedModel):
             layout, sizes = dense_token_layout(batch_size, grid_size, device), [1]
             superpatch_map = torch.ones(batch_size, *grid_size, dtype=torch.long, device=device)
         else:
-            layout, sizes = layout_from_superpatch_map(superpatch_map), [1, *self.config.shared_sizes]
+            # With a token budget the count is known: no host sync, static shapes.
+            budget = self.config.token_budget if budgeted else None
+            tokens_per_image = None if budget is None else budget_token_count(grid_size[0] * grid_size[1], budget)
+            layout, sizes = layout_from_superpatch_map(superpatch_map, tokens_per_image), [1, *self.config.shared_sizes]
+        layout = dataclasses.replace(
+            layout, batch=dataclasses.replace(layout.batch, attention_mode=self.config.attention_mode)
+        )
         policy_logits = None
         if block_logits is not None:
             policy_logits = torch.stack(
@@ -521,7 +533,7 @@ class StepModel(StepPreTrainedModel):
                 order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(host_lengths)]
                 token_exit_layer[survivor_index] = torch.where(keep, num_layers, layer)
             survivor_index, tokens = survivor_index[order], tokens[order]
-            batch = PackedBatch(lengths, max(host_lengths), all_equal=len(set(host_lengths)) == 1)
+            batch = PackedBatch(lengths, tuple(host_lengths), batch.attention_mode)
             sequence, token_positions, class_positions, sequence_batch = insert_per_image(
                 tokens, sequence[class_positions], batch, at_start=True
             )

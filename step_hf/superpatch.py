@@ -66,7 +66,7 @@ def partition_from_decisions(block_decisions: dict[int, torch.Tensor], grid_size
     for size in sorted(block_decisions, reverse=True):
         # Aligned blocks are nested or disjoint, so a block is either wholly inside a larger chosen one or free.
         chosen = blocks_to_cells(block_decisions[size], size, grid_size, False) & ~covered
-        superpatch_map[chosen] = size
+        superpatch_map = torch.where(chosen, size, superpatch_map)
         covered |= chosen
     return superpatch_map
 
@@ -166,10 +166,11 @@ def check_superpatch_map(superpatch_map: torch.Tensor, sizes: list[int], grid_si
         )
 
 
-def layout_from_superpatch_map(superpatch_map: torch.Tensor) -> TokenLayout:
+def layout_from_superpatch_map(superpatch_map: torch.Tensor, tokens_per_image: int | None = None) -> TokenLayout:
     """
     The token layout of a (valid) partition: one token per superpatch, in raster order of its top-left cell,
-    image after image. One host sync: the number of tokens.
+    image after image. One host sync (the number of tokens per image), or none when `tokens_per_image` is known
+    (a token budget): then shapes are static, as `torch.compile` and CUDA graphs need.
     """
     batch, rows, cols = superpatch_map.shape
     device = superpatch_map.device
@@ -177,13 +178,19 @@ def layout_from_superpatch_map(superpatch_map: torch.Tensor) -> TokenLayout:
     col = torch.arange(cols, device=device)
     origin_row, origin_col = row - row % superpatch_map, col - col % superpatch_map
     is_origin = (origin_row == row) & (origin_col == col)
-    image_index, cell_row, cell_col = is_origin.nonzero(as_tuple=True)
+    lengths = is_origin.flatten(1).sum(1)
+    if tokens_per_image is None:
+        host_lengths = tuple(lengths.tolist())
+        origins = is_origin.flatten().nonzero()[:, 0]
+    else:
+        host_lengths = (tokens_per_image,) * batch
+        origins = torch.nonzero_static(is_origin.flatten(), size=batch * tokens_per_image)[:, 0]
+    image_index, cell = origins // (rows * cols), origins % (rows * cols)
+    cell_row, cell_col = cell // cols, cell % cols
     token_of_origin = (is_origin.flatten().cumsum(0) - 1).view(batch, rows, cols)
     images = torch.arange(batch, device=device)[:, None, None]
-    lengths = is_origin.flatten(1).sum(1)
-    max_length = int(lengths.max())
     return TokenLayout(
-        batch=PackedBatch(lengths, max_length, all_equal=image_index.numel() == batch * max_length),
+        batch=PackedBatch(lengths, host_lengths),
         image_index=image_index,
         cell_row=cell_row,
         cell_col=cell_col,

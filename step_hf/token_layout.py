@@ -13,26 +13,48 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+try:  # a variable-length flash-attention kernel (CUDA builds of recent torch)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+ATTENTION_MODES = ("packed", "padded")
+
 
 @dataclass(frozen=True)
 class PackedBatch:
     """
-    Segment lengths of a packed sequence holding several images.
+    Segment lengths of a packed sequence holding several images, and how to attend within them.
 
     Attributes:
-        lengths (`torch.LongTensor` of shape `(batch_size,)`): tokens per image.
-        max_length (`int`): the largest entry of `lengths`, known on the host (attention needs it).
-        all_equal (`bool`): whether every image has `max_length` tokens; then the sequence is a plain
-            `(batch_size, max_length)` batch and needs neither padding nor a variable-length kernel.
+        lengths (`torch.LongTensor` of shape `(batch_size,)`): tokens per image, on the tokens' device.
+        host_lengths (`tuple[int, ...]`): the same numbers on the host, known when the layout was built (so that
+            attention never has to ask the device).
+        attention_mode (`str`): `"packed"` (a variable-length kernel on GPU, one attention call per image
+            elsewhere) or `"padded"` (images padded to the longest with a key mask). Images of equal length always
+            run as one plain batch.
     """
 
     lengths: torch.Tensor
-    max_length: int
-    all_equal: bool
+    host_lengths: tuple[int, ...]
+    attention_mode: str = "packed"
+
+    @classmethod
+    def of(cls, host_lengths: list[int], device: torch.device | str, attention_mode: str = "packed") -> "PackedBatch":
+        return cls(torch.tensor(host_lengths, device=device), tuple(host_lengths), attention_mode)
 
     @property
     def batch_size(self) -> int:
-        return self.lengths.shape[0]
+        return len(self.host_lengths)
+
+    @property
+    def max_length(self) -> int:
+        return max(self.host_lengths)
+
+    @property
+    def all_equal(self) -> bool:
+        return len(set(self.host_lengths)) == 1
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -46,7 +68,11 @@ class PackedBatch:
 
     def grow(self, extra_per_image: int) -> "PackedBatch":
         """The batch after `extra_per_image` tokens are added to every image."""
-        return PackedBatch(self.lengths + extra_per_image, self.max_length + extra_per_image, self.all_equal)
+        return PackedBatch(
+            self.lengths + extra_per_image,
+            tuple(length + extra_per_image for length in self.host_lengths),
+            self.attention_mode,
+        )
 
 
 @dataclass(frozen=True)
@@ -87,7 +113,7 @@ def dense_token_layout(batch_size: int, grid_size: tuple[int, int], device: torc
     token = torch.arange(batch_size * cells, device=device)
     cell = token % cells
     return TokenLayout(
-        batch=PackedBatch(torch.full((batch_size,), cells, device=device), cells, True),
+        batch=PackedBatch(torch.full((batch_size,), cells, device=device), (cells,) * batch_size),
         image_index=token // cells,
         cell_row=cell // cols,
         cell_col=cell % cols,
@@ -132,8 +158,9 @@ def packed_attention(
     Scaled dot-product attention restricted to each image of a packed sequence.
 
     `query`, `key`, `value`: `(num_tokens, num_heads, head_dim)`. Returns the same shape. Equal-length images run
-    as one ordinary batch; unequal ones are padded to `max_length` with a key mask (padding queries are computed
-    and thrown away, so every real query sees exactly its own image's keys).
+    as one ordinary batch. Otherwise, in `"packed"` mode, a variable-length flash kernel runs on the packed tokens
+    where the build has one (CUDA, half precision, no dropout), else one call per image; in `"padded"` mode images
+    are padded to the longest with a key mask (padding queries are computed and thrown away).
     """
     num_tokens, num_heads, head_dim = query.shape
     batch_size, length = batch.batch_size, batch.max_length
@@ -141,6 +168,17 @@ def packed_attention(
         q, k, v = (x.view(batch_size, length, num_heads, head_dim).transpose(1, 2) for x in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         return out.transpose(1, 2).reshape(num_tokens, num_heads, head_dim)
+    if batch.attention_mode == "packed":
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        if varlen_attn is not None and query.is_cuda and half and not dropout_p:
+            offsets = batch.offsets.to(torch.int32)
+            return varlen_attn(query, key, value, offsets, offsets, length, length)
+        pieces = zip(*(x.split(batch.host_lengths) for x in (query, key, value)))
+        return torch.cat([
+            F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           dropout_p=dropout_p).transpose(0, 1)
+            for q, k, v in pieces
+        ])
 
     image = batch.image_index(num_tokens)
     position = torch.arange(num_tokens, device=query.device) - batch.offsets[image]
@@ -162,4 +200,4 @@ def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return token_values[layout.cell_to_token].permute(0, 3, 1, 2)
 
 
-__all__ = ["PackedBatch", "TokenLayout", "dense_token_layout", "insert_per_image", "packed_attention", "unshare"]
+__all__ = ["ATTENTION_MODES", "PackedBatch", "TokenLayout", "dense_token_layout", "insert_per_image", "packed_attention", "unshare"]

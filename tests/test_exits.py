@@ -75,7 +75,7 @@ def test_keep_topk_per_class_against_brute_force():
     generator = torch.Generator().manual_seed(0)
     lengths = [7, 1, 4, 12]
     probabilities = torch.rand(sum(lengths), 3, generator=generator).softmax(-1)
-    batch = PackedBatch(torch.tensor(lengths), max(lengths), all_equal=False)
+    batch = PackedBatch.of(lengths, "cpu")
     for k in (0, 1, 2, 5):
         keep = keep_topk_per_class(probabilities, batch, k)
         expected, start = torch.zeros_like(keep), 0

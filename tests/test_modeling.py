@@ -65,11 +65,12 @@ def test_batch_equals_one_image_at_a_time(model):
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_attention_with_unequal_lengths_equals_per_image():
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_packed_attention_with_unequal_lengths_equals_per_image(mode):
     torch.manual_seed(0)
     lengths = [5, 1, 9, 3]
     query, key, value = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
-    batch = PackedBatch(torch.tensor(lengths), max(lengths), all_equal=False)
+    batch = PackedBatch.of(lengths, "cpu", attention_mode=mode)
     packed = packed_attention(query, key, value, batch)
     pieces, start = [], 0
     for length in lengths:
@@ -80,14 +81,14 @@ def test_packed_attention_with_unequal_lengths_equals_per_image():
 
 
 def test_insert_per_image_places_tokens_and_extras():
-    batch = PackedBatch(torch.tensor([2, 3]), 3, all_equal=False)
+    batch = PackedBatch.of([2, 3], "cpu")
     tokens = torch.arange(5.0)[:, None]
     extra = torch.tensor([[[10.0], [11.0]], [[20.0], [21.0]]])
     first, _, _, new_batch = insert_per_image(tokens, extra, batch, at_start=True)
     last, token_positions, extra_positions, _ = insert_per_image(tokens, extra, batch, at_start=False)
     assert first[:, 0].tolist() == [10, 11, 0, 1, 20, 21, 2, 3, 4]
     assert last[:, 0].tolist() == [0, 1, 10, 11, 2, 3, 4, 20, 21]
-    assert new_batch.lengths.tolist() == [4, 5] and new_batch.max_length == 5
+    assert new_batch.lengths.tolist() == [4, 5] and new_batch.host_lengths == (4, 5) and new_batch.max_length == 5
     assert token_positions.tolist() == [0, 1, 4, 5, 6] and extra_positions.tolist() == [[2, 3], [7, 8]]
 
 
