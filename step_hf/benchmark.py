@@ -1,0 +1,267 @@
+"""Wall-clock benchmark of the STEP ladder: dense -> dCTS -> dCTS + exits, every speed-up measured in the same run.
+
+    python -m step_hf.benchmark --preset large --image_size 1024 --batch_size 8 --dtype bf16 \
+        --dataset_name ../shared/datasets/camvid --output benchmark.json
+
+Real, heterogeneous images (frames of a `datasets` folder, resized to the input size) go through each variant:
+
+- `ViTModel + decoder`: `transformers`' ViT (SDPA) at the same size, with STEP's decoder on its patch tokens;
+- `dense`: STEP with no token sharing (a plain ViT + Segmenter);
+- `dCTS`: superpatch partitions (`--partition oracle` from ground truth, or `policy`), the policy network always
+  run and timed (its cost is included even when oracle partitions are used);
+- `dCTS + exits`: the same with halting, exit thresholds calibrated on the first batch so that `--halt_share` of
+  the tokens halt at each exit (random weights do not halt by themselves);
+- `dCTS budget`: a fixed token budget (the mean oracle count): static shapes, optionally `--compile`d.
+
+It reports ms per image, images per second, speed-up against `dense`, peak GPU memory, tokens per image, the share
+halted per exit, and FLOPs per image (analytic, checked against `FlopCounterMode` in the tests; 2 FLOPs per
+multiply-add), the policy's own share included and shown apart. Weights are random unless `--model` is given:
+speed does not depend on them.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from .accounting import analytic_flops
+from .configuration_step import StepConfig
+from .image_processing_step import StepImageProcessor
+from .modeling_step import StepForSemanticSegmentation
+from .superpatch import decisions_from_targets, partition_from_decisions
+from .token_layout import PackedBatch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=["tiny", "small", "base", "large"])
+    parser.add_argument("--model", help="a saved STEP model instead of random weights of --preset")
+    parser.add_argument("--image_size", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_batches", type=int, default=2, help="distinct batches of real images, timed in turn")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the batches (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attention_mode", default="packed", choices=["packed", "padded"])
+    parser.add_argument("--dataset_name", default="../shared/datasets/camvid")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--partition", default="oracle", choices=["oracle", "policy"])
+    parser.add_argument("--halt_share", type=float, nargs="+", default=[0.2, 0.25],
+                        help="share of the tokens reaching each exit that halt there (0.2 then 0.25 of the rest: 40%%)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the budget variant (static shapes)")
+    parser.add_argument("--skip_vit", action="store_true", help="leave out the transformers ViTModel row")
+    parser.add_argument("--output", help="write the rows as JSON here")
+    return parser.parse_args(argv)
+
+
+def load_batches(args, config: StepConfig) -> list[dict]:
+    """Batches of real frames resized to the input size, with their ground-truth superpatch targets."""
+    from datasets import load_dataset
+
+    dataset = load_dataset(args.dataset_name, split=args.split)
+    needed = args.batch_size * args.num_batches
+    if len(dataset) < needed:
+        raise ValueError(f"{args.dataset_name} [{args.split}] has {len(dataset)} images; {needed} are needed.")
+    processor = StepImageProcessor(size={"height": args.image_size, "width": args.image_size},
+                                   superpatch_sizes=config.superpatch_sizes)
+    batches = []
+    for start in range(0, needed, args.batch_size):
+        rows = dataset[start : start + args.batch_size]
+        inputs = processor(rows["image"], segmentation_maps=rows["label"], return_tensors="pt")
+        batches.append({"pixel_values": inputs["pixel_values"].to(args.device, DTYPES[args.dtype]),
+                        "superpatch_targets": inputs["superpatch_targets"].to(args.device)})
+    return batches
+
+
+def timed(run, batches: list[dict], args) -> tuple[float, list]:
+    """Median milliseconds per batch over `repeats` passes (after warm-up), and the last outputs per batch."""
+    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    outputs = [run(batch) for batch in batches for _ in range(args.warmup)][-len(batches):]
+    times = []
+    for _ in range(args.repeats):
+        synchronize()
+        start = time.perf_counter()
+        outputs = [run(batch) for batch in batches]
+        synchronize()
+        times.append((time.perf_counter() - start) * 1000 / len(batches))
+    return statistics.median(times), outputs
+
+
+def calibrate_exits(model, batch: dict, shares: list[float]) -> list[float]:
+    """Exit thresholds under which about `shares` of the tokens reaching each exit halt on this batch (its oracle
+    partition), calibrated exit after exit."""
+    config, thresholds = model.config, []
+    for index, share in enumerate(shares[: len(config.exit_layers)]):
+        config.exit_thresholds = [*thresholds, *[2.0] * (len(config.exit_layers) - len(thresholds))]
+        config.halting = True
+        encoded = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"])
+        layer = config.exit_layers[index]
+        reached = encoded.token_exit_layer >= layer
+        confidence = encoded.exit_logits[index].float().softmax(-1).amax(-1)[reached]
+        thresholds.append(float(torch.quantile(confidence, 1 - share)) if share > 0 else 2.0)
+    config.exit_thresholds = thresholds + [2.0] * (len(config.exit_layers) - len(thresholds))
+    return thresholds
+
+
+def check_batching(model, batch: dict, args) -> float:
+    """Correctness before speed: on this device and dtype, packed and padded attention and one image at a time give
+    the same logits for a mixed batch (oracle partitions). Raises if they differ beyond the dtype's tolerance."""
+    config, results = model.config, {}
+    for mode in ("packed", "padded"):
+        config.attention_mode = mode
+        results[mode] = model(batch["pixel_values"], superpatch_map=batch["oracle_map"]).logits.float()
+    config.attention_mode = args.attention_mode
+    single = torch.cat([
+        model(image[None], superpatch_map=superpatch_map[None]).logits.float()
+        for image, superpatch_map in zip(batch["pixel_values"], batch["oracle_map"])
+    ])
+    difference = max(float((results["packed"] - other).abs().max()) for other in (results["padded"], single))
+    tolerance = 1e-3 if args.dtype == "fp32" else 0.1
+    print(f"check: packed vs padded vs one image at a time, max |logit difference| {difference:.2e} "
+          f"(tolerance {tolerance})")
+    if difference > tolerance:
+        raise RuntimeError(f"Batching modes disagree by {difference} on {args.device} in {args.dtype}.")
+    return difference
+
+
+def oracle_maps(batch: dict, config: StepConfig) -> torch.Tensor:
+    """The ground-truth partition of a batch."""
+    targets = batch["superpatch_targets"]
+    return partition_from_decisions(decisions_from_targets(targets, config.shared_sizes), tuple(targets.shape[-2:]))
+
+
+def row_for(name, ms_per_batch, outputs, args, config, dense_ms, policy_ran, sharing, halting):
+    """One result row: time, throughput, tokens, halting and FLOPs per image."""
+    tokens = torch.cat([o.token_counts.float().cpu() for o in outputs])
+    halted = torch.cat([o.halted_share.float().cpu() for o in outputs]) if halting else None
+    flops, policy_flops = [], []
+    for index, count in enumerate(tokens.long().tolist()):
+        survivors = None
+        if halting:
+            alive, survivors = count, []
+            for share in halted[index].tolist():
+                alive -= round(share * count)
+                survivors.append([alive])
+        f = analytic_flops(config, (args.image_size, args.image_size), [count],
+                           [1, *config.shared_sizes] if sharing else [1], policy_ran=policy_ran,
+                           exit_survivors=survivors, exits_ran=halting)
+        flops.append(f["total"])
+        policy_flops.append(f["policy"])
+    ms_per_image = ms_per_batch / args.batch_size
+    return {
+        "variant": name, "ms_per_image": ms_per_image, "images_per_second": 1000 / ms_per_image,
+        "speedup": dense_ms / ms_per_batch if dense_ms else 1.0,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
+        "tokens_mean": float(tokens.mean()), "tokens_min": int(tokens.min()), "tokens_max": int(tokens.max()),
+        "halted_share": halted.mean(0).tolist() if halting else [],
+        "gflops_per_image": statistics.mean(flops) / 1e9, "policy_gflops_per_image": statistics.mean(policy_flops) / 1e9,
+    }
+
+
+@torch.no_grad()
+def run_ladder(args) -> list[dict]:
+    device, dtype = args.device, DTYPES[args.dtype]
+    if args.model:
+        model = StepForSemanticSegmentation.from_pretrained(args.model)
+    else:
+        model = StepForSemanticSegmentation(StepConfig.from_preset(args.preset, image_size=args.image_size,
+                                                                   num_labels=11))
+    model = model.to(device, dtype).eval()
+    config = model.config
+    config.attention_mode, config.halting = args.attention_mode, False
+    batches = load_batches(args, config)
+    maps = [oracle_maps(batch, config) for batch in batches]
+    for batch, superpatch_map in zip(batches, maps):
+        batch["oracle_map"] = superpatch_map
+    check_batching(model, batches[0], args)
+    rows = []
+
+    def measure(name, run, policy_ran=False, sharing=False, halting=False):
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        ms, outputs = timed(run, batches, args)
+        dense_ms = rows[0]["ms_per_image"] * args.batch_size if rows else ms
+        rows.append(row_for(name, ms, outputs, args, config, dense_ms, policy_ran, sharing, halting))
+
+    measure("dense", lambda b: model(b["pixel_values"], partition_source="dense"))
+
+    if not args.skip_vit:
+        from transformers import ViTConfig, ViTModel
+
+        vit_config = ViTConfig(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                               num_attention_heads=config.num_attention_heads,
+                               intermediate_size=config.intermediate_size, image_size=args.image_size,
+                               patch_size=config.patch_size, layer_norm_eps=config.layer_norm_eps)
+        vit_config._attn_implementation = "sdpa"
+        vit = ViTModel(vit_config, add_pooling_layer=False).to(device, dtype).eval()
+
+        def vit_and_decoder(batch):
+            features = vit(batch["pixel_values"]).last_hidden_state[:, 1:]
+            images, tokens, dim = features.shape
+            model.decoder(features.reshape(images * tokens, dim), PackedBatch.of([tokens] * images, device))
+            return SimpleNamespace(token_counts=torch.full((images,), tokens), halted_share=None)
+
+        measure("transformers ViTModel + decoder", vit_and_decoder)
+        del vit
+
+    if args.partition == "oracle":
+        def dcts(batch):
+            model.step.policy(batch["pixel_values"])  # timed: a deployed model always runs its policy
+            return model(batch["pixel_values"], superpatch_map=batch["oracle_map"])
+    else:
+        def dcts(batch):
+            return model(batch["pixel_values"], partition_source="policy")
+    measure("dCTS", dcts, policy_ran=True, sharing=True)
+
+    if config.exit_layers:
+        thresholds = calibrate_exits(model, batches[0], args.halt_share)
+        config.halting = True
+        measure(f"dCTS + exits (thresholds {[round(t, 3) for t in thresholds]})", dcts, True, True, True)
+        config.halting = False
+
+    oracle_counts = torch.cat([
+        model.step(b["pixel_values"], superpatch_map=b["oracle_map"], policy_only=True).token_counts for b in batches
+    ])
+    config.token_budget = int(oracle_counts.float().mean())
+    budget_model = torch.compile(model, fullgraph=True) if args.compile else model
+    measure(f"dCTS budget {config.token_budget}{' (compiled)' if args.compile else ''}",
+            lambda b: budget_model(b["pixel_values"], partition_source="policy"), policy_ran=True, sharing=True)
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    header = (f"{args.preset if not args.model else args.model}, {args.image_size}x{args.image_size}, batch "
+              f"{args.batch_size}, {args.dtype}, {args.device}, attention {args.attention_mode}, {args.partition} "
+              f"partitions")
+    lines = [header, "",
+             "| variant | ms/image | images/s | speed-up vs dense | peak GiB | tokens/image (min..max) | halted per "
+             "exit | GFLOPs/image (policy) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+        halted = ", ".join(f"{100 * s:.1f}%" for s in r["halted_share"]) or "-"
+        lines.append(f"| {r['variant']} | {r['ms_per_image']:.2f} | {r['images_per_second']:.1f} | "
+                     f"{r['speedup']:.2f}x | {memory} | {r['tokens_mean']:.0f} ({r['tokens_min']}..{r['tokens_max']})"
+                     f" | {halted} | {r['gflops_per_image']:.1f} ({r['policy_gflops_per_image']:.2f}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rows = run_ladder(args)
+    print(markdown(rows, args))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows,
+                       "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
