@@ -50,7 +50,7 @@ def count_flops(model: StepForSemanticSegmentation | StepModel, **inputs) -> dic
             "decoder": decoder}
 
 
-def _transformer_macs(lengths: list[int], dim: int, mlp_dim: int, layers: int, attention_mode: str) -> int:
+def transformer_macs(lengths: list[int], dim: int, mlp_dim: int, layers: int, attention_mode: str) -> int:
     """Multiply-adds of `layers` pre-norm blocks over images of the given lengths; in `"padded"` attention mode
     unequal images are padded to the longest for attention, as `packed_attention` does."""
     padded = attention_mode == "padded" and len(set(lengths)) > 1
@@ -95,12 +95,12 @@ def analytic_flops(
     exits, alive, previous_layer = 0, list(token_counts), 0
     exit_points = list(zip(config.exit_layers, exit_survivors or [None] * len(config.exit_layers)))
     for layer, survivors in (exit_points if exits_ran else []):
-        encoder += _transformer_macs(
+        encoder += transformer_macs(
             [n + 1 for n in alive], dim, config.intermediate_size, layer - previous_layer, config.attention_mode
         )
         exits += sum(alive) * (dim * config.exit_hidden_size + config.exit_hidden_size * config.num_labels)
         alive, previous_layer = survivors or alive, layer
-    encoder += _transformer_macs(
+    encoder += transformer_macs(
         [n + 1 for n in alive], dim, config.intermediate_size, config.num_hidden_layers - previous_layer,
         config.attention_mode,
     )
@@ -127,7 +127,7 @@ def analytic_flops(
     if with_decoder:
         d, labels, tokens = config.decoder_hidden_size, config.num_labels, sum(alive)
         decoder += tokens * dim * d  # proj_dec
-        decoder += _transformer_macs(
+        decoder += transformer_macs(
             [n + labels for n in alive], d, config.decoder_intermediate_size, config.decoder_num_hidden_layers,
             config.attention_mode,
         )
@@ -138,4 +138,4 @@ def analytic_flops(
     return flops
 
 
-__all__ = ["analytic_flops", "count_flops", "superpatch_area_shares"]
+__all__ = ["analytic_flops", "count_flops", "superpatch_area_shares", "transformer_macs"]

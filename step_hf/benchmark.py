@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .accounting import analytic_flops
+from .accounting import transformer_macs, analytic_flops
 from .configuration_step import StepConfig
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
@@ -232,7 +232,31 @@ def run_ladder(args) -> list[dict]:
     budget_model = torch.compile(model, fullgraph=True) if args.compile else model
     measure(f"dCTS budget {config.token_budget}{' (compiled)' if args.compile else ''}",
             lambda b: budget_model(b["pixel_values"], partition_source="policy"), policy_ran=True, sharing=True)
-    return rows
+    return rows, encoder_flop_rates(model, oracle_counts[: args.batch_size].tolist(), args)
+
+
+def encoder_flop_rates(model, lengths: list[int], args) -> dict:
+    """The encoder blocks' FLOP rate on a packed batch of unequal images (oracle token counts) against the same
+    total of tokens split into equal images (plain batched attention): packing costs what this ratio says."""
+    config, device, dtype = model.config, args.device, DTYPES[args.dtype]
+    equal = [round(sum(lengths) / len(lengths))] * len(lengths)
+    rates = {}
+    for name, counts in (("packed, unequal", lengths), ("equal lengths", equal)):
+        batch = PackedBatch.of([n + 1 for n in counts], device, args.attention_mode)
+        tokens = torch.randn(sum(batch.host_lengths), config.hidden_size, device=device, dtype=dtype)
+
+        def blocks(_):
+            x = tokens
+            for block in model.step.blocks:
+                x = block(x, batch)
+            return x
+
+        ms, _ = timed(blocks, [None], args)
+        flops = 2 * transformer_macs(list(batch.host_lengths), config.hidden_size, config.intermediate_size,
+                                      config.num_hidden_layers, args.attention_mode)
+        rates[name] = {"tokens": list(batch.host_lengths), "ms": ms, "tflops_per_second": flops / ms / 1e9}
+    rates["ratio"] = rates["packed, unequal"]["tflops_per_second"] / rates["equal lengths"]["tflops_per_second"]
+    return rates
 
 
 def markdown(rows: list[dict], args) -> str:
@@ -254,11 +278,16 @@ def markdown(rows: list[dict], args) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = run_ladder(args)
+    rows, rates = run_ladder(args)
     print(markdown(rows, args))
+    packed, equal = rates["packed, unequal"], rates["equal lengths"]
+    print(f"\nencoder FLOP rate: packed unequal images ({min(packed['tokens'])}..{max(packed['tokens'])} tokens) "
+          f"{packed['tflops_per_second']:.3f} TFLOP/s in {packed['ms']:.2f} ms; equal images of "
+          f"{equal['tokens'][0]} tokens {equal['tflops_per_second']:.3f} TFLOP/s in {equal['ms']:.2f} ms; "
+          f"ratio {rates['ratio']:.2f}")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows,
+            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows, "encoder_flop_rates": rates,
                        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
                       f, indent=1)
 
