@@ -16,7 +16,7 @@ from .conftest import EXAMPLES
 import train  # examples/train.py (conftest puts examples/ on the path)
 
 TINY = ["--image_size", "64", "--policy_steps", "2", "--segmenter_steps", "4", "--prune_steps", "2",
-        "--max_train_samples", "16", "--max_eval_samples", "3", "--per_device_train_batch_size", "4"]
+        "--max_train_samples", "16", "--max_eval_samples", "3"]
 
 
 def run_train(args, cwd, launcher=None, env_extra=None):
@@ -32,15 +32,18 @@ def losses(output_dir):
     return [(r["stage"], r["step"], r.get("loss")) for r in history]
 
 
-def max_weight_difference(a, b):
+def weight_differences(a, b):
+    """(largest absolute difference, relative L2 difference) between two saved models' weights."""
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    largest = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    squared = sum(float((wa[k] - wb[k]).pow(2).sum()) for k in wa)
+    return largest, (squared / sum(float(wa[k].pow(2).sum()) for k in wa)) ** 0.5
 
 
 def test_train_saves_a_loadable_model_and_resumes_exactly(tmp_path, scene_dataset):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "2"]
+    args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "2", "--per_device_train_batch_size", "4"]
     run_train([*args, "--output_dir", full], cwd=tmp_path)
     checkpoints = sorted(os.listdir(full / "checkpoints"))
     assert checkpoints == ["0-policy-0000002", "1-segmenter-0000002", "1-segmenter-0000004", "2-prune-0000002"]
@@ -58,20 +61,21 @@ def test_train_saves_a_loadable_model_and_resumes_exactly(tmp_path, scene_datase
     (resumed / "checkpoints" / "2-prune-0000009.tmp").mkdir()  # a half-written checkpoint is never picked
     run_train([*args, "--output_dir", resumed, "--resume_from_checkpoint", "latest"], cwd=tmp_path)
     assert losses(resumed) == losses(full)
-    assert max_weight_difference(full, resumed) == 0
+    assert weight_differences(full, resumed) == (0, 0)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, scene_dataset):
     args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "0"]
     single, double = tmp_path / "single", tmp_path / "double"
-    run_train([*args, "--output_dir", single], cwd=tmp_path)
+    run_train([*args, "--output_dir", single, "--per_device_train_batch_size", "4"], cwd=tmp_path)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = [a if a != "4" or i == 0 or args[i - 1] != "--per_device_train_batch_size" else "2"
-           for i, a in enumerate(args)]
-    run_train([*two, "--output_dir", double], cwd=tmp_path, launcher=launcher,
-              env_extra={"ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf_home")})
-    assert max_weight_difference(single, double) < 1e-4
+    run_train([*args, "--output_dir", double, "--per_device_train_batch_size", "2"], cwd=tmp_path,
+              launcher=launcher, env_extra={"ACCELERATE_USE_CPU": "true", "HF_HOME": str(tmp_path / "hf_home")})
+    # Float rounding differs between one sum and an all-reduce of two; Adam turns it into small weight changes
+    # (far below one step at the heads' learning rate, 5e-3), nothing more.
+    largest, relative = weight_differences(single, double)
+    assert largest < 1e-3 and relative < 1e-5, (largest, relative)
     a, b = losses(single), losses(double)
     assert [x[:2] for x in a] == [x[:2] for x in b]
     np.testing.assert_allclose([x[2] for x in a if x[2] is not None], [x[2] for x in b if x[2] is not None],
