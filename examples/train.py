@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scenes import SCENE_CLASSES, make_scene  # noqa: E402
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights  # noqa: E402
-from step_hf.accounting import analytic_flops  # noqa: E402
+from step_hf.accounting import flops_per_image  # noqa: E402
 from step_hf.model_card import model_card  # noqa: E402
 
 STAGES = ("policy", "segmenter", "prune")
@@ -350,18 +350,10 @@ def evaluate(model, loader, accelerator, partition_source: str) -> dict:
 def image_flops(config: StepConfig, image_size, outputs, partition_source: str) -> torch.Tensor:
     """FLOPs of each image of a batch, from its token counts and halted shares (analytic formula)."""
     sharing = partition_source != "dense" and bool(config.shared_sizes)
-    per_image = []
-    for index, count in enumerate(outputs.token_counts.tolist()):
-        survivors, alive = [], count
-        if config.halting and outputs.halted_share is not None:
-            for share in outputs.halted_share[index].tolist():
-                alive -= round(share * count)
-                survivors.append([alive])
-        flops = analytic_flops(config, tuple(image_size), [count], [1, *config.shared_sizes] if sharing else [1],
-                               policy_ran=sharing and partition_source == "policy",
-                               exit_survivors=survivors or None, exits_ran=config.halting)
-        per_image.append(flops["total"])
-    return torch.tensor(per_image, dtype=torch.float64, device=outputs.token_counts.device)
+    halted = outputs.halted_share.tolist() if config.halting and outputs.halted_share is not None else None
+    flops = flops_per_image(config, tuple(image_size), outputs.token_counts.tolist(), halted, sharing,
+                            policy_ran=sharing and partition_source == "policy")
+    return torch.tensor(flops, dtype=torch.float64, device=outputs.token_counts.device)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

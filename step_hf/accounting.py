@@ -138,4 +138,29 @@ def analytic_flops(
     return flops
 
 
-__all__ = ["analytic_flops", "count_flops", "superpatch_area_shares", "transformer_macs"]
+def flops_per_image(
+    config: StepConfig,
+    image_size: tuple[int, int],
+    token_counts: list[int],
+    halted_share: list[list[float]] | None,
+    sharing: bool,
+    policy_ran: bool,
+) -> list[int]:
+    """FLOPs of each image as if run alone, from what a forward pass returns (`token_counts`, and `halted_share`
+    when halting was on): the analytic formula, policy included when it ran."""
+    flops = []
+    for index, count in enumerate(token_counts):
+        survivors = None
+        if halted_share is not None:
+            alive, survivors = count, []
+            for share in halted_share[index]:
+                alive -= round(share * count)
+                survivors.append([alive])
+        flops.append(analytic_flops(
+            config, image_size, [count], [1, *config.shared_sizes] if sharing else [1], policy_ran=policy_ran,
+            exit_survivors=survivors, exits_ran=halted_share is not None,
+        )["total"])
+    return flops
+
+
+__all__ = ["analytic_flops", "flops_per_image", "count_flops", "superpatch_area_shares", "transformer_macs"]

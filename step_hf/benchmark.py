@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .accounting import transformer_macs, analytic_flops
+from .accounting import analytic_flops, flops_per_image, transformer_macs
 from .configuration_step import StepConfig
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
@@ -140,19 +140,10 @@ def row_for(name, ms_per_batch, outputs, args, config, dense_ms, policy_ran, sha
     """One result row: time, throughput, tokens, halting and FLOPs per image."""
     tokens = torch.cat([o.token_counts.float().cpu() for o in outputs])
     halted = torch.cat([o.halted_share.float().cpu() for o in outputs]) if halting else None
-    flops, policy_flops = [], []
-    for index, count in enumerate(tokens.long().tolist()):
-        survivors = None
-        if halting:
-            alive, survivors = count, []
-            for share in halted[index].tolist():
-                alive -= round(share * count)
-                survivors.append([alive])
-        f = analytic_flops(config, (args.image_size, args.image_size), [count],
-                           [1, *config.shared_sizes] if sharing else [1], policy_ran=policy_ran,
-                           exit_survivors=survivors, exits_ran=halting)
-        flops.append(f["total"])
-        policy_flops.append(f["policy"])
+    image_size = (args.image_size, args.image_size)
+    counts = tokens.long().tolist()
+    flops = flops_per_image(config, image_size, counts, halted.tolist() if halting else None, sharing, policy_ran)
+    policy_flops = analytic_flops(config, image_size, [1], [1], policy_ran=policy_ran)["policy"] if policy_ran else 0
     ms_per_image = ms_per_batch / args.batch_size
     return {
         "variant": name, "ms_per_image": ms_per_image, "images_per_second": 1000 / ms_per_image,
@@ -160,7 +151,7 @@ def row_for(name, ms_per_batch, outputs, args, config, dense_ms, policy_ran, sha
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
         "tokens_mean": float(tokens.mean()), "tokens_min": int(tokens.min()), "tokens_max": int(tokens.max()),
         "halted_share": halted.mean(0).tolist() if halting else [],
-        "gflops_per_image": statistics.mean(flops) / 1e9, "policy_gflops_per_image": statistics.mean(policy_flops) / 1e9,
+        "gflops_per_image": statistics.mean(flops) / 1e9, "policy_gflops_per_image": policy_flops / 1e9,
     }
 
 
