@@ -1,0 +1,197 @@
+"""Where do the tokens go: per class, the area each superpatch size covers, the share halted at each exit, and how
+accurate halted and surviving tokens are; plus pictures of the partition and the exit block of every cell.
+
+    python -m step_hf.analysis --model outputs/camvid-tiny --dataset_name ../shared/datasets/camvid \
+        --images 0 10 20 --output_dir outputs/analysis
+
+Everything is counted in label pixels: a cell's superpatch size and exit block are spread over its pixels (nearest),
+so shares are shares of each class's area. Void pixels are left out.
+"""
+
+import argparse
+import colorsys
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+SIZES = (1, 2, 4, 8, 16)
+
+
+def label_palette(num_labels: int) -> np.ndarray:
+    """`(num_labels + 1, 3)` uint8 colours, well apart in hue; the last one (black) is for void."""
+    colours = [colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.65, 0.95 - 0.25 * (i % 2)) for i in range(num_labels)]
+    return (np.array([*colours, (0, 0, 0)]) * 255).astype(np.uint8)
+
+
+def colourise(class_map: np.ndarray, num_labels: int, ignore_index: int = 255) -> Image.Image:
+    """A class-id map as a picture; void (and any value outside the classes) is black."""
+    ids = np.where((class_map >= 0) & (class_map < num_labels), class_map, num_labels)
+    return Image.fromarray(label_palette(num_labels)[ids])
+
+
+def draw_tokens(image: Image.Image, superpatch_map: np.ndarray, exit_map: np.ndarray | None,
+                num_layers: int) -> Image.Image:
+    """The image with every superpatch outlined; cells darkened by how early their token halted (`exit_map`
+    holds the block after which each cell halted, `num_layers` where it never did)."""
+    rows, cols = superpatch_map.shape
+    cell_height, cell_width = image.height / rows, image.width / cols
+    picture = np.asarray(image.convert("RGB")).astype(np.float32)
+    if exit_map is not None:
+        row_of_pixel = np.minimum((np.arange(image.height) / cell_height).astype(int), rows - 1)
+        col_of_pixel = np.minimum((np.arange(image.width) / cell_width).astype(int), cols - 1)
+        depth = exit_map[row_of_pixel][:, col_of_pixel] / num_layers
+        picture *= (0.3 + 0.7 * depth)[..., None]
+    picture = Image.fromarray(picture.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    for row in range(rows):
+        for col in range(cols):
+            size = int(superpatch_map[row, col])
+            if row % size == 0 and col % size == 0:
+                box = [col * cell_width, row * cell_height, (col + size) * cell_width - 1,
+                       (row + size) * cell_height - 1]
+                draw.rectangle(box, outline=(255, 255, 0))
+    return picture
+
+
+def panel(images: list[Image.Image]) -> Image.Image:
+    """Pictures of the same size side by side."""
+    out = Image.new("RGB", (sum(i.width for i in images), images[0].height))
+    left = 0
+    for image in images:
+        out.paste(image, (left, 0))
+        left += image.width
+    return out
+
+
+@dataclass
+class TokenStats:
+    """Pixel counts accumulated over a dataset (see `add`)."""
+
+    num_labels: int
+    exit_layers: list[int]
+    num_layers: int
+    ignore_index: int = 255
+    area: np.ndarray = field(init=False)  # (classes, sizes): pixels covered by superpatches of each size
+    fate: np.ndarray = field(init=False)  # (classes, exits + 1): pixels halted at each exit, then surviving
+    correct: np.ndarray = field(init=False)  # (exits + 1,): correctly predicted pixels by fate
+
+    def __post_init__(self):
+        self.area = np.zeros((self.num_labels, len(SIZES)), dtype=np.int64)
+        self.fate = np.zeros((self.num_labels, len(self.exit_layers) + 1), dtype=np.int64)
+        self.correct = np.zeros(len(self.exit_layers) + 1, dtype=np.int64)
+
+    def add(self, labels: torch.Tensor, prediction: torch.Tensor, superpatch_map: torch.Tensor,
+            exit_map: torch.Tensor | None) -> None:
+        """Count one batch. `labels`, `prediction`: `(batch, H, W)` at label resolution; `superpatch_map`,
+        `exit_map`: `(batch, rows, cols)` on the patch grid (`exit_map` None when nothing halted)."""
+        size = labels.shape[-2:]
+        sizes = F.interpolate(superpatch_map[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        if exit_map is None:
+            exits = torch.full_like(labels, self.num_layers)
+        else:
+            exits = F.interpolate(exit_map[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        valid = labels != self.ignore_index
+        label = labels[valid].long()
+        if len(label) and (label.min() < 0 or label.max() >= self.num_labels):
+            raise ValueError(f"Label values must be class ids in [0, {self.num_labels}) or {self.ignore_index}; found "
+                             f"{sorted(set(label.unique().tolist()) - set(range(self.num_labels)))}.")
+        size_index = torch.searchsorted(torch.tensor(SIZES), sizes[valid])
+        fate_index = torch.searchsorted(torch.tensor([*self.exit_layers, self.num_layers]), exits[valid])
+        self.area += torch.bincount(label * len(SIZES) + size_index,
+                                    minlength=self.area.size).view(self.area.shape).numpy()
+        self.fate += torch.bincount(label * self.fate.shape[1] + fate_index,
+                                    minlength=self.fate.size).view(self.fate.shape).numpy()
+        hits = (prediction[valid] == label).long()
+        self.correct += torch.bincount(fate_index, weights=hits, minlength=self.fate.shape[1]).long().numpy()
+
+    def report(self, id2label: dict[int, str]) -> dict:
+        """Per class: share of its area per superpatch size and share halted per exit; overall: accuracy of the
+        pixels halted at each exit and of the surviving ones."""
+        fates = [f"halted after block {layer}" for layer in self.exit_layers] + ["survived"]
+        per_class = {}
+        for index in range(self.num_labels):
+            total = self.area[index].sum()
+            if total == 0:
+                continue
+            per_class[id2label[index]] = {
+                "pixels": int(total),
+                "area_by_size": {str(s): float(a / total) for s, a in zip(SIZES, self.area[index])},
+                "fate": {name: float(f / total) for name, f in zip(fates, self.fate[index])},
+            }
+        per_fate = self.fate.sum(0)
+        accuracy = {name: (float(c / n) if n else None) for name, c, n in zip(fates, self.correct, per_fate)}
+        return {"per_class": per_class, "accuracy_by_fate": accuracy,
+                "pixels_by_fate": {name: int(n) for name, n in zip(fates, per_fate)}}
+
+
+def markdown(report: dict) -> str:
+    fates = list(report["accuracy_by_fate"])
+    lines = ["| class | area in 1 / 2 / 4 / 8 / 16 | " + " | ".join(fates) + " |",
+             "|---|---|" + "---|" * len(fates)]
+    for name, row in report["per_class"].items():
+        sizes = " / ".join(f"{100 * v:.0f}%" for v in row["area_by_size"].values())
+        lines.append(f"| {name} | {sizes} | " + " | ".join(f"{100 * v:.1f}%" for v in row["fate"].values()) + " |")
+    accuracy = " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in report["accuracy_by_fate"].values())
+    lines.append(f"| **pixel accuracy** | | {accuracy} |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def main(argv=None) -> None:
+    from datasets import load_dataset
+
+    from .image_processing_step import StepImageProcessor
+    from .modeling_step import StepForSemanticSegmentation
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset_name", required=True)
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--image_column_name", default="image")
+    parser.add_argument("--label_column_name", default="label")
+    parser.add_argument("--max_samples", type=int)
+    parser.add_argument("--images", type=int, nargs="*", default=[0], help="indices of images to draw")
+    parser.add_argument("--output_dir", default="analysis")
+    args = parser.parse_args(argv)
+
+    model = StepForSemanticSegmentation.from_pretrained(args.model).eval()
+    processor = StepImageProcessor.from_pretrained(args.model)
+    config = model.config
+    dataset = load_dataset(args.dataset_name, split=args.split)
+    if args.max_samples:
+        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    stats = TokenStats(config.num_labels, config.exit_layers if config.halting else [], config.num_hidden_layers,
+                       config.semantic_loss_ignore_index)
+    os.makedirs(args.output_dir, exist_ok=True)
+    for index, example in enumerate(dataset):
+        image, label = example[args.image_column_name].convert("RGB"), example[args.label_column_name]
+        outputs = model(**processor(image, return_tensors="pt"))
+        labels = torch.from_numpy(np.asarray(label).astype(np.int64))[None]
+        logits = F.interpolate(outputs.logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        prediction = logits.argmax(1)
+        exit_map = outputs.exit_map if config.halting else None
+        stats.add(labels, prediction, outputs.superpatch_map, exit_map)
+        if index in args.images:
+            picture = panel([
+                draw_tokens(image, outputs.superpatch_map[0].numpy(),
+                            None if exit_map is None else exit_map[0].numpy(), config.num_hidden_layers),
+                colourise(prediction[0].numpy(), config.num_labels), colourise(labels[0].numpy(), config.num_labels),
+            ])
+            picture.save(os.path.join(args.output_dir, f"tokens_{index}.png"))
+    report = stats.report(config.id2label)
+    with open(os.path.join(args.output_dir, "tokens_by_class.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    table = markdown(report)
+    with open(os.path.join(args.output_dir, "tokens_by_class.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"pictures (tokens | prediction | ground truth) of images {args.images} in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

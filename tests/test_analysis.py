@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from step_hf.analysis import TokenStats, colourise, draw_tokens, label_palette, markdown
+
+
+def test_token_stats_on_a_hand_made_case():
+    # A 2x4 grid of 16x16 cells = 32x64 pixels. Left half: one 2x2 superpatch of class 0 that halted after block 2
+    # (predicted right). Right half: four plain patches of class 1; the top two survived (one predicted wrong),
+    # the bottom two halted after block 4; one bottom cell is void.
+    labels = torch.zeros(1, 32, 64, dtype=torch.long)
+    labels[:, :, 32:] = 1
+    labels[:, 16:, 48:] = 255
+    superpatch_map = torch.tensor([[[2, 2, 1, 1], [2, 2, 1, 1]]])
+    exit_map = torch.tensor([[[2, 2, 12, 12], [2, 2, 4, 4]]])
+    prediction = labels.clone().clamp(max=1)
+    prediction[:, :16, 48:] = 0  # the top-right cell is predicted wrong
+    stats = TokenStats(num_labels=2, exit_layers=[2, 4], num_layers=12)
+    stats.add(labels, prediction, superpatch_map, exit_map)
+    cell = 16 * 16
+    assert stats.area.tolist() == [[0, 4 * cell, 0, 0, 0], [3 * cell, 0, 0, 0, 0]]
+    assert stats.fate.tolist() == [[4 * cell, 0, 0], [0, cell, 2 * cell]]
+    assert stats.correct.tolist() == [4 * cell, cell, cell]
+    report = stats.report({0: "road", 1: "car"})
+    assert report["per_class"]["road"]["area_by_size"]["2"] == 1.0
+    assert report["per_class"]["car"]["fate"] == pytest.approx(
+        {"halted after block 2": 0.0, "halted after block 4": 1 / 3, "survived": 2 / 3})
+    assert report["accuracy_by_fate"] == {"halted after block 2": 1.0, "halted after block 4": 1.0, "survived": 0.5}
+    table = markdown(report)
+    assert "| car | 100% / 0% / 0% / 0% / 0% | 0.0% | 33.3% | 66.7% |" in table
+
+
+def test_without_halting_everything_survives():
+    stats = TokenStats(num_labels=3, exit_layers=[], num_layers=12)
+    labels = torch.randint(0, 3, (2, 32, 32))
+    stats.add(labels, labels, torch.ones(2, 2, 2, dtype=torch.long), None)
+    assert stats.fate[:, 0].sum() == 2 * 32 * 32 and stats.correct.tolist() == [2 * 32 * 32]
+    with pytest.raises(ValueError, match=r"found \[7\]"):
+        stats.add(torch.full((1, 32, 32), 7), labels[:1], torch.ones(1, 2, 2, dtype=torch.long), None)
+
+
+def test_pictures():
+    image = Image.new("RGB", (64, 32), (200, 200, 200))
+    superpatch_map = np.array([[2, 2, 1, 1], [2, 2, 1, 1]])
+    exit_map = np.array([[4, 4, 12, 12], [4, 4, 12, 12]])
+    picture = np.asarray(draw_tokens(image, superpatch_map, exit_map, 12))
+    assert picture.shape == (32, 64, 3)
+    assert picture[8, 8, 0] < picture[8, 40, 0]  # the halted superpatch is darker than the surviving cells
+    assert tuple(picture[0, 0]) == (255, 255, 0) and tuple(picture[8, 31]) == (255, 255, 0)  # its outline
+    assert tuple(picture[8, 16]) != (255, 255, 0)  # no line inside a superpatch
+    colours = np.asarray(colourise(np.array([[0, 1], [2, 255]]), 3))
+    assert tuple(colours[1, 1]) == (0, 0, 0) and len({tuple(c) for c in label_palette(3)[:3]}) == 3
+
+
+def test_cli_writes_tables_and_pictures(tmp_path, scene_dataset):
+    from scenes import SCENE_CLASSES
+
+    from step_hf import StepForSemanticSegmentation, StepImageProcessor
+    from step_hf.analysis import main
+
+    from .conftest import tiny_config
+
+    config = tiny_config(id2label=SCENE_CLASSES, label2id={v: k for k, v in SCENE_CLASSES.items()}, halting=True)
+    StepForSemanticSegmentation(config).save_pretrained(tmp_path / "model")  # exits after block 1 of the 2
+    StepImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
+    main(["--model", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--images", "1",
+          "--output_dir", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "tokens_1.png").is_file()
+    report = __import__("json").loads((tmp_path / "out" / "tokens_by_class.json").read_text())
+    assert set(report["accuracy_by_fate"]) == {"halted after block 1", "survived"}
+    assert sum(report["pixels_by_fate"].values()) == 4 * 96 * 128  # every pixel of the 4 validation scenes
