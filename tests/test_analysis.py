@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,6 @@ def test_cli_writes_tables_and_pictures(tmp_path, scene_dataset):
     main(["--model", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--images", "1",
           "--output_dir", str(tmp_path / "out")])
     assert (tmp_path / "out" / "tokens_1.png").is_file()
-    report = __import__("json").loads((tmp_path / "out" / "tokens_by_class.json").read_text())
+    report = json.loads((tmp_path / "out" / "tokens_by_class.json").read_text())
     assert set(report["accuracy_by_fate"]) == {"halted after block 1", "survived"}
     assert sum(report["pixels_by_fate"].values()) == 4 * 96 * 128  # every pixel of the 4 validation scenes

@@ -3,7 +3,12 @@ import os
 import subprocess
 import sys
 
-from .conftest import EXAMPLES
+import pytest
+from PIL import Image
+
+from step_hf import StepForSemanticSegmentation, StepImageProcessor
+
+from .conftest import EXAMPLES, tiny_config
 
 
 def run_example(script, *args, cwd):
@@ -27,3 +32,15 @@ def test_dcts_tokens_trains_the_policy_and_sweeps_thresholds(tmp_path, scene_dat
     assert counts == sorted(counts, reverse=True) and all(1 <= c <= 16 for c in counts)
     assert 1 <= results["oracle"]["tokens_mean"] <= 16
     assert "| oracle |" in out
+
+
+def test_segment_saves_a_picture(tmp_path):
+    StepForSemanticSegmentation(tiny_config(partition_source="policy", halting=True)).save_pretrained(tmp_path / "m")
+    StepImageProcessor(size={"height": 64, "width": 96}).save_pretrained(tmp_path / "m")
+    out = run_example("segment.py", "--model", tmp_path / "m", "--output", tmp_path / "seg.png", cwd=tmp_path)
+    picture = Image.open(tmp_path / "seg.png")
+    assert picture.size == (4 * 480, 360)  # image | ground truth | prediction | tokens
+    assert "tokens:" in out and "classes found:" in out
+    with pytest.raises(AssertionError, match="Cannot read"):
+        (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+        run_example("segment.py", "--model", tmp_path / "m", "--image", tmp_path / "bad.jpg", cwd=tmp_path)
