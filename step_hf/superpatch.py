@@ -179,12 +179,8 @@ def layout_from_superpatch_map(superpatch_map: torch.Tensor, tokens_per_image: i
     origin_row, origin_col = row - row % superpatch_map, col - col % superpatch_map
     is_origin = (origin_row == row) & (origin_col == col)
     lengths = is_origin.flatten(1).sum(1)
-    if tokens_per_image is None:
-        host_lengths = tuple(lengths.tolist())
-        origins = is_origin.flatten().nonzero()[:, 0]
-    else:
-        host_lengths = (tokens_per_image,) * batch
-        origins = torch.nonzero_static(is_origin.flatten(), size=batch * tokens_per_image)[:, 0]
+    host_lengths = tuple(lengths.tolist()) if tokens_per_image is None else (tokens_per_image,) * batch
+    origins = torch.nonzero_static(is_origin.flatten(), size=sum(host_lengths))[:, 0]
     image_index, cell = origins // (rows * cols), origins % (rows * cols)
     cell_row, cell_col = cell // cols, cell % cols
     token_of_origin = (is_origin.flatten().cumsum(0) - 1).view(batch, rows, cols)
