@@ -341,6 +341,8 @@ def evaluate(model, loader, accelerator, partition_source: str) -> dict:
         "per_category_iou": {unwrapped.config.id2label[i]: iou[i] for i in range(num_labels)},
         "overall_accuracy": float(intersection.sum() / area_label.sum()),
         "tokens_per_image": float(torch.cat(tokens).mean()),
+        "tokens_p5": float(torch.quantile(torch.cat(tokens).double(), 0.05)),
+        "tokens_p95": float(torch.quantile(torch.cat(tokens).double(), 0.95)),
         "halted_share": torch.cat(halted).mean(0).tolist() if halted else [],
         "gflops_per_image": float(torch.cat(flops).mean()) / 1e9,
     }

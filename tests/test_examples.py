@@ -44,3 +44,14 @@ def test_segment_saves_a_picture(tmp_path):
     with pytest.raises(AssertionError, match="Cannot read"):
         (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
         run_example("segment.py", "--model", tmp_path / "m", "--image", tmp_path / "bad.jpg", cwd=tmp_path)
+
+
+def test_plot_sweep_draws_the_curve_and_writes_its_data(tmp_path):
+    rows = [{"partition_source": "policy", "policy_threshold": t, "exit_threshold": None, "mean_iou": m,
+             "gflops_per_image": g, "tokens_per_image": n, "halted_share": []}
+            for t, m, g, n in ((0.7, 0.52, 3.0, 300.0), (0.5, 0.50, 2.0, 200.0))]
+    (tmp_path / "sweep.json").write_text(json.dumps(rows))
+    run_example("plot_sweep.py", tmp_path / "sweep.json", "--output", tmp_path / "curve.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "curve.png").size == (900, 600)
+    lines = (tmp_path / "curve.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[1].startswith("sweep,policy,0.5,,2.0000,50.00,200.0")
