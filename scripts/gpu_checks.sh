@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # All GPU checks of a session in one run (correctness first, then timings), for a lent H100/H200:
-#   bash scripts/gpu_checks.sh OUT_DIR
-# Needs CamVid's validation parquet copied into .bench_data/camvid/data/ (ignored by git; carried to the machine),
-# because ../shared does not travel. Prints Markdown tables and writes JSON to OUT_DIR.
+#   bash scripts/fetch_gpu_wheels.sh                 # here, first: wheels into .whl/, CamVid frames into .bench_data/
+#   device run: bash scripts/gpu_checks.sh $OUT      # with carry [".whl", ".bench_data"]
+# Prints Markdown tables and writes JSON to OUT_DIR. PRESET / SIZE / SMALL_SIZE override the models for a dry run on
+# CPU (e.g. PRESET=tiny SIZE=128 SMALL_SIZE=64).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf_home
-python3 -c "import transformers, datasets" 2>/dev/null || pip install -q "transformers>=5" datasets accelerate safetensors
-pip install -q --no-deps -e . >/dev/null
+# The machine reaches no registry: newer transformers / huggingface_hub come as carried wheels; datasets is not
+# needed (the benchmark reads the parquet files directly).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$out/gpu.txt"
 data=.bench_data/camvid
+preset=${PRESET:-large} size=${SIZE:-1024} small_size=${SMALL_SIZE:-512}
 # 1. correctness on the GPU (each benchmark run checks packed = padded = per-image first), small and fast
-python3 -m step_hf.benchmark --preset small --image_size 512 --batch_size 4 --num_batches 1 --repeats 1 \
+python3 -m step_hf.benchmark --preset small --image_size $small_size --batch_size 4 --num_batches 1 --repeats 1 \
     --dtype fp32 --dataset_name $data --skip_vit --output "$out/check_fp32.json" || exit 1
 # 2. the ladder: ViT-L at 1024, bf16, batch 8, then batch 1 with the compiled static-budget variant
-python3 -m step_hf.benchmark --preset large --image_size 1024 --batch_size 8 --num_batches 2 --dtype bf16 \
+python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 --dtype bf16 \
     --dataset_name $data --output "$out/vitl_1024_b8.json"
-python3 -m step_hf.benchmark --preset large --image_size 1024 --batch_size 1 --num_batches 4 --dtype bf16 \
+python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 1 --num_batches 4 --dtype bf16 \
     --dataset_name $data --compile --skip_vit --output "$out/vitl_1024_b1.json"
-python3 -m step_hf.benchmark --preset large --image_size 1024 --batch_size 8 --num_batches 2 --dtype bf16 \
+python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 --dtype bf16 \
     --dataset_name $data --attention_mode padded --skip_vit --output "$out/vitl_1024_b8_padded.json"

@@ -60,20 +60,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
+    """The first `count` images and label maps of a split: through `datasets`, or straight from the parquet files
+    of a local folder laid out like a Hub dataset where `datasets` is not installed (GPU machines)."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        import glob
+        import io
+
+        import pyarrow.parquet as parquet
+        from PIL import Image
+
+        files = sorted(glob.glob(f"{dataset_name}/data/{split}-*.parquet"))
+        table = parquet.read_table(files[0]) if files else None
+        if table is None or table.num_rows < count:
+            raise ValueError(f"{dataset_name}/data/{split}-*.parquet has fewer than {count} images.")
+        rows = table.slice(0, count).to_pylist()
+        return ([Image.open(io.BytesIO(row["image"]["bytes"])) for row in rows],
+                [Image.open(io.BytesIO(row["label"]["bytes"])) for row in rows])
+    dataset = load_dataset(dataset_name, split=split)
+    if len(dataset) < count:
+        raise ValueError(f"{dataset_name} [{split}] has {len(dataset)} images; {count} are needed.")
+    rows = dataset[:count]
+    return rows["image"], rows["label"]
+
+
 def load_batches(args, config: StepConfig) -> list[dict]:
     """Batches of real frames resized to the input size, with their ground-truth superpatch targets."""
-    from datasets import load_dataset
-
-    dataset = load_dataset(args.dataset_name, split=args.split)
-    needed = args.batch_size * args.num_batches
-    if len(dataset) < needed:
-        raise ValueError(f"{args.dataset_name} [{args.split}] has {len(dataset)} images; {needed} are needed.")
+    images, labels = read_images(args.dataset_name, args.split, args.batch_size * args.num_batches)
     processor = StepImageProcessor(size={"height": args.image_size, "width": args.image_size},
                                    superpatch_sizes=config.superpatch_sizes)
     batches = []
-    for start in range(0, needed, args.batch_size):
-        rows = dataset[start : start + args.batch_size]
-        inputs = processor(rows["image"], segmentation_maps=rows["label"], return_tensors="pt")
+    for start in range(0, len(images), args.batch_size):
+        end = start + args.batch_size
+        inputs = processor(images[start:end], segmentation_maps=labels[start:end], return_tensors="pt")
         batches.append({"pixel_values": inputs["pixel_values"].to(args.device, DTYPES[args.dtype]),
                         "superpatch_targets": inputs["superpatch_targets"].to(args.device)})
     return batches
@@ -121,12 +142,18 @@ def check_batching(model, batch: dict, args) -> float:
         model(image[None], superpatch_map=superpatch_map[None]).logits.float()
         for image, superpatch_map in zip(batch["pixel_values"], batch["oracle_map"])
     ])
-    difference = max(float((results["packed"] - other).abs().max()) for other in (results["padded"], single))
-    tolerance = 1e-3 if args.dtype == "fp32" else 0.1
-    print(f"check: packed vs padded vs one image at a time, max |logit difference| {difference:.2e} "
-          f"(tolerance {tolerance})")
-    if difference > tolerance:
-        raise RuntimeError(f"Batching modes disagree by {difference} on {args.device} in {args.dtype}.")
+    others = (results["padded"], single)
+    difference = max(float((results["packed"] - other).abs().max()) for other in others)
+    mean_difference = max(float((results["packed"] - other).abs().mean()) for other in others)
+    spread = float(results["packed"].std())
+    agreement = min(float((results["packed"].argmax(1) == other.argmax(1)).float().mean()) for other in others)
+    print(f"check: packed vs padded vs one image at a time: max |logit difference| {difference:.2e}, mean "
+          f"{mean_difference:.2e} (logits spread {spread:.2f}), same class on {100 * agreement:.2f}% of cells")
+    # fp32: the same numbers up to summation order. Half precision: rounding through every block, so the mean
+    # difference must stay small against the logits' spread (random weights make near-ties, so argmax may flip).
+    ok = difference <= 1e-3 if args.dtype == "fp32" else mean_difference <= 0.05 * spread
+    if not ok:
+        raise RuntimeError(f"Batching modes disagree on {args.device} in {args.dtype} (see the check line).")
     return difference
 
 
