@@ -320,26 +320,17 @@ def evaluate(model, loader, accelerator, partition_source: str) -> dict:
         labels = batch["original_labels"]
         logits = torch.nn.functional.interpolate(outputs.logits.float(), size=labels.shape[-2:], mode="bilinear",
                                                  align_corners=False)
-        prediction, valid = logits.argmax(1), labels != ignore
-        image = torch.arange(len(labels), device=labels.device)[:, None, None].expand_as(labels)
-        cells = (image * num_labels + labels) * num_labels + prediction
-        per_image = torch.bincount(cells[valid], minlength=len(labels) * num_labels**2)
+        per_image = confusion_matrices(labels, logits.argmax(1), num_labels, ignore)
         # Per-image matrices, so that gather_for_metrics can drop the duplicates even batches add at the end.
-        confusion += accelerator.gather_for_metrics(per_image.view(-1, num_labels, num_labels)).sum(0)
+        confusion += accelerator.gather_for_metrics(per_image).sum(0)
         tokens.append(accelerator.gather_for_metrics(outputs.token_counts.float()))
         if outputs.halted_share is not None:
             halted.append(accelerator.gather_for_metrics(outputs.halted_share.float()))
         flops.append(accelerator.gather_for_metrics(image_flops(unwrapped.config, batch["pixel_values"].shape[-2:],
                                                                 outputs, partition_source)))
     model.train()
-    area_label, area_prediction = confusion.sum(1).double(), confusion.sum(0).double()
-    intersection = confusion.diag().double()
-    union = area_label + area_prediction - intersection
-    iou = (intersection / union).tolist()  # nan for classes absent from both
     results = {
-        "mean_iou": float(np.nanmean(iou)),
-        "per_category_iou": {unwrapped.config.id2label[i]: iou[i] for i in range(num_labels)},
-        "overall_accuracy": float(intersection.sum() / area_label.sum()),
+        **segmentation_metrics(confusion, unwrapped.config.id2label),
         "tokens_per_image": float(torch.cat(tokens).mean()),
         "tokens_p5": float(torch.quantile(torch.cat(tokens).double(), 0.05)),
         "tokens_p95": float(torch.quantile(torch.cat(tokens).double(), 0.95)),
@@ -347,6 +338,29 @@ def evaluate(model, loader, accelerator, partition_source: str) -> dict:
         "gflops_per_image": float(torch.cat(flops).mean()) / 1e9,
     }
     return results
+
+
+def confusion_matrices(labels: torch.Tensor, prediction: torch.Tensor, num_labels: int, ignore: int) -> torch.Tensor:
+    """`(batch, num_labels, num_labels)` per-image confusion matrices (row: label, column: prediction); pixels
+    labelled `ignore` are left out."""
+    valid = labels != ignore
+    image = torch.arange(len(labels), device=labels.device)[:, None, None].expand_as(labels)
+    cells = (image * num_labels + labels) * num_labels + prediction
+    return torch.bincount(cells[valid], minlength=len(labels) * num_labels**2).view(-1, num_labels, num_labels)
+
+
+def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str]) -> dict:
+    """mIoU, per-class IoU and pixel accuracy from a confusion matrix summed over the dataset, as the Hub's
+    `mean_iou` computes them: per class intersection / union of areas over the whole dataset, then the mean over the
+    classes present in labels or predictions (nan-mean)."""
+    area_label, area_prediction = confusion.sum(1).double(), confusion.sum(0).double()
+    intersection = confusion.diag().double()
+    iou = (intersection / (area_label + area_prediction - intersection)).tolist()  # nan for absent classes
+    return {
+        "mean_iou": float(np.nanmean(iou)),
+        "per_category_iou": {id2label[i]: iou[i] for i in range(len(iou))},
+        "overall_accuracy": float(intersection.sum() / area_label.sum()),
+    }
 
 
 def image_flops(config: StepConfig, image_size, outputs, partition_source: str) -> torch.Tensor:

@@ -92,3 +92,37 @@ def test_train_push_to_hub_then_load_without_step_hf(tmp_path):
     assert not [name for name in files if name.startswith("checkpoints/")], files
     assert summary["pipeline_tag"] == "image-segmentation"
     assert "pipeline_tag: image-segmentation" in summary["readme"] and "model-index" in summary["readme"]
+
+
+VIT_FROM_HUB = textwrap.dedent(
+    """
+    import sys, json, torch
+    from huggingface_hub import HfApi
+    from transformers import ViTConfig, ViTModel
+    from step_hf import StepConfig, StepModel, load_vit_weights
+    folder, repo = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=16), add_pooling_layer=False).eval()
+    vit.save_pretrained(folder)
+    HfApi().create_repo(repo, exist_ok=True)
+    HfApi().upload_folder(repo_id=repo, folder_path=folder)
+    step = StepModel(StepConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                image_size=32, layer_norm_eps=1e-12, num_labels=2)).eval()
+    load_vit_weights(step, repo)  # a Hub id: model.safetensors and config.json come from the Hub
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        difference = (vit(x).last_hidden_state[0, 1:] - step(x, partition_source="dense").last_hidden_state).abs()
+    print(json.dumps({"max_difference": float(difference.max())}))
+    """
+)
+
+
+def test_load_vit_weights_from_a_hub_id(tmp_path):
+    with HubServer() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token",
+               "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}
+        result = run("load_vit_weights from a Hub id", ["-c", VIT_FROM_HUB, tmp_path / "vit", "google/vit-tiny-test"],
+                     env, cwd=tmp_path)
+        assert not hub.unhandled, hub.unhandled
+    assert json.loads(result.stdout.strip().splitlines()[-1])["max_difference"] < 1e-5

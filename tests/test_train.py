@@ -143,3 +143,27 @@ def test_corrupt_image_is_refused(tmp_path):
     broken.cast_column("image", Image()).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
     with pytest.raises(ValueError, match="cannot be read"):
         train.load_data(train.parse_args(["--dataset_name", str(folder)]))
+
+
+def test_metrics_match_a_brute_force_mean_iou():
+    """The Hub's mean_iou definition: areas summed over the dataset, IoU per class, nan-mean over classes."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 4, (3, 20, 30)))
+    labels[0, :5] = 255
+    labels[labels == 3] = 2  # class 3 never appears in the labels...
+    prediction = torch.from_numpy(rng.integers(0, 4, (3, 20, 30)))
+    prediction[prediction == 1] = 0  # ...and class 1 is never predicted
+    confusion = train.confusion_matrices(labels, prediction, 5, 255).sum(0)  # class 4 appears nowhere
+    metrics = train.segmentation_metrics(confusion, {i: str(i) for i in range(5)})
+
+    valid = labels.numpy() != 255
+    y, p = labels.numpy()[valid], prediction.numpy()[valid]
+    ious = []
+    for c in range(5):
+        union = np.sum((y == c) | (p == c))
+        ious.append(np.sum((y == c) & (p == c)) / union if union else np.nan)
+    assert metrics["mean_iou"] == pytest.approx(np.nanmean(ious))
+    assert np.isnan(metrics["per_category_iou"]["4"]) and metrics["per_category_iou"]["3"] == 0
+    assert metrics["overall_accuracy"] == pytest.approx(np.mean(y == p))
