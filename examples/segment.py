@@ -37,7 +37,7 @@ def main() -> None:
             image = Image.open(args.image)
             image.load()
         except (OSError, ValueError) as error:
-            raise SystemExit(f"Cannot read {args.image} as an image: {error}")
+            raise SystemExit(f"Cannot read {args.image} as an image: {error}") from None
         image = image.convert("RGB")
     else:
         image, truth = make_scene(360, 480, seed=12345)

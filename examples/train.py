@@ -14,7 +14,6 @@ Results on the built-in scenes mean nothing about real data: they exist so that 
 
 import argparse
 import json
-import math
 import os
 import shlex
 import shutil
@@ -120,7 +119,8 @@ def load_data(args) -> tuple[DatasetDict, dict[int, str]]:
         id2label = read_id2label(args)
     for split in (args.train_split, args.eval_split):
         if split not in dataset:
-            raise ValueError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set --train_split/--eval_split.")
+            raise ValueError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set "
+                             "--train_split/--eval_split.")
         columns = dataset[split].column_names
         for column in (args.image_column_name, args.label_column_name):
             if column not in columns:

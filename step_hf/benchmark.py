@@ -65,7 +65,7 @@ def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
     of a local folder laid out like a Hub dataset where `datasets` is not installed (GPU machines)."""
     try:
         from datasets import load_dataset
-    except ImportError:
+    except ImportError:  # no datasets: read the parquet files
         import glob
         import io
 
@@ -75,7 +75,7 @@ def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
         files = sorted(glob.glob(f"{dataset_name}/data/{split}-*.parquet"))
         table = parquet.read_table(files[0]) if files else None
         if table is None or table.num_rows < count:
-            raise ValueError(f"{dataset_name}/data/{split}-*.parquet has fewer than {count} images.")
+            raise ValueError(f"{dataset_name}/data/{split}-*.parquet has fewer than {count} images.") from None
         rows = table.slice(0, count).to_pylist()
         return ([Image.open(io.BytesIO(row["image"]["bytes"])) for row in rows],
                 [Image.open(io.BytesIO(row["label"]["bytes"])) for row in rows])
@@ -263,13 +263,13 @@ def encoder_flop_rates(model, lengths: list[int], args) -> dict:
         batch = PackedBatch.of([n + 1 for n in counts], device, args.attention_mode)
         tokens = torch.randn(sum(batch.host_lengths), config.hidden_size, device=device, dtype=dtype)
 
-        def blocks(_):
-            x = tokens
+        def blocks(inputs):
+            x, packed = inputs
             for block in model.step.blocks:
-                x = block(x, batch)
+                x = block(x, packed)
             return x
 
-        ms, _ = timed(blocks, [None], args)
+        ms, _ = timed(blocks, [(tokens, batch)], args)
         flops = 2 * transformer_macs(list(batch.host_lengths), config.hidden_size, config.intermediate_size,
                                       config.num_hidden_layers, args.attention_mode)
         rates[name] = {"tokens": list(batch.host_lengths), "ms": ms, "tflops_per_second": flops / ms / 1e9}

@@ -233,7 +233,9 @@ class StepImageProcessor(PilBackend):
                 )
         if do_resize:
             height, width = self.output_size(image.shape[1], image.shape[2], size)
-            label = self.resize(label.astype(np.int32), SizeDict(height=height, width=width), PILImageResampling.NEAREST)
+            label = self.resize(
+                label.astype(np.int32), SizeDict(height=height, width=width), PILImageResampling.NEAREST
+            )
         return label[0].astype(np.int64)
 
     def _split_windows(self, image: np.ndarray, label: np.ndarray | None, window_size, window_stride, ignore_index,

@@ -376,7 +376,8 @@ class StepModel(StepPreTrainedModel):
         level_rows, level_cols = rows // size_of_level[level], cols // size_of_level[level]
         table_start = F.pad(torch.tensor([len(table) for table in tables], device=device).cumsum(0), (1, 0))
         size = layout.cell_size
-        row_in_table = (layout.image_index * level_rows + layout.cell_row // size) * level_cols + layout.cell_col // size
+        row_in_table = (layout.image_index * level_rows + layout.cell_row // size) * level_cols
+        row_in_table = row_in_table + layout.cell_col // size
         return torch.cat(tables)[table_start[level] + row_in_table]
 
     def choose_partition(

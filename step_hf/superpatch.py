@@ -51,8 +51,8 @@ def partition_from_decisions(block_decisions: dict[int, torch.Tensor], grid_size
     Turn per-size block decisions into a partition.
 
     Args:
-        block_decisions: for each superpatch size s > 1 (at least one), a boolean `(batch, rows // s, cols // s)`: may this whole
-            aligned block be one token?
+        block_decisions: for each superpatch size s > 1 (at least one), a boolean `(batch, rows // s, cols // s)`:
+            may this whole aligned block be one token?
         grid_size: the patch grid `(rows, cols)`.
 
     Returns:
@@ -83,9 +83,8 @@ def decisions_from_thresholds(
     block_logits: dict[int, torch.Tensor], thresholds: list[float]
 ) -> dict[int, torch.Tensor]:
     """A block is shared when the policy's probability that it is uniform exceeds that size's threshold."""
-    return {
-        size: logits.sigmoid() > threshold for (size, logits), threshold in zip(sorted(block_logits.items()), thresholds)
-    }
+    sizes = sorted(block_logits)
+    return {size: block_logits[size].sigmoid() > threshold for size, threshold in zip(sizes, thresholds)}
 
 
 def budget_token_count(num_cells: int, token_budget: int) -> int:

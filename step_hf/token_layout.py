@@ -200,4 +200,12 @@ def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return token_values[layout.cell_to_token].permute(0, 3, 1, 2)
 
 
-__all__ = ["ATTENTION_MODES", "PackedBatch", "TokenLayout", "dense_token_layout", "insert_per_image", "packed_attention", "unshare"]
+__all__ = [
+    "ATTENTION_MODES",
+    "PackedBatch",
+    "TokenLayout",
+    "dense_token_layout",
+    "insert_per_image",
+    "packed_attention",
+    "unshare",
+]

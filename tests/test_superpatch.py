@@ -152,7 +152,8 @@ def test_processor_emits_targets_with_the_same_resize():
     out = windowed(Image.new("RGB", (90, 60)), segmentation_maps=Image.fromarray(labels), return_tensors="pt")
     assert out["superpatch_targets"].shape == (2, 4, 4, 4)
     for window in range(2):
-        assert torch.equal(out["superpatch_targets"][window], superpatch_targets_from_labels(out["labels"][window], SIZES))
+        expected = superpatch_targets_from_labels(out["labels"][window], SIZES)
+        assert torch.equal(out["superpatch_targets"][window], expected)
     assert "superpatch_targets" not in StepImageProcessor(superpatch_sizes=[])(
         Image.new("RGB", (32, 32)), segmentation_maps=Image.new("L", (32, 32)))
 
@@ -324,14 +325,16 @@ def test_bad_superpatch_maps():
     check_superpatch_map(good, sizes, grid)
     cases = []
     cases.append((good[:, :3], "shape"))
-    bad = good.clone(); bad[1, 0, 0] = 3
-    cases.append((bad, "image 1 holds the size 3"))
-    bad = good.clone(); bad[0, 1:3, 1:3] = 2  # not aligned to the 2-grid
-    cases.append((bad, r"cell \(1, 1\)"))
-    bad = good.clone(); bad[0, :2, 4:6] = 2; bad[0, 1, 5] = 1  # a 2x2 block missing a cell
-    cases.append((bad, "not a partition"))
-    bad = good.clone(); bad[0, :4, 4:6] = 4  # a 4x4 block sticking out of the grid
-    cases.append((bad, "not a partition"))
+    def bad_map(*changes):
+        superpatch_map = good.clone()
+        for index, value in changes:
+            superpatch_map[index] = value
+        return superpatch_map
+
+    cases.append((bad_map(((1, 0, 0), 3)), "image 1 holds the size 3"))
+    cases.append((bad_map(((0, slice(1, 3), slice(1, 3)), 2)), r"cell \(1, 1\)"))  # not aligned to the 2-grid
+    cases.append((bad_map(((0, slice(0, 2), slice(4, 6)), 2), ((0, 1, 5), 1)), "not a partition"))  # a cell missing
+    cases.append((bad_map(((0, slice(0, 4), slice(4, 6)), 4)), "not a partition"))  # sticking out of the grid
     for superpatch_map, message in cases:
         with pytest.raises(ValueError, match=message):
             check_superpatch_map(superpatch_map, sizes, grid)
