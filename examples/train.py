@@ -505,6 +505,11 @@ def main(argv=None) -> None:
         accelerator.init_trackers("step", config={k: v for k, v in vars(args).items() if v is not None})
 
     stages = list(STAGES) if args.stage == "all" else [args.stage]
+    if ("policy" not in stages and args.partition_source == "policy" and not args.model_name_or_path
+            and model.step.policy is not None):
+        accelerator.print("warning: the policy network is untrained, so its partitions are arbitrary: run --stage "
+                          "policy first (or --stage all), start from --model_name_or_path, or choose "
+                          "--partition_source oracle or dense.")
     checkpoint, history = find_checkpoint(args), []
     resume = None
     if checkpoint:
