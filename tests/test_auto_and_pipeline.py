@@ -124,3 +124,16 @@ def test_remote_code_without_step_hf(saved, model, tmp_path):
     torch.testing.assert_close(torch.tensor(remote["logits"]), logits, rtol=1e-5, atol=1e-5)
     local = pipeline("image-segmentation", model=str(saved))(image)
     assert [[s["label"], list(s["mask"].size), np.array(s["mask"]).tolist()] for s in local] == remote["segments"]
+
+
+def test_pipeline_with_sliding_windows(model, tmp_path):
+    """A frame larger than the model's window (as Cityscapes' 1024x2048 are): windows in, one map out."""
+    model.save_pretrained(tmp_path)
+    StepImageProcessor(size={"shortest_edge": 64}, window_size=64, num_labels=4).save_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 150, 3), dtype=np.uint8))
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    inputs = segmenter.image_processor(image, return_tensors="pt")
+    windows = inputs["window_offsets"]  # 64x192 after resizing: overlapping 64x64 windows across the width
+    assert inputs["pixel_values"].shape[1:] == (3, 64, 64) and len(windows) == len(inputs["pixel_values"]) > 2
+    assert windows[:, 2].min() == 0 and windows[:, 2].max() == 192 - 64
+    check_pipeline_output(segmenter(image), image, segmenter.model.config.id2label)
