@@ -19,7 +19,8 @@ from datasets import load_dataset
 from PIL import ImageOps
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor
-from step_hf.accounting import ALL_SIZES, superpatch_area_shares
+from step_hf.accounting import superpatch_area_shares
+from step_hf.configuration_step import SUPERPATCH_SIZES
 from step_hf.superpatch import (
     cells_to_blocks,
     decisions_from_targets,
@@ -123,7 +124,7 @@ def evaluate(model, processor, dataset, args) -> dict:
         return {
             "tokens_mean": float(counts.mean()), "tokens_p5": float(np.percentile(counts, 5)),
             "tokens_p95": float(np.percentile(counts, 95)),
-            "area_share": {str(size): round(share, 4) for size, share in zip(ALL_SIZES, shares)},
+            "area_share": {str(size): round(share, 4) for size, share in zip(SUPERPATCH_SIZES, shares)},
         }
 
     results = {"grid_cells": grid[0] * grid[1], "oracle": summary(oracle_counts, oracle_shares), "policy": {}}

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor  # noqa: E402
+from step_hf.configuration_step import PARTITION_SOURCES  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--dataset_name")
     parser.add_argument("--eval_split", default="validation")
     parser.add_argument("--image_size", type=int, help="shortest edge; default: the model's processor's")
-    parser.add_argument("--partition_source", default="policy", choices=["policy", "oracle", "dense"])
+    parser.add_argument("--partition_source", default="policy", choices=PARTITION_SOURCES)
     parser.add_argument("--policy_thresholds", type=float, nargs="+", default=[0.5])
     parser.add_argument("--exit_thresholds", type=float, nargs="+", default=[1.01])
     parser.add_argument("--max_eval_samples", type=int)

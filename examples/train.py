@@ -35,6 +35,7 @@ from scenes import SCENE_CLASSES, make_scene  # noqa: E402
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights  # noqa: E402
 from step_hf.accounting import flops_per_image  # noqa: E402
+from step_hf.configuration_step import PARTITION_SOURCES  # noqa: E402
 from step_hf.model_card import model_card  # noqa: E402
 
 STAGES = ("policy", "segmenter", "prune")
@@ -61,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "large"])
     model.add_argument("--model_name_or_path", help="a saved STEP model to start from")
     model.add_argument("--backbone_checkpoint", help="public ViT weights (timm or HF names, safetensors)")
-    model.add_argument("--partition_source", default="policy", choices=["policy", "oracle", "dense"],
+    model.add_argument("--partition_source", default="policy", choices=PARTITION_SOURCES,
                        help="partitions for the segmenter and prune stages")
     model.add_argument("--exit_thresholds", type=float, nargs="+")
     train = p.add_argument_group("training")

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-SIZES = (1, 2, 4, 8, 16)
-
+from .configuration_step import SUPERPATCH_SIZES
 
 def label_palette(num_labels: int) -> np.ndarray:
     """`(num_labels + 1, 3)` uint8 colours, well apart in hue; the last one (black) is for void."""
@@ -81,7 +80,7 @@ class TokenStats:
     correct: np.ndarray = field(init=False)  # (exits + 1,): correctly predicted pixels by fate
 
     def __post_init__(self):
-        self.area = np.zeros((self.num_labels, len(SIZES)), dtype=np.int64)
+        self.area = np.zeros((self.num_labels, len(SUPERPATCH_SIZES)), dtype=np.int64)
         self.fate = np.zeros((self.num_labels, len(self.exit_layers) + 1), dtype=np.int64)
         self.correct = np.zeros(len(self.exit_layers) + 1, dtype=np.int64)
 
@@ -100,9 +99,9 @@ class TokenStats:
         if len(label) and (label.min() < 0 or label.max() >= self.num_labels):
             raise ValueError(f"Label values must be class ids in [0, {self.num_labels}) or {self.ignore_index}; found "
                              f"{sorted(set(label.unique().tolist()) - set(range(self.num_labels)))}.")
-        size_index = torch.searchsorted(torch.tensor(SIZES), sizes[valid])
+        size_index = torch.searchsorted(torch.tensor(SUPERPATCH_SIZES), sizes[valid])
         fate_index = torch.searchsorted(torch.tensor([*self.exit_layers, self.num_layers]), exits[valid])
-        self.area += torch.bincount(label * len(SIZES) + size_index,
+        self.area += torch.bincount(label * len(SUPERPATCH_SIZES) + size_index,
                                     minlength=self.area.size).view(self.area.shape).numpy()
         self.fate += torch.bincount(label * self.fate.shape[1] + fate_index,
                                     minlength=self.fate.size).view(self.fate.shape).numpy()
@@ -120,7 +119,7 @@ class TokenStats:
                 continue
             per_class[id2label[index]] = {
                 "pixels": int(total),
-                "area_by_size": {str(s): float(a / total) for s, a in zip(SIZES, self.area[index])},
+                "area_by_size": {str(s): float(a / total) for s, a in zip(SUPERPATCH_SIZES, self.area[index])},
                 "fate": {name: float(f / total) for name, f in zip(fates, self.fate[index])},
             }
         per_fate = self.fate.sum(0)

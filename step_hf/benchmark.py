@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from .accounting import analytic_flops, flops_per_image, transformer_macs
-from .configuration_step import StepConfig
+from .configuration_step import ATTENTION_MODES, StepConfig
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
 from .superpatch import decisions_from_targets, partition_from_decisions
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--attention_mode", default="packed", choices=["packed", "padded"])
+    parser.add_argument("--attention_mode", default="packed", choices=ATTENTION_MODES)
     parser.add_argument("--dataset_name", default="../shared/datasets/camvid")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--partition", default="oracle", choices=["oracle", "policy"])
@@ -134,7 +134,7 @@ def check_batching(model, batch: dict, args) -> float:
     """Correctness before speed: on this device and dtype, packed and padded attention and one image at a time give
     the same logits for a mixed batch (oracle partitions). Raises if they differ beyond the dtype's tolerance."""
     config, results = model.config, {}
-    for mode in ("packed", "padded"):
+    for mode in ATTENTION_MODES:
         config.attention_mode = mode
         results[mode] = model(batch["pixel_values"], superpatch_map=batch["oracle_map"]).logits.float()
     config.attention_mode = args.attention_mode

@@ -13,6 +13,10 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
     "base": {"hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "intermediate_size": 3072},
     "large": {"hidden_size": 1024, "num_attention_heads": 16, "num_hidden_layers": 24, "intermediate_size": 4096},
 }
+# The possible superpatch sides (in patches), partition sources and attention modes.
+SUPERPATCH_SIZES = (1, 2, 4, 8, 16)
+PARTITION_SOURCES = ("policy", "oracle", "dense")
+ATTENTION_MODES = ("packed", "padded")
 # The published halting thresholds: 0.95 for ViT-L, 0.9 for ViT-B (and here the smaller ViTs).
 PRESET_EXIT_THRESHOLD = {"tiny": 0.9, "small": 0.9, "base": 0.9, "large": 0.95}
 
@@ -235,19 +239,19 @@ class StepConfig(PreTrainedConfig):
             raise ValueError(f"`exit_keep_topk_per_class` must be >= 0, got {self.exit_keep_topk_per_class}.")
         if self.exit_hidden_size < 1:
             raise ValueError(f"`exit_hidden_size` must be positive, got {self.exit_hidden_size}.")
-        if self.attention_mode not in ("packed", "padded"):
+        if self.attention_mode not in ATTENTION_MODES:
             raise ValueError(f"`attention_mode` must be 'packed' or 'padded', got {self.attention_mode!r}.")
         if self.halting and not layers:
             raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
 
     def _check_token_sharing(self) -> None:
         sizes = self.superpatch_sizes
-        if not sizes or len(set(sizes)) != len(sizes) or not set(sizes) <= {1, 2, 4, 8, 16}:
+        if not sizes or len(set(sizes)) != len(sizes) or not set(sizes) <= set(SUPERPATCH_SIZES):
             raise ValueError(
                 f"`superpatch_sizes` ({sizes}) must be distinct powers of two among 1, 2, 4, 8, 16 (use [1] for no "
                 "token sharing)."
             )
-        if self.partition_source not in ("policy", "oracle", "dense"):
+        if self.partition_source not in PARTITION_SOURCES:
             raise ValueError(
                 f"`partition_source` must be 'policy', 'oracle' or 'dense', got {self.partition_source!r}."
             )
@@ -291,4 +295,4 @@ class StepConfig(PreTrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["StepConfig", "VIT_PRESETS"]
+__all__ = ["ATTENTION_MODES", "PARTITION_SOURCES", "SUPERPATCH_SIZES", "StepConfig", "VIT_PRESETS"]

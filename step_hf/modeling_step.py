@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .configuration_step import StepConfig
+from .configuration_step import PARTITION_SOURCES, StepConfig
 from .superpatch import (
     TARGET_IGNORE,
     blocks_to_cells,
@@ -442,7 +442,7 @@ class StepModel(StepPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         partition_source = partition_source or self.config.partition_source
-        if partition_source not in ("policy", "oracle", "dense"):
+        if partition_source not in PARTITION_SOURCES:
             raise ValueError(f"`partition_source` must be 'policy', 'oracle' or 'dense', got {partition_source!r}.")
 
         budgeted = (

@@ -19,9 +19,6 @@ except ImportError:
     varlen_attn = None
 
 
-ATTENTION_MODES = ("packed", "padded")
-
-
 @dataclass(frozen=True)
 class PackedBatch:
     """
@@ -201,7 +198,6 @@ def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 
 __all__ = [
-    "ATTENTION_MODES",
     "PackedBatch",
     "TokenLayout",
     "dense_token_layout",
