@@ -388,8 +388,9 @@ class StepModel(StepPreTrainedModel):
         superpatch_targets: torch.Tensor | None,
         partition_source: str,
         run_policy: bool,
-    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None]:
-        """The partition to embed (`None` = dense) and the policy's block logits (`None` if it did not run)."""
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None, int | None]:
+        """The partition to embed (`None` = dense), the policy's block logits (`None` if it did not run), and the
+        tokens per image when a token budget fixes them (`None` otherwise)."""
         sizes, budget = self.config.shared_sizes, self.config.token_budget
         if budget is not None and budget > grid_size[0] * grid_size[1] and partition_source == "policy":
             raise ValueError(
@@ -399,17 +400,19 @@ class StepModel(StepPreTrainedModel):
         block_logits = self.policy(pixel_values) if self.policy is not None and run_policy else None
         if superpatch_map is not None:
             check_superpatch_map(superpatch_map, self.config.superpatch_sizes, grid_size)
-            return superpatch_map.long(), block_logits
+            return superpatch_map.long(), block_logits, None
         if partition_source == "dense" or not sizes:
-            return None, block_logits
+            return None, block_logits, None
         if partition_source == "oracle":
             check_superpatch_targets(superpatch_targets, pixel_values.shape[0], len(sizes), grid_size)
-            return partition_from_decisions(decisions_from_targets(superpatch_targets, sizes), grid_size), block_logits
+            decisions = decisions_from_targets(superpatch_targets, sizes)
+            return partition_from_decisions(decisions, grid_size), block_logits, None
         if budget is not None:
             decisions = decisions_for_budget(block_logits, grid_size, budget)
-        else:
-            decisions = decisions_from_thresholds(block_logits, self.config.policy_thresholds)
-        return partition_from_decisions(decisions, grid_size), block_logits
+            tokens_per_image = budget_token_count(grid_size[0] * grid_size[1], budget)
+            return partition_from_decisions(decisions, grid_size), block_logits, tokens_per_image
+        decisions = decisions_from_thresholds(block_logits, self.config.policy_thresholds)
+        return partition_from_decisions(decisions, grid_size), block_logits, None
 
     def forward(
         self,
@@ -445,11 +448,7 @@ class StepModel(StepPreTrainedModel):
         if partition_source not in PARTITION_SOURCES:
             raise ValueError(f"`partition_source` must be 'policy', 'oracle' or 'dense', got {partition_source!r}.")
 
-        budgeted = (
-            superpatch_map is None and partition_source == "policy" and self.config.token_budget is not None
-            and bool(self.config.shared_sizes)
-        )
-        superpatch_map, block_logits = self.choose_partition(
+        superpatch_map, block_logits, tokens_per_image = self.choose_partition(
             pixel_values, grid_size, superpatch_map, superpatch_targets, partition_source,
             run_policy=policy_only or (partition_source == "policy" and superpatch_map is None),
         )
@@ -457,10 +456,7 @@ class StepModel(StepPreTrainedModel):
         if superpatch_map is None:
             layout, sizes = dense_token_layout(batch_size, grid_size, device), [1]
             superpatch_map = torch.ones(batch_size, *grid_size, dtype=torch.long, device=device)
-        else:
-            # With a token budget the count is known: no host sync, static shapes.
-            budget = self.config.token_budget if budgeted else None
-            tokens_per_image = None if budget is None else budget_token_count(grid_size[0] * grid_size[1], budget)
+        else:  # a count fixed by a token budget needs no host sync: static shapes
             layout, sizes = layout_from_superpatch_map(superpatch_map, tokens_per_image), [1, *self.config.shared_sizes]
         layout = dataclasses.replace(
             layout, batch=dataclasses.replace(layout.batch, attention_mode=self.config.attention_mode)
