@@ -12,16 +12,19 @@ import argparse
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import torch
-from datasets import load_dataset
 from PIL import ImageOps
 
-from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor
-from step_hf.accounting import superpatch_area_shares
-from step_hf.configuration_step import SUPERPATCH_SIZES
-from step_hf.superpatch import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train  # noqa: E402
+
+from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor  # noqa: E402
+from step_hf.accounting import superpatch_area_shares  # noqa: E402
+from step_hf.configuration_step import SUPERPATCH_SIZES  # noqa: E402
+from step_hf.superpatch import (  # noqa: E402
     cells_to_blocks,
     decisions_from_targets,
     decisions_from_thresholds,
@@ -137,23 +140,18 @@ def evaluate(model, processor, dataset, args) -> dict:
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    dataset = load_dataset(args.dataset_name)
-    for split in (args.train_split, args.eval_split):
-        missing = {args.image_column, args.label_column} - set(dataset[split].column_names)
-        if missing:
-            raise ValueError(f"Split {split!r} has no column(s) {sorted(missing)}; set --image_column/--label_column.")
-    dataset = dataset.rename_columns({args.image_column: "image", args.label_column: "label"}) if (
-        args.image_column != "image" or args.label_column != "label") else dataset
-    id2label_path = os.path.join(args.dataset_name, "id2label.json")
-    id2label = {int(k): v for k, v in json.load(open(id2label_path)).items()} if os.path.isfile(id2label_path) else {
-        i: str(i) for i in range(256)}
+    # The training script's loader: the same columns, id2label and checks of every label before anything runs.
+    dataset, id2label = train.load_data(train.parse_args([
+        "--dataset_name", args.dataset_name, "--train_split", args.train_split, "--eval_split", args.eval_split,
+        "--image_column_name", args.image_column, "--label_column_name", args.label_column,
+    ]))
     model = load_model(args, id2label)
     processor = StepImageProcessor(
         size={"height": args.image_size, "width": args.image_size},
         superpatch_sizes=model.config.superpatch_sizes, num_labels=model.config.num_labels,
     )
-    losses = train_policy(model, processor, dataset[args.train_split], args) if args.train_steps else []
-    results = evaluate(model, processor, dataset[args.eval_split], args)
+    losses = train_policy(model, processor, dataset["train"], args) if args.train_steps else []
+    results = evaluate(model, processor, dataset["validation"], args)
     results["train_steps"], results["final_policy_loss"] = args.train_steps, float(np.mean(losses[-50:] or [np.nan]))
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
