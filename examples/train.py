@@ -35,7 +35,7 @@ from scenes import SCENE_CLASSES, make_scene  # noqa: E402
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights  # noqa: E402
 from step_hf.accounting import flops_per_image  # noqa: E402
-from step_hf.configuration_step import PARTITION_SOURCES  # noqa: E402
+from step_hf.configuration_step import ATTENTION_MODES, PARTITION_SOURCES  # noqa: E402
 from step_hf.model_card import model_card  # noqa: E402
 
 STAGES = ("policy", "segmenter", "prune")
@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--partition_source", default="policy", choices=PARTITION_SOURCES,
                        help="partitions for the segmenter and prune stages")
     model.add_argument("--exit_thresholds", type=float, nargs="+")
+    model.add_argument("--attention_mode", choices=ATTENTION_MODES,
+                       help="how images of unequal token counts share a batch (default: the config's, packed)")
     train = p.add_argument_group("training")
     train.add_argument("--stage", default="all", choices=[*STAGES, "all"])
     train.add_argument("--policy_steps", type=int, default=200)
@@ -256,6 +258,8 @@ def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
         model = StepForSemanticSegmentation(config)
         if args.backbone_checkpoint:
             load_vit_weights(model, args.backbone_checkpoint)
+    if args.attention_mode:
+        model.config.attention_mode = args.attention_mode
     if args.crop_size % model.config.patch_size:
         raise ValueError(f"--crop_size {args.crop_size} is not a multiple of the patch size {model.config.patch_size}.")
     if args.crop_size > args.image_size * args.max_scale:

@@ -11,21 +11,25 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf_home
 # The machine reaches no registry: newer transformers / huggingface_hub come as carried wheels; datasets is not
 # needed (the benchmark reads the parquet files directly).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+if [ -z "${PYTHONPATH:-}" ]; then  # gpu_session.sh has installed them already
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$out/gpu.txt"
-data=.bench_data/camvid
+data=${DATA:-.bench_data/camvid}
 preset=${PRESET:-large} size=${SIZE:-1024} small_size=${SMALL_SIZE:-512}
 # 1. correctness on the GPU (each benchmark run checks packed = padded = per-image first), small and fast
-python3 -m step_hf.benchmark --preset small --image_size $small_size --batch_size 4 --num_batches 1 --repeats 1 \
+timeout 90 python3 -m step_hf.benchmark --preset small --image_size $small_size --batch_size 4 --num_batches 1 --repeats 1 \
     --dtype fp32 --dataset_name $data --skip_vit --output "$out/check_fp32.json" || exit 1
-# 2. the ladder: ViT-L at 1024, bf16, batch 8, then batch 1 with the compiled static-budget variant
-python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 --dtype bf16 \
-    --dataset_name $data --output "$out/vitl_1024_b8.json"
-python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 1 --num_batches 4 --dtype bf16 \
-    --dataset_name $data --compile --skip_vit --output "$out/vitl_1024_b1.json"
-python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 --dtype bf16 \
-    --dataset_name $data --attention_mode padded --skip_vit --output "$out/vitl_1024_b8_padded.json"
+# 2. the ladder: ViT-L at 1024, bf16, batch 8; batch 1 with the static-budget variant compiled with CUDA graphs
+# (compilation takes a minute or two); the padded attention mode last (a fallback: the least needed number)
+timeout 150 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 \
+    --dtype bf16 --dataset_name $data --output "$out/vitl_1024_b8.json"
+timeout 240 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 1 --num_batches 4 \
+    --dtype bf16 --dataset_name $data --compile --compile_mode "${COMPILE_MODE:-reduce-overhead}" --skip_vit \
+    --output "$out/vitl_1024_b1.json"
+timeout 90 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 \
+    --dtype bf16 --dataset_name $data --attention_mode padded --skip_vit --output "$out/vitl_1024_b8_padded.json"

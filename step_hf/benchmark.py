@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "base", "large"])
     parser.add_argument("--model", help="a saved STEP model instead of random weights of --preset")
-    parser.add_argument("--image_size", type=int, default=512)
+    parser.add_argument("--image_size", type=int, nargs="+", default=[512],
+                        help="input side, or height and width (e.g. 720 960)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_batches", type=int, default=2, help="distinct batches of real images, timed in turn")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the batches (median reported)")
@@ -54,10 +55,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--partition", default="oracle", choices=["oracle", "policy"])
     parser.add_argument("--halt_share", type=float, nargs="+", default=[0.2, 0.25],
                         help="share of the tokens reaching each exit that halt there (0.2 then 0.25 of the rest: 40%%)")
+    parser.add_argument("--exit_thresholds", type=float, nargs="+",
+                        help="use these exit thresholds (e.g. a trained model's) instead of calibrating --halt_share")
     parser.add_argument("--compile", action="store_true", help="torch.compile the budget variant (static shapes)")
+    parser.add_argument("--compile_mode", default="default",
+                        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs: no launch overhead at batch 1)")
     parser.add_argument("--skip_vit", action="store_true", help="leave out the transformers ViTModel row")
     parser.add_argument("--output", help="write the rows as JSON here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.image_size) > 2:
+        parser.error("--image_size takes a side or a height and a width.")
+    args.image_size = (args.image_size * 2)[:2]
+    return args
 
 
 def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
@@ -89,7 +98,7 @@ def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
 def load_batches(args, config: StepConfig) -> list[dict]:
     """Batches of real frames resized to the input size, with their ground-truth superpatch targets."""
     images, labels = read_images(args.dataset_name, args.split, args.batch_size * args.num_batches)
-    processor = StepImageProcessor(size={"height": args.image_size, "width": args.image_size},
+    processor = StepImageProcessor(size={"height": args.image_size[0], "width": args.image_size[1]},
                                    superpatch_sizes=config.superpatch_sizes)
     batches = []
     for start in range(0, len(images), args.batch_size):
@@ -167,7 +176,7 @@ def row_for(name, ms_per_batch, outputs, args, config, dense_ms, policy_ran, sha
     """One result row: time, throughput, tokens, halting and FLOPs per image."""
     tokens = torch.cat([o.token_counts.float().cpu() for o in outputs])
     halted = torch.cat([o.halted_share.float().cpu() for o in outputs]) if halting else None
-    image_size = (args.image_size, args.image_size)
+    image_size = tuple(args.image_size)
     counts = tokens.long().tolist()
     flops = flops_per_image(config, image_size, counts, halted.tolist() if halting else None, sharing, policy_ran)
     policy_flops = analytic_flops(config, image_size, [1], [1], policy_ran=policy_ran)["policy"] if policy_ran else 0
@@ -188,7 +197,7 @@ def run_ladder(args) -> list[dict]:
     if args.model:
         model = StepForSemanticSegmentation.from_pretrained(args.model)
     else:
-        model = StepForSemanticSegmentation(StepConfig.from_preset(args.preset, image_size=args.image_size,
+        model = StepForSemanticSegmentation(StepConfig.from_preset(args.preset, image_size=max(args.image_size),
                                                                    num_labels=11))
     model = model.to(device, dtype).eval()
     config = model.config
@@ -214,7 +223,7 @@ def run_ladder(args) -> list[dict]:
 
         vit_config = ViTConfig(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
                                num_attention_heads=config.num_attention_heads,
-                               intermediate_size=config.intermediate_size, image_size=args.image_size,
+                               intermediate_size=config.intermediate_size, image_size=tuple(args.image_size),
                                patch_size=config.patch_size, layer_norm_eps=config.layer_norm_eps)
         vit_config._attn_implementation = "sdpa"
         vit = ViTModel(vit_config, add_pooling_layer=False).to(device, dtype).eval()
@@ -238,7 +247,10 @@ def run_ladder(args) -> list[dict]:
     measure("dCTS", dcts, policy_ran=True, sharing=True)
 
     if config.exit_layers:
-        thresholds = calibrate_exits(model, batches[0], args.halt_share)
+        if args.exit_thresholds:
+            thresholds = config.exit_thresholds = args.exit_thresholds
+        else:
+            thresholds = calibrate_exits(model, batches[0], args.halt_share)
         config.halting = True
         measure(f"dCTS + exits (thresholds {[round(t, 3) for t in thresholds]})", dcts, True, True, True)
         config.halting = False
@@ -247,9 +259,15 @@ def run_ladder(args) -> list[dict]:
         model.step(b["pixel_values"], superpatch_map=b["oracle_map"], policy_only=True).token_counts for b in batches
     ])
     config.token_budget = int(oracle_counts.float().mean())
-    budget_model = torch.compile(model, fullgraph=True) if args.compile else model
-    measure(f"dCTS budget {config.token_budget}{' (compiled)' if args.compile else ''}",
-            lambda b: budget_model(b["pixel_values"], partition_source="policy"), policy_ran=True, sharing=True)
+    budget_model = torch.compile(model, fullgraph=True, mode=args.compile_mode) if args.compile else model
+
+    def budget(batch):
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) reuse their output buffers
+        outputs = budget_model(batch["pixel_values"], partition_source="policy")
+        return SimpleNamespace(token_counts=outputs.token_counts.clone(), halted_share=None)
+
+    measure(f"dCTS budget {config.token_budget}{f' (compiled, {args.compile_mode})' if args.compile else ''}",
+            budget, policy_ran=True, sharing=True)
     return rows, encoder_flop_rates(model, oracle_counts[: args.batch_size].tolist(), args)
 
 
@@ -278,7 +296,7 @@ def encoder_flop_rates(model, lengths: list[int], args) -> dict:
 
 
 def markdown(rows: list[dict], args) -> str:
-    header = (f"{args.preset if not args.model else args.model}, {args.image_size}x{args.image_size}, batch "
+    header = (f"{args.preset if not args.model else args.model}, {args.image_size[0]}x{args.image_size[1]}, batch "
               f"{args.batch_size}, {args.dtype}, {args.device}, attention {args.attention_mode}, {args.partition} "
               f"partitions")
     lines = [header, "",

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The CamVid comparison of issue 6: one command per variant, the same backbone, recipe and segmenter steps.
+#   bash scripts/camvid_recipe.sh dense OUTPUT_ROOT   # plain ViT + Segmenter, no token sharing
+#   bash scripts/camvid_recipe.sh dcts  OUTPUT_ROOT   # policy stage, then the segmenter on its partitions
+#   bash scripts/camvid_recipe.sh step  OUTPUT_ROOT   # dcts (reused if present), then the pruning fine-tune
+# Defaults: one H100/H200 GPU, ViT-S from scratch, CamVid resized to a shortest edge of 720 (frames 720x960, a 45x60
+# patch grid), 720x720 crops, batch 8, bf16. The CPU scale-down of the issue (about an hour on 2 cores):
+#   PRESET=tiny SIZE=384 PRECISION=no WORKERS=0 SEGMENTER_STEPS=400 POLICY_STEPS=200 PRUNE_STEPS=100 bash ...
+# Extra arguments go to every examples/train.py call.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+variant=${1:?dense, dcts or step} root=${2:?an output folder}
+shift 2
+common=(--dataset_name "${DATA:-../shared/datasets/camvid}" --preset "${PRESET:-small}" --image_size "${SIZE:-720}"
+        --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --mixed_precision "${PRECISION:-bf16}"
+        --num_workers "${WORKERS:-7}" --policy_steps "${POLICY_STEPS:-200}" --segmenter_steps "${SEGMENTER_STEPS:-600}"
+        --prune_steps "${PRUNE_STEPS:-150}" --checkpointing_steps "${CHECKPOINT_STEPS:-0}"
+        ${ATTENTION_MODE:+--attention_mode "$ATTENTION_MODE"})
+train() { python examples/train.py "${common[@]}" "$@"; }
+case $variant in
+    dense) train --output_dir "$root/dense" --stage segmenter --partition_source dense "$@" ;;
+    dcts) train --output_dir "$root/dcts-policy" --stage policy "$@"
+          train --output_dir "$root/dcts" --stage segmenter --model_name_or_path "$root/dcts-policy" "$@" ;;
+    step) [ -f "$root/dcts/config.json" ] || bash "$0" dcts "$root" "$@"
+          train --output_dir "$root/step" --stage prune --model_name_or_path "$root/dcts" "$@" ;;
+    *) echo "unknown variant $variant: dense, dcts or step" >&2; exit 2 ;;
+esac
