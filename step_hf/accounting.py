@@ -89,6 +89,9 @@ def analytic_flops(
         for size in embedding_sizes
         if size <= min(rows, cols)
     )
+    stored_rows, stored_cols = config.image_grid_size
+    if (stored_rows, stored_cols) != (rows, cols):  # the position grid resized: rows first, then columns
+        encoder += rows * stored_rows * stored_cols * dim + rows * cols * stored_cols * dim
     exits, alive, previous_layer = 0, list(token_counts), 0
     exit_points = list(zip(config.exit_layers, exit_survivors or [None] * len(config.exit_layers)))
     for layer, survivors in (exit_points if exits_ran else []):

@@ -20,6 +20,7 @@ speed does not depend on them.
 """
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -61,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile_mode", default="default",
                         help="torch.compile mode, e.g. reduce-overhead (CUDA graphs: no launch overhead at batch 1)")
     parser.add_argument("--skip_vit", action="store_true", help="leave out the transformers ViTModel row")
+    parser.add_argument("--profile", action="store_true",
+                        help="also show where the time goes: host issue time against device time, top operators")
     parser.add_argument("--output", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     if len(args.image_size) > 2:
@@ -139,30 +142,69 @@ def calibrate_exits(model, batch: dict, shares: list[float]) -> list[float]:
     return thresholds
 
 
+def where_time_goes(run, batch: dict, args) -> dict:
+    """One batch, after the timed runs: how long the host takes to issue the work (until the call returns, host
+    syncs included) against how long until the device is done, the kernel launches, and the busiest operators.
+    Issue time close to the total means the host, not the device, sets the pace."""
+    cuda = args.device.startswith("cuda")
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    run(batch)
+    issued = time.perf_counter()
+    synchronize()
+    summary = {"issue_ms": (issued - start) * 1000, "total_ms": (time.perf_counter() - start) * 1000}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as profiler:
+            run(batch)
+            synchronize()
+        events = profiler.key_averages()
+        summary["kernel_launches"] = sum(e.count for e in events if "LaunchKernel" in e.key)
+        summary["table"] = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                        row_limit=10)
+    except Exception as error:  # a diagnostic: never lose the timings to the profiler
+        summary["table"] = f"profiler failed: {error!r}"
+    return summary
+
+
 def check_batching(model, batch: dict, args) -> float:
     """Correctness before speed: on this device and dtype, packed and padded attention and one image at a time give
-    the same logits for a mixed batch (oracle partitions). Raises if they differ beyond the dtype's tolerance."""
-    config, results = model.config, {}
-    for mode in ATTENTION_MODES:
+    the same logits for a mixed batch (oracle partitions); raises if not. In fp32 they must agree to 1e-3. In half
+    precision every mode rounds differently through every block, and a deep random model amplifies rounding, so each
+    is compared with the same model in fp32 instead: no mode may be more than 3x as far from it as the closest one
+    (a mode that mixed images or dropped tokens would be off by the logits' whole spread)."""
+    config, pixels, maps = model.config, batch["pixel_values"], batch["oracle_map"]
+
+    def logits(mode: str, network=model, images=pixels) -> torch.Tensor:
         config.attention_mode = mode
-        results[mode] = model(batch["pixel_values"], superpatch_map=batch["oracle_map"]).logits.float()
-    config.attention_mode = args.attention_mode
-    single = torch.cat([
-        model(image[None], superpatch_map=superpatch_map[None]).logits.float()
-        for image, superpatch_map in zip(batch["pixel_values"], batch["oracle_map"])
-    ])
-    others = (results["padded"], single)
-    difference = max(float((results["packed"] - other).abs().max()) for other in others)
-    mean_difference = max(float((results["packed"] - other).abs().mean()) for other in others)
-    spread = float(results["packed"].std())
-    agreement = min(float((results["packed"].argmax(1) == other.argmax(1)).float().mean()) for other in others)
+        if mode != "one image at a time":
+            return network(images, superpatch_map=maps).logits.float()
+        config.attention_mode = "packed"
+        return torch.cat([network(image[None], superpatch_map=superpatch_map[None]).logits.float()
+                          for image, superpatch_map in zip(images, maps)])
+
+    results = {mode: logits(mode) for mode in (*ATTENTION_MODES, "one image at a time")}
+    packed, others = results["packed"], [results["padded"], results["one image at a time"]]
+    difference = max(float((packed - other).abs().max()) for other in others)
+    mean_difference = max(float((packed - other).abs().mean()) for other in others)
+    agreement = min(float((packed.argmax(1) == other.argmax(1)).float().mean()) for other in others)
     print(f"check: packed vs padded vs one image at a time: max |logit difference| {difference:.2e}, mean "
-          f"{mean_difference:.2e} (logits spread {spread:.2f}), same class on {100 * agreement:.2f}% of cells")
-    # fp32: the same numbers up to summation order. Half precision: rounding through every block, so the mean
-    # difference must stay small against the logits' spread (random weights make near-ties, so argmax may flip).
-    ok = difference <= 1e-3 if args.dtype == "fp32" else mean_difference <= 0.05 * spread
+          f"{mean_difference:.2e} (logits spread {float(packed.std()):.2f}), same class on {100 * agreement:.2f}% of "
+          "cells")
+    if args.dtype == "fp32":
+        ok = difference <= 1e-3
+    else:
+        reference_model = copy.deepcopy(model).float()
+        reference = logits("one image at a time", reference_model, pixels.float())
+        del reference_model
+        errors = {mode: float((result - reference).abs().mean()) for mode, result in results.items()}
+        print("check: mean |logit error| against fp32: " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
+        ok = max(errors.values()) <= 3 * min(errors.values())
+    config.attention_mode = args.attention_mode
     if not ok:
-        raise RuntimeError(f"Batching modes disagree on {args.device} in {args.dtype} (see the check line).")
+        raise RuntimeError(f"Batching modes disagree on {args.device} in {args.dtype} (see the check lines).")
     return difference
 
 
@@ -215,6 +257,8 @@ def run_ladder(args) -> list[dict]:
         ms, outputs = timed(run, batches, args)
         dense_ms = rows[0]["ms_per_image"] * args.batch_size if rows else ms
         rows.append(row_for(name, ms, outputs, args, config, dense_ms, policy_ran, sharing, halting))
+        if args.profile:
+            rows[-1]["profile"] = where_time_goes(run, batches[0], args)
 
     measure("dense", lambda b: model(b["pixel_values"], partition_source="dense"))
 
@@ -321,6 +365,11 @@ def main(argv=None) -> None:
           f"{packed['tflops_per_second']:.3f} TFLOP/s in {packed['ms']:.2f} ms; equal images of "
           f"{equal['tokens'][0]} tokens {equal['tflops_per_second']:.3f} TFLOP/s in {equal['ms']:.2f} ms; "
           f"ratio {rates['ratio']:.2f}")
+    for row in rows:
+        if "profile" in row:
+            p = row["profile"]
+            print(f"\nprofile of {row['variant']}: the host issues a batch in {p['issue_ms']:.2f} ms, the device is "
+                  f"done at {p['total_ms']:.2f} ms; {p.get('kernel_launches', '?')} kernel launches\n{p['table']}")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows, "encoder_flop_rates": rates,

@@ -8,10 +8,9 @@ import os
 import re
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .modeling_step import StepForSemanticSegmentation, StepModel
+from .modeling_step import StepForSemanticSegmentation, StepModel, resize_grid_bicubic
 
 # Hugging Face ViT names (v5 modules, then v4 modules as still saved on disk) -> timm names used by StepModel.
 _HF_RENAMES = [
@@ -77,10 +76,8 @@ def resize_position_embedding(pos_embed: torch.Tensor, grid_size: tuple[int, int
         raise ValueError(f"The checkpoint's position embedding has {num_patches} patches, not a square grid.")
     if (side, side) == tuple(grid_size):
         return pos_embed
-    grid = pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=grid_size, mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], grid], dim=1)
+    grid = resize_grid_bicubic(pos_embed[0, 1:].reshape(side, side, dim), tuple(grid_size))
+    return torch.cat([pos_embed[:, :1], grid.reshape(1, -1, dim)], dim=1)
 
 
 def _read_checkpoint(source: str, revision: str | None) -> tuple[dict[str, torch.Tensor], dict | None]:

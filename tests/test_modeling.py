@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 from step_hf import StepForSemanticSegmentation, StepModel
+from step_hf.modeling_step import resize_grid_bicubic
 from step_hf.token_layout import PackedBatch, dense_token_layout, insert_per_image, packed_attention
 
 from .conftest import tiny_config
@@ -173,3 +174,12 @@ def test_non_square_stored_grid():
         assert model(torch.randn(1, 3, 32, 64)).logits.shape == (1, 4, 2, 4)
         expected = reference_vit_segmenter(model, torch.zeros(1, 3, 48, 48))
         torch.testing.assert_close(model(torch.zeros(1, 3, 48, 48)).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid, size", [((14, 14), (64, 64)), ((45, 45), (45, 60)), ((60, 60), (45, 60)),
+                                        ((8, 8), (3, 5))])
+def test_position_grid_resize_equals_bicubic_interpolate(grid, size):
+    """The separable (two matrix products) resize gives what `F.interpolate` bicubic does, up and down."""
+    values = torch.randn(*grid, 32, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(values.permute(2, 0, 1)[None], size=size, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(resize_grid_bicubic(values, size), expected[0].permute(1, 2, 0), rtol=1e-5, atol=1e-5)
