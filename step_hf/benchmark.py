@@ -126,19 +126,32 @@ def timed(run, batches: list[dict], args) -> tuple[float, list]:
     return statistics.median(times), outputs
 
 
-def calibrate_exits(model, batch: dict, shares: list[float]) -> list[float]:
-    """Exit thresholds under which about `shares` of the tokens reaching each exit halt on this batch (its oracle
-    partition), calibrated exit after exit."""
+def halted_share(model, batch: dict, thresholds: list[float], exit_index: int) -> float:
+    """The share of the tokens reaching exit `exit_index` that halt there under `thresholds` (halting on)."""
+    model.config.exit_thresholds, model.config.halting = thresholds, True
+    exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).token_exit_layer
+    layer = model.config.exit_layers[exit_index]
+    return float((exit_layer[exit_layer >= layer] == layer).float().mean())
+
+
+def calibrate_exits(model, batch: dict, shares: list[float], steps: int = 16) -> list[float]:
+    """Exit thresholds under which about `shares` of the tokens reaching each exit halt there on this batch (its
+    oracle partition), exit after exit. Halting keeps every image's top tokens per class, and those are the most
+    confident ones, so a confidence quantile halts too few: the threshold is bisected on the halted share itself."""
     config, thresholds = model.config, []
-    for index, share in enumerate(shares[: len(config.exit_layers)]):
-        config.exit_thresholds = [*thresholds, *[2.0] * (len(config.exit_layers) - len(thresholds))]
-        config.halting = True
-        encoded = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"])
-        layer = config.exit_layers[index]
-        reached = encoded.token_exit_layer >= layer
-        confidence = encoded.exit_logits[index].float().softmax(-1).amax(-1)[reached]
-        thresholds.append(float(torch.quantile(confidence, 1 - share)) if share > 0 else 2.0)
-    config.exit_thresholds = thresholds + [2.0] * (len(config.exit_layers) - len(thresholds))
+    num_exits = len(config.exit_layers)
+    for index, share in enumerate(shares[:num_exits]):
+        later = [2.0] * (num_exits - index - 1)
+        low, high = 0.0, 1.0  # a token halts when its top class probability exceeds the threshold
+        for _ in range(steps if share > 0 else 0):
+            middle = (low + high) / 2
+            if halted_share(model, batch, [*thresholds, middle, *later], index) > share:
+                low = middle
+            else:
+                high = middle
+        thresholds.append(high if share > 0 else 2.0)
+    config.exit_thresholds = thresholds + [2.0] * (num_exits - len(thresholds))
+    config.halting = False
     return thresholds
 
 

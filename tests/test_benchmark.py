@@ -1,6 +1,10 @@
 import json
 
-from step_hf import benchmark
+import torch
+
+from step_hf import StepForSemanticSegmentation, benchmark
+
+from .conftest import tiny_config
 
 
 def test_benchmark_ladder_runs_on_real_images_and_reports_everything(tmp_path, scene_dataset, capsys):
@@ -18,3 +22,21 @@ def test_benchmark_ladder_runs_on_real_images_and_reports_everything(tmp_path, s
     assert rows[4]["tokens_min"] == rows[4]["tokens_max"]  # a budget: the same count for every image
     assert all(row["ms_per_image"] > 0 and row["gflops_per_image"] > 0 for row in rows)
     assert "| dense |" in table and "speed-up vs dense" in table
+
+
+def test_exit_calibration_halts_the_asked_share_despite_the_top_k_rule():
+    """A confidence quantile would halt too few (each image keeps its top tokens per class); bisecting on the
+    halted share itself reaches the share asked for at each exit, within a token or two."""
+    torch.manual_seed(0)
+    config = tiny_config(num_hidden_layers=3, exit_layers=[1, 2], exit_keep_topk_per_class=2)
+    model = StepForSemanticSegmentation(config).eval()
+    for head in model.step.exit_heads:
+        head.fc2.weight.data.normal_(0, 2.0)  # spread the confidences
+    batch = {"pixel_values": torch.randn(3, 3, 128, 128), "oracle_map": torch.ones(3, 8, 8, dtype=torch.long)}
+    with torch.no_grad():
+        thresholds = benchmark.calibrate_exits(model, batch, [0.3, 0.5])
+        config.halting = True
+        exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).token_exit_layer
+    first, second = ((exit_layer[exit_layer >= layer] == layer).float().mean() for layer in (1, 2))
+    assert len(thresholds) == 2 and not config.exit_thresholds[0] == config.exit_thresholds[1] == 2.0
+    assert abs(float(first) - 0.3) < 0.02 and abs(float(second) - 0.5) < 0.03
