@@ -179,25 +179,67 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
+class PatchConv2d(nn.Conv2d):
+    """
+    A convolution whose stride equals its kernel (no padding, no overlap), computed as one matrix product over the
+    image's patches. Same parameters and numbers as `nn.Conv2d`; cuDNN runs these shapes (3 input channels, large
+    kernels) through a slow implicit-GEMM kernel: 2.9 ms for a ViT-L patch embedding of 8 images at 1024x1024 on an
+    H200 (docs/BENCHMARKS.md). `patches_last` returns `(batch, rows, cols, out_channels)`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size, stride=kernel_size, bias=bias)
+
+    def patches_last(self, images: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = images.shape
+        (kernel_rows, kernel_cols), weight = self.kernel_size, self.weight
+        rows, cols = height // kernel_rows, width // kernel_cols
+        patches = images[:, :, : rows * kernel_rows, : cols * kernel_cols]
+        patches = patches.reshape(batch, channels, rows, kernel_rows, cols, kernel_cols).permute(0, 2, 4, 1, 3, 5)
+        return F.linear(patches.flatten(3), weight.flatten(1), self.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.patches_last(images).permute(0, 3, 1, 2)
+
+
+class ImageNorm(nn.GroupNorm):
+    """
+    GroupNorm with a single group: each image normalised over all its channels and pixels, then scaled per channel.
+    Computed with a plain reduction: PyTorch's GroupNorm kernel spreads its statistics over batch x groups thread
+    blocks only (8 for a batch of 8), 0.24 ms per call on the policy's 256x256 stem on an H200 (docs/BENCHMARKS.md).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5):
+        super().__init__(1, num_channels, eps=eps)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        flat = features.flatten(1).float()
+        variance, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
+        normalized = ((flat - mean) * torch.rsqrt(variance + self.eps)).view(features.shape)
+        return (normalized * self.weight[:, None, None] + self.bias[:, None, None]).to(features.dtype)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, config: StepConfig):
         super().__init__()
-        self.proj = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size)
+        self.proj = PatchConv2d(config.num_channels, config.hidden_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, channels, H, W)` -> `(batch, H / patch, W / patch, hidden_size)`."""
-        return self.proj(pixel_values).permute(0, 2, 3, 1)
+        return self.proj.patches_last(pixel_values)
 
 
 def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
-    padding = kernel_size // 2 if stride == 1 else 0  # strided convs tile the image exactly, like patches
+    # Strided convolutions tile the image exactly, like patches; the others keep its size.
+    if stride == 1:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    elif stride == kernel_size:
+        conv = PatchConv2d(in_channels, out_channels, kernel_size, bias=False)
+    else:
+        raise ValueError(f"A strided policy convolution must have its stride equal its kernel, got {stride}.")
     # GroupNorm, not BatchNorm: per-image statistics, so a partition never depends on the rest of the batch or on
     # train/eval mode, and the coarsest levels (often 1x1) train at any batch size.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False),
-        nn.GroupNorm(1, out_channels),
-        nn.ReLU(inplace=True),
-    )
+    return nn.Sequential(conv, ImageNorm(out_channels), nn.ReLU(inplace=True))
 
 
 def bicubic_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:

@@ -143,6 +143,14 @@ def check_superpatch_map(superpatch_map: torch.Tensor, sizes: list[int], grid_si
             f"{tuple(superpatch_map.shape)}."
         )
     allowed = sorted({1, *sizes})
+    in_whole_block = torch.zeros_like(superpatch_map, dtype=torch.bool)
+    for size in allowed:
+        is_size = superpatch_map == size
+        whole_blocks = block_reduce(is_size, size, "min")  # aligned blocks made only of this size
+        in_whole_block |= blocks_to_cells(whole_blocks, size, grid_size, False) & is_size
+    bad = ~in_whole_block  # a size not allowed is in no whole block either
+    if not bad.any():  # the check's one host sync; the details below only on failure
+        return
     unknown = ~torch.isin(superpatch_map, torch.tensor(allowed, device=superpatch_map.device))
     if unknown.any():
         image = int(unknown.flatten(1).any(1).nonzero()[0])
@@ -150,19 +158,12 @@ def check_superpatch_map(superpatch_map: torch.Tensor, sizes: list[int], grid_si
             f"`superpatch_map` of image {image} holds the size {int(superpatch_map[image][unknown[image]][0])}; "
             f"allowed sizes are {allowed}."
         )
-    in_whole_block = torch.zeros_like(superpatch_map, dtype=torch.bool)
-    for size in allowed:
-        is_size = superpatch_map == size
-        whole_blocks = block_reduce(is_size, size, "min")  # aligned blocks made only of this size
-        in_whole_block |= blocks_to_cells(whole_blocks, size, grid_size, False) & is_size
-    bad = ~in_whole_block
-    if bad.any():
-        image, row, col = (int(i) for i in bad.nonzero()[0])
-        size = int(superpatch_map[image, row, col])
-        raise ValueError(
-            f"`superpatch_map` of image {image} is not a partition at cell ({row}, {col}): size {size} there is not "
-            f"part of a whole {size}x{size} block aligned to multiples of {size} inside the grid."
-        )
+    image, row, col = (int(i) for i in bad.nonzero()[0])
+    size = int(superpatch_map[image, row, col])
+    raise ValueError(
+        f"`superpatch_map` of image {image} is not a partition at cell ({row}, {col}): size {size} there is not "
+        f"part of a whole {size}x{size} block aligned to multiples of {size} inside the grid."
+    )
 
 
 def layout_from_superpatch_map(superpatch_map: torch.Tensor, tokens_per_image: int | None = None) -> TokenLayout:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 from step_hf import StepForSemanticSegmentation, StepModel
-from step_hf.modeling_step import resize_grid_bicubic
+from step_hf.modeling_step import ImageNorm, PatchConv2d, resize_grid_bicubic
 from step_hf.token_layout import PackedBatch, dense_token_layout, insert_per_image, packed_attention
 
 from .conftest import tiny_config
@@ -183,3 +183,18 @@ def test_position_grid_resize_equals_bicubic_interpolate(grid, size):
     values = torch.randn(*grid, 32, generator=torch.Generator().manual_seed(0))
     expected = F.interpolate(values.permute(2, 0, 1)[None], size=size, mode="bicubic", align_corners=False)
     torch.testing.assert_close(resize_grid_bicubic(values, size), expected[0].permute(1, 2, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_convolution_and_image_norm_equal_the_torch_modules():
+    """The matrix-product patch convolution and the one-group norm compute what `nn.Conv2d` and `nn.GroupNorm(1)`
+    do, with the same parameters (so checkpoints load unchanged), also on sizes that do not tile exactly."""
+    torch.manual_seed(0)
+    patch_conv, norm = PatchConv2d(3, 16, 4), ImageNorm(16)
+    norm.weight.data.normal_(), norm.bias.data.normal_()
+    reference_norm = torch.nn.GroupNorm(1, 16)
+    reference_norm.load_state_dict(norm.state_dict())
+    for images in (torch.randn(2, 3, 32, 48), torch.randn(2, 3, 35, 50)):
+        expected = F.conv2d(images, patch_conv.weight, patch_conv.bias, stride=4)
+        torch.testing.assert_close(patch_conv(images), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(norm(expected), reference_norm(expected), rtol=1e-5, atol=1e-5)
+    assert set(patch_conv.state_dict()) == {"weight", "bias"} and set(norm.state_dict()) == {"weight", "bias"}
