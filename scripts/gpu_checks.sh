@@ -27,7 +27,7 @@ timeout 90 python3 -m step_hf.benchmark --preset small --image_size $small_size 
 # 2. the ladder: ViT-L at 1024, bf16, batch 8; batch 1 with the static-budget variant compiled with CUDA graphs
 # (compilation takes a minute or two); the padded attention mode last (a fallback: the least needed number)
 timeout 150 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 \
-    --dtype bf16 --dataset_name $data --output "$out/vitl_1024_b8.json"
+    --dtype bf16 --dataset_name $data --profile --output "$out/vitl_1024_b8.json"
 timeout 240 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 1 --num_batches 4 \
     --dtype bf16 --dataset_name $data --compile --compile_mode "${COMPILE_MODE:-reduce-overhead}" --skip_vit \
     --output "$out/vitl_1024_b1.json"

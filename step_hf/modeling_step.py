@@ -181,16 +181,22 @@ class Block(nn.Module):
 
 class PatchConv2d(nn.Conv2d):
     """
-    A convolution whose stride equals its kernel (no padding, no overlap), computed as one matrix product over the
-    image's patches. Same parameters and numbers as `nn.Conv2d`; cuDNN runs these shapes (3 input channels, large
-    kernels) through a slow implicit-GEMM kernel: 2.9 ms for a ViT-L patch embedding of 8 images at 1024x1024 on an
-    H200 (docs/BENCHMARKS.md). `patches_last` returns `(batch, rows, cols, out_channels)`.
+    A convolution whose stride equals its kernel (no padding, no overlap). On CUDA it runs as one matrix product
+    over the image's patches (same parameters, same numbers): cuDNN takes these shapes (3 input channels, large
+    kernels) through a slow implicit-GEMM kernel, 2.9 ms for a ViT-L patch embedding of 8 images at 1024x1024 on an
+    H200 (docs/BENCHMARKS.md); on CPU the convolution is the faster. `patches_last` returns `(batch, rows, cols,
+    out_channels)`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride=kernel_size, bias=bias)
 
     def patches_last(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_cuda:
+            return super().forward(images).permute(0, 2, 3, 1)
+        return self.as_matrix_product(images)
+
+    def as_matrix_product(self, images: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = images.shape
         (kernel_rows, kernel_cols), weight = self.kernel_size, self.weight
         rows, cols = height // kernel_rows, width // kernel_cols
@@ -205,14 +211,18 @@ class PatchConv2d(nn.Conv2d):
 class ImageNorm(nn.GroupNorm):
     """
     GroupNorm with a single group: each image normalised over all its channels and pixels, then scaled per channel.
-    Computed with a plain reduction: PyTorch's GroupNorm kernel spreads its statistics over batch x groups thread
-    blocks only (8 for a batch of 8), 0.24 ms per call on the policy's 256x256 stem on an H200 (docs/BENCHMARKS.md).
+    On CUDA computed with a plain reduction: PyTorch's GroupNorm kernel spreads its statistics over batch x groups
+    thread blocks only (8 for a batch of 8), 0.24 ms per call on the policy's 256x256 stem on an H200
+    (docs/BENCHMARKS.md); on CPU the GroupNorm kernel is the faster.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__(1, num_channels, eps=eps)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.by_reduction(features) if features.is_cuda else super().forward(features)
+
+    def by_reduction(self, features: torch.Tensor) -> torch.Tensor:
         flat = features.flatten(1).float()
         variance, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
         normalized = ((flat - mean) * torch.rsqrt(variance + self.eps)).view(features.shape)

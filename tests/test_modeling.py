@@ -186,8 +186,9 @@ def test_position_grid_resize_equals_bicubic_interpolate(grid, size):
 
 
 def test_patch_convolution_and_image_norm_equal_the_torch_modules():
-    """The matrix-product patch convolution and the one-group norm compute what `nn.Conv2d` and `nn.GroupNorm(1)`
-    do, with the same parameters (so checkpoints load unchanged), also on sizes that do not tile exactly."""
+    """The matrix-product patch convolution and the one-group norm by reduction (their CUDA paths) compute what
+    `nn.Conv2d` and `nn.GroupNorm(1)` do, with the same parameters (so checkpoints load unchanged), also on sizes
+    that do not tile exactly."""
     torch.manual_seed(0)
     patch_conv, norm = PatchConv2d(3, 16, 4), ImageNorm(16)
     norm.weight.data.normal_(), norm.bias.data.normal_()
@@ -195,6 +196,8 @@ def test_patch_convolution_and_image_norm_equal_the_torch_modules():
     reference_norm.load_state_dict(norm.state_dict())
     for images in (torch.randn(2, 3, 32, 48), torch.randn(2, 3, 35, 50)):
         expected = F.conv2d(images, patch_conv.weight, patch_conv.bias, stride=4)
-        torch.testing.assert_close(patch_conv(images), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(norm(expected), reference_norm(expected), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patch_conv.as_matrix_product(images).permute(0, 3, 1, 2), expected,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(patch_conv(images), expected)
+        torch.testing.assert_close(norm.by_reduction(expected), reference_norm(expected), rtol=1e-5, atol=1e-5)
     assert set(patch_conv.state_dict()) == {"weight", "bias"} and set(norm.state_dict()) == {"weight", "bias"}
