@@ -156,6 +156,10 @@ def main(argv=None) -> None:
     parser.add_argument("--max_samples", type=int)
     parser.add_argument("--images", type=int, nargs="*", default=[0], help="indices of images to draw")
     parser.add_argument("--output_dir", default="analysis")
+    parser.add_argument("--without_dataset_pixels", action="store_true",
+                        help="draw the partition and exits on the prediction alone, leaving out the frame and the "
+                             "ground truth: pictures of the model's own outputs, for data whose licence forbids "
+                             "copying its images")
     args = parser.parse_args(argv)
 
     model = StepForSemanticSegmentation.from_pretrained(args.model).eval()
@@ -176,11 +180,12 @@ def main(argv=None) -> None:
         exit_map = outputs.exit_map if config.halting else None
         stats.add(labels, prediction, outputs.superpatch_map, exit_map)
         if index in args.images:
-            picture = panel([
-                draw_tokens(image, outputs.superpatch_map[0].numpy(),
-                            None if exit_map is None else exit_map[0].numpy(), config.num_hidden_layers),
-                colourise(prediction[0].numpy(), config.num_labels), colourise(labels[0].numpy(), config.num_labels),
-            ])
+            predicted = colourise(prediction[0].numpy(), config.num_labels)
+            tokens = draw_tokens(predicted if args.without_dataset_pixels else image, outputs.superpatch_map[0].numpy(),
+                                 None if exit_map is None else exit_map[0].numpy(), config.num_hidden_layers)
+            picture = tokens if args.without_dataset_pixels else panel(
+                [tokens, predicted, colourise(labels[0].numpy(), config.num_labels)]
+            )
             picture.save(os.path.join(args.output_dir, f"tokens_{index}.png"))
     report = stats.report(config.id2label)
     with open(os.path.join(args.output_dir, "tokens_by_class.json"), "w") as f:
@@ -189,7 +194,10 @@ def main(argv=None) -> None:
     with open(os.path.join(args.output_dir, "tokens_by_class.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    print(f"pictures (tokens | prediction | ground truth) of images {args.images} in {args.output_dir}")
+    what = "tokens | prediction | ground truth"
+    if args.without_dataset_pixels:
+        what = "partition and exits on the prediction"
+    print(f"pictures ({what}) of images {args.images} in {args.output_dir}")
 
 
 if __name__ == "__main__":

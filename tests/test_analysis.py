@@ -73,3 +73,13 @@ def test_cli_writes_tables_and_pictures(tmp_path, scene_dataset):
     report = json.loads((tmp_path / "out" / "tokens_by_class.json").read_text())
     assert set(report["accuracy_by_fate"]) == {"halted after block 1", "survived"}
     assert sum(report["pixels_by_fate"].values()) == 4 * 96 * 128  # every pixel of the 4 validation scenes
+    # Without the dataset's pixels: one picture the size of the frame, holding no pixel of it (only the
+    # prediction's palette colours, darkened where tokens halted, and the yellow outlines).
+    main(["--model", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--images", "1",
+          "--output_dir", str(tmp_path / "bare"), "--without_dataset_pixels"])
+    picture = Image.open(tmp_path / "bare" / "tokens_1.png")
+    assert picture.size == (128, 96)
+    palette = {tuple(int(v) for v in c) for c in label_palette(len(SCENE_CLASSES))} | {(255, 255, 0)}
+    shades = np.array(sorted({tuple(int(v * f) for v in c) for c in palette for f in np.linspace(0.3, 1.0, 71)}))
+    pixels = np.unique(np.asarray(picture).reshape(-1, 3).astype(int), axis=0)
+    assert np.abs(pixels[:, None] - shades[None]).sum(-1).min(1).max() <= 6  # (a scene frame: most pixels > 6)
