@@ -67,7 +67,8 @@ sweep() { timeout "$(left)" python3 examples/sweep.py --dataset_name "$data" "$@
 jobs_started=()
 if [ -f "$res/camvid/step/config.json" ]; then  # on the CPU, beside the sweeps on the GPU
     OMP_NUM_THREADS=8 timeout "$(left)" python3 -m step_hf.analysis --model "$res/camvid/step" \
-        --dataset_name "$data" --images 0 40 80 --output_dir "$res/analysis" > "$res/analysis.log" 2>&1 &
+        --dataset_name "$data" --images 0 40 80 --without_dataset_pixels --output_dir "$res/analysis" \
+        > "$res/analysis.log" 2>&1 &
     jobs_started+=($!)
 fi
 if [ -f "$res/camvid/dense/config.json" ]; then
