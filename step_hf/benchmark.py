@@ -11,7 +11,9 @@ Real, heterogeneous images (frames of a `datasets` folder, resized to the input 
   run and timed (its cost is included even when oracle partitions are used);
 - `dCTS + exits`: the same with halting, exit thresholds calibrated on the first batch so that `--halt_share` of
   the tokens halt at each exit (random weights do not halt by themselves);
-- `dCTS budget`: a fixed token budget (the mean oracle count): static shapes, optionally `--compile`d.
+- `dCTS budget`: a fixed token budget (the mean oracle count): static shapes, optionally `--compile`d;
+- `dCTS budget + exits keeping [k, ...]`: the same with exits that keep fixed counts (`exit_keep_tokens`, from
+  `--halt_share`): static shapes all through, exits included.
 
 It reports ms per image, images per second, speed-up against `dense`, peak GPU memory, tokens per image, the share
 halted per exit, and FLOPs per image (analytic, checked against `FlopCounterMode` in the tests; 2 FLOPs per
@@ -321,10 +323,21 @@ def run_ladder(args) -> list[dict]:
     def budget(batch):
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) reuse their output buffers
         outputs = budget_model(batch["pixel_values"], partition_source="policy")
-        return SimpleNamespace(token_counts=outputs.token_counts.clone(), halted_share=None)
+        halted = outputs.halted_share.clone() if outputs.halted_share is not None else None
+        return SimpleNamespace(token_counts=outputs.token_counts.clone(), halted_share=halted)
 
-    measure(f"dCTS budget {config.token_budget}{f' (compiled, {args.compile_mode})' if args.compile else ''}",
-            budget, policy_ran=True, sharing=True)
+    compiled = f" (compiled, {args.compile_mode})" if args.compile else ""
+    measure(f"dCTS budget {config.token_budget}{compiled}", budget, policy_ran=True, sharing=True)
+
+    if config.exit_layers:  # the same with exits keeping fixed counts: static shapes all through
+        kept, count = [], rows[-1]["tokens_mean"]
+        for share in args.halt_share[: len(config.exit_layers)]:
+            count = max(1, round(count * (1 - share)))
+            kept.append(count)
+        kept += kept[-1:] * (len(config.exit_layers) - len(kept))
+        config.exit_keep_tokens, config.halting = kept, True
+        measure(f"dCTS budget {config.token_budget} + exits keeping {kept}{compiled}", budget, True, True, True)
+        config.exit_keep_tokens, config.halting = None, False
     return rows, encoder_flop_rates(model, oracle_counts[: args.batch_size].tolist(), args)
 
 

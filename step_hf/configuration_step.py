@@ -82,6 +82,10 @@ class StepConfig(PreTrainedConfig):
         exit_thresholds (`list[float]`, *optional*): one per exit; a token halts when its top class probability
             exceeds it (values above 1 never halt). Defaults to 0.9 (0.95 in the ViT-L preset, as published).
             Exits and thresholds apply to the tokens the exits see, supertokens of any size included.
+        exit_keep_tokens (`list[int]`, *optional*): instead of thresholds, one count per exit: every image keeps
+            that many tokens there (its top-k per class, then the least confident), or all it has if fewer. The
+            token counts then follow from the input alone (no host sync), so with a `token_budget` (or no sharing)
+            the whole forward has static shapes, for `torch.compile` and CUDA graphs.
         exit_keep_topk_per_class (`int`, defaults to 5): at every exit, for every class, the k tokens of each image
             most confident in that class stay in, so that later blocks keep context for every class.
         halting (`bool`, defaults to `False`): whether confident tokens leave the sequence at the exits. Off while
@@ -133,6 +137,7 @@ class StepConfig(PreTrainedConfig):
     policy_loss_weight: float | int = 1.0
     exit_layers: list[int] | tuple[int, ...] | None = None
     exit_thresholds: list[float] | tuple[float, ...] | None = None
+    exit_keep_tokens: list[int] | tuple[int, ...] | None = None
     exit_keep_topk_per_class: int = 5
     halting: bool = False
     exit_hidden_size: int = 256
@@ -158,6 +163,8 @@ class StepConfig(PreTrainedConfig):
         if self.exit_thresholds is None:
             self.exit_thresholds = [0.9] * len(self.exit_layers)
         self.exit_thresholds = [float(threshold) for threshold in self.exit_thresholds]
+        if self.exit_keep_tokens is not None:
+            self.exit_keep_tokens = list(self.exit_keep_tokens)
         super().__post_init__(**kwargs)
         # Remote-code loading needs one `auto_map` entry per Auto class; `save_pretrained` only writes the saved
         # model's own class, so the base model's entry is added here (missing entries only).
@@ -235,6 +242,14 @@ class StepConfig(PreTrainedConfig):
             )
         if any(threshold <= 0 for threshold in self.exit_thresholds):
             raise ValueError(f"`exit_thresholds` must be positive probabilities, got {self.exit_thresholds}.")
+        if self.exit_keep_tokens is not None:
+            if len(self.exit_keep_tokens) != len(self.exit_layers) or any(
+                not isinstance(count, int) or count < 1 for count in self.exit_keep_tokens
+            ):
+                raise ValueError(
+                    f"`exit_keep_tokens` must hold one count >= 1 per exit ({len(self.exit_layers)} exits), got "
+                    f"{self.exit_keep_tokens}."
+                )
         if self.exit_keep_topk_per_class < 0:
             raise ValueError(f"`exit_keep_topk_per_class` must be >= 0, got {self.exit_keep_topk_per_class}.")
         if self.exit_hidden_size < 1:

@@ -326,24 +326,47 @@ class ExitHead(nn.Module):
         return self.fc2(self.act(self.fc1(self.norm(tokens))))
 
 
-def keep_topk_per_class(probabilities: torch.Tensor, batch: PackedBatch, k: int) -> torch.Tensor:
+def keep_topk_per_class(scores: torch.Tensor, batch: PackedBatch, k: int) -> torch.Tensor:
     """
-    `(num_tokens,)` bool: for every image and every class, its `k` tokens with the highest probability of that
-    class. Images are padded to a common length for one `topk`; no host sync.
+    `(num_tokens,)` bool: for every image and every column of `scores` `(num_tokens, columns)` (a class's
+    probability, say), its `k` tokens with the highest score. Images are padded to a common length for one `topk`;
+    no host sync.
     """
-    num_tokens, num_labels = probabilities.shape
+    num_tokens, num_columns = scores.shape
     k = min(k, batch.max_length)
-    keep = torch.zeros(num_tokens + 1, dtype=torch.bool, device=probabilities.device)
+    keep = torch.zeros(num_tokens + 1, dtype=torch.bool, device=scores.device)
     if k == 0 or num_tokens == 0:
         return keep[:num_tokens]
     image = batch.image_index(num_tokens)
-    position = torch.arange(num_tokens, device=probabilities.device) - batch.offsets[image]
-    padded = probabilities.new_full((batch.batch_size, batch.max_length, num_labels), -1.0)
-    padded[image, position] = probabilities
-    top = padded.topk(k, dim=1).indices  # (batch, k, classes), positions within each image
+    position = torch.arange(num_tokens, device=scores.device) - batch.offsets[image]
+    padded = scores.new_full((batch.batch_size, batch.max_length, num_columns), float("-inf"))
+    padded[image, position] = scores
+    top = padded.topk(k, dim=1).indices  # (batch, k, columns), positions within each image
     real = top < batch.lengths[:, None, None]  # an image with fewer than k tokens picks padding: drop it
     packed = torch.where(real, batch.offsets[:-1, None, None] + top, num_tokens)
     return keep.index_fill_(0, packed.flatten(), True)[:num_tokens]
+
+
+def tokens_to_keep(
+    probabilities: torch.Tensor, batch: PackedBatch, threshold: float, keep_tokens: int | None, topk_per_class: int
+) -> tuple[torch.Tensor, PackedBatch]:
+    """
+    Which tokens `(num_tokens,)` stay in at an exit, and the batch they make. Every image's `topk_per_class` most
+    confident tokens per class stay; of the others, those whose top class probability is at most `threshold` (one
+    host sync: the new lengths), or, with `keep_tokens`, the least confident up to that many per image (no sync:
+    the lengths follow from the old ones, so shapes stay static).
+    """
+    protected = keep_topk_per_class(probabilities, batch, topk_per_class)
+    confidence = probabilities.amax(-1)
+    if keep_tokens is None:
+        keep = (confidence <= threshold) | protected
+        image = batch.image_index(keep.shape[0])
+        lengths = torch.zeros_like(batch.lengths).index_add_(0, image, keep.long())
+        return keep, PackedBatch(lengths, tuple(lengths.tolist()), batch.attention_mode)
+    priority = torch.where(protected, 2.0, 1.0 - confidence)  # the protected first, then the least confident
+    keep = keep_topk_per_class(priority[:, None], batch, keep_tokens)
+    host_lengths = tuple(min(keep_tokens, length) for length in batch.host_lengths)
+    return keep, PackedBatch(batch.lengths.clamp(max=keep_tokens), host_lengths, batch.attention_mode)
 
 
 class StepPreTrainedModel(PreTrainedModel):
@@ -565,13 +588,16 @@ class StepModel(StepPreTrainedModel):
         """
         Run the blocks on packed tokens (plus one class token per image). After each exit block the exit head
         classifies the tokens; with `config.halting`, confident tokens (bar the top-k per class) leave the sequence,
-        at the cost of one host sync per exit (the new lengths). Returns the final tokens and class tokens, which
-        tokens survived, their lengths, each token's exit block, the exit logits and the hidden states.
+        at the cost of one host sync per exit (the new lengths), or none with `config.exit_keep_tokens`. Returns the
+        final tokens and class tokens, which tokens survived, their lengths, each token's exit block, the exit logits
+        and the hidden states.
         """
         num_tokens, num_layers = tokens.shape[0], self.config.num_hidden_layers
         survivor_index = torch.arange(num_tokens, device=tokens.device)
         token_exit_layer = torch.full_like(survivor_index, num_layers)
-        exit_of_layer = dict(zip(self.config.exit_layers, zip(self.exit_heads, self.config.exit_thresholds)))
+        keep_counts = self.config.exit_keep_tokens or [None] * len(self.config.exit_layers)
+        exit_of_layer = dict(zip(self.config.exit_layers, zip(self.exit_heads, self.config.exit_thresholds,
+                                                              keep_counts)))
         exit_logits = []
         sequence, token_positions, class_positions, sequence_batch = insert_per_image(
             tokens, class_token, batch, at_start=True
@@ -583,24 +609,19 @@ class StepModel(StepPreTrainedModel):
                 hidden_states += (sequence[token_positions],)
             if not run_exits or layer not in exit_of_layer:
                 continue
-            head, threshold = exit_of_layer[layer]
+            head, threshold, keep_tokens = exit_of_layer[layer]
             tokens = sequence[token_positions]
             logits = head(tokens)
             exit_logits.append(logits.new_zeros(num_tokens, logits.shape[1]).index_copy(0, survivor_index, logits))
             if not self.config.halting:
                 continue
             with torch.no_grad():  # the decision to halt carries no gradient
-                probabilities = logits.float().softmax(-1)
-                keep = (probabilities.amax(-1) <= threshold) | keep_topk_per_class(
-                    probabilities, batch, self.config.exit_keep_topk_per_class
+                keep, batch = tokens_to_keep(
+                    logits.float().softmax(-1), batch, threshold, keep_tokens, self.config.exit_keep_topk_per_class
                 )
-                image = batch.image_index(tokens.shape[0])
-                lengths = torch.zeros_like(batch.lengths).index_add_(0, image, keep.long())
-                host_lengths = lengths.tolist()  # the one host sync of this exit
-                order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(host_lengths)]
+                order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(batch.host_lengths)]
                 token_exit_layer[survivor_index] = torch.where(keep, num_layers, layer)
             survivor_index, tokens = survivor_index[order], tokens[order]
-            batch = PackedBatch(lengths, tuple(host_lengths), batch.attention_mode)
             sequence, token_positions, class_positions, sequence_batch = insert_per_image(
                 tokens, sequence[class_positions], batch, at_start=True
             )

@@ -20,6 +20,8 @@ def test_benchmark_ladder_runs_on_real_images_and_reports_everything(tmp_path, s
     assert rows[0]["speedup"] == 1.0 and rows[0]["tokens_mean"] == 16
     assert rows[2]["tokens_mean"] < 16 and rows[2]["policy_gflops_per_image"] > 0  # scenes have uniform areas
     assert rows[4]["tokens_min"] == rows[4]["tokens_max"]  # a budget: the same count for every image
+    assert "exits keeping" in variants[5] and rows[5]["tokens_min"] == rows[5]["tokens_max"]
+    assert len(rows[5]["halted_share"]) == 2 and rows[5]["gflops_per_image"] < rows[4]["gflops_per_image"]
     assert all(row["ms_per_image"] > 0 and row["gflops_per_image"] > 0 for row in rows)
     assert "| dense |" in table and "speed-up vs dense" in table
 

@@ -174,9 +174,40 @@ def test_exit_heads_cost_under_three_percent_of_vit_large():
         (dict(exit_layers=[1], exit_thresholds=[0.9, 0.9]), "exit_thresholds"),
         (dict(exit_layers=[1], exit_thresholds=[0.0]), "positive"),
         (dict(exit_keep_topk_per_class=-1), "exit_keep_topk_per_class"),
+        (dict(exit_layers=[1], exit_thresholds=[0.9], exit_keep_tokens=[5, 3]), "exit_keep_tokens"),
+        (dict(exit_layers=[1], exit_thresholds=[0.9], exit_keep_tokens=[0]), "exit_keep_tokens"),
         (dict(exit_layers=[], exit_thresholds=[], halting=True), "halting"),
     ],
 )
 def test_bad_exit_configs(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_fixed_exit_counts_equal_the_thresholds_that_keep_as_many():
+    """Keeping k tokens per exit halts what a threshold halts when k is the count that threshold keeps: the
+    protected top-k per class, then the least confident."""
+    by_threshold = exit_model()
+    with torch.no_grad():
+        reference = by_threshold(PIXELS[:1])
+        exit_layer = by_threshold.step(PIXELS[:1]).token_exit_layer
+    kept = [int((exit_layer > layer).sum()) for layer in (1, 2)]
+    assert kept[0] < len(exit_layer) and kept[1] < kept[0]  # both exits halt something
+    by_count = exit_model(exit_keep_tokens=kept)
+    with torch.no_grad():
+        output = by_count(PIXELS[:1])
+    assert torch.equal(output.exit_map, reference.exit_map)
+    torch.testing.assert_close(output.logits, reference.logits)
+
+
+def test_fixed_exit_counts_with_a_token_budget_compile_whole():
+    """A token budget and fixed exit counts: every shape follows from the input, so the whole forward, exits
+    included, traces as one graph (no host sync, no graph break), and every image keeps exactly the counts."""
+    model = exit_model(partition_source="policy", token_budget=15, exit_keep_tokens=[9, 4])
+    with torch.no_grad():
+        eager = model(PIXELS)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(PIXELS)  # fails on any graph break
+    assert eager.token_counts.tolist() == [15] * 3
+    expected_halted = torch.tensor([[6 / 15, 5 / 15]] * 3)
+    torch.testing.assert_close(eager.halted_share, expected_halted)
+    assert torch.equal(compiled.logits, eager.logits) and torch.equal(compiled.exit_map, eager.exit_map)
