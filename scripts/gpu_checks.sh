@@ -24,12 +24,15 @@ preset=${PRESET:-large} size=${SIZE:-1024} small_size=${SMALL_SIZE:-512}
 # 1. correctness on the GPU (each benchmark run checks packed = padded = per-image first), small and fast
 timeout 90 python3 -m step_hf.benchmark --preset small --image_size $small_size --batch_size 4 --num_batches 1 --repeats 1 \
     --dtype fp32 --dataset_name $data --skip_vit --output "$out/check_fp32.json" || exit 1
-# 2. the ladder: ViT-L at 1024, bf16, batch 8; batch 1 with the static-budget variant compiled with CUDA graphs
-# (compilation takes a minute or two); the padded attention mode last (a fallback: the least needed number)
+# 2. the ladder: ViT-L at 1024, bf16, batch 8 (eager, profiled); batch 1 and batch 8 with the static variants
+# (token budget, then also fixed exit counts) compiled with CUDA graphs (each compilation takes a minute or two);
+# the padded attention mode last (a fallback: the least needed number)
 timeout 150 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 \
     --dtype bf16 --dataset_name $data --profile --output "$out/vitl_1024_b8.json"
-timeout 240 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 1 --num_batches 4 \
-    --dtype bf16 --dataset_name $data --compile --compile_mode "${COMPILE_MODE:-reduce-overhead}" --skip_vit \
-    --output "$out/vitl_1024_b1.json"
+for batch in 1 8; do
+    timeout 300 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size $batch \
+        --num_batches $(( 8 / batch > 2 ? 4 : 2 )) --dtype bf16 --dataset_name $data --compile \
+        --compile_mode "${COMPILE_MODE:-reduce-overhead}" --skip_vit --output "$out/vitl_1024_b${batch}_compiled.json"
+done
 timeout 90 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 \
     --dtype bf16 --dataset_name $data --attention_mode padded --skip_vit --output "$out/vitl_1024_b8_padded.json"
