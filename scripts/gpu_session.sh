@@ -51,6 +51,11 @@ recipe=(env DATA="$data")
 # train in padded mode if they disagree or the build has no backward for it.
 python3 -m pytest -q -p no:cacheprovider tests/test_batching.py -k gradients || recipe+=(ATTENTION_MODE=padded)
 budget=$(( $(left) - 100 ))
+if [ "$budget" -lt 60 ]; then
+    echo "no time left for training ($(left) s)"
+    echo "== done in $SECONDS s"
+    exit 0
+fi
 # (`wait` names its jobs: a bare one would also wait for the `tee` above)
 ( time timeout "$budget" "${recipe[@]}" bash scripts/camvid_recipe.sh dense "$res/camvid" ) > "$res/dense.log" 2>&1 &
 dense_job=$!
