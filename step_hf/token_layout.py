@@ -8,7 +8,7 @@ cell is its own token; supertokens (dCTS) and halted tokens (early exits) only c
 Shipped as Hub code next to saved weights: imports only torch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +31,23 @@ class PackedBatch:
         attention_mode (`str`): `"packed"` (a variable-length kernel on GPU, one attention call per image
             elsewhere) or `"padded"` (images padded to the longest with a key mask). Images of equal length always
             run as one plain batch.
+        offsets (`torch.LongTensor` of shape `(batch_size + 1,)`): start of each image's segment, then the total;
+            derived from `lengths` when not given.
+        cu_seqlens (`torch.IntTensor`): `offsets` in int32, as variable-length attention kernels take them.
     """
 
     lengths: torch.Tensor
     host_lengths: tuple[int, ...]
     attention_mode: str = "packed"
+    offsets: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    cu_seqlens: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        # Derived once per batch, not per use: every encoder block needs them (values of the frozen lengths).
+        if self.offsets is None:
+            object.__setattr__(self, "offsets", F.pad(self.lengths.cumsum(0), (1, 0)))
+        if self.cu_seqlens is None:
+            object.__setattr__(self, "cu_seqlens", self.offsets.to(torch.int32))
 
     @classmethod
     def of(cls, host_lengths: list[int], device: torch.device | str, attention_mode: str = "packed") -> "PackedBatch":
@@ -52,11 +64,6 @@ class PackedBatch:
     @property
     def all_equal(self) -> bool:
         return len(set(self.host_lengths)) == 1
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        """`(batch_size + 1,)` start of each image's segment, then the total (the `cu_seqlens` of varlen kernels)."""
-        return F.pad(self.lengths.cumsum(0), (1, 0))
 
     def image_index(self, num_tokens: int) -> torch.Tensor:
         """`(num_tokens,)` the image each token belongs to (no host sync: the total is given)."""
@@ -168,8 +175,7 @@ def packed_attention(
     if batch.attention_mode == "packed":
         half = query.dtype in (torch.float16, torch.bfloat16)
         if varlen_attn is not None and query.is_cuda and half and not dropout_p:
-            offsets = batch.offsets.to(torch.int32)
-            return varlen_attn(query, key, value, offsets, offsets, length, length)
+            return varlen_attn(query, key, value, batch.cu_seqlens, batch.cu_seqlens, length, length)
         pieces = zip(*(x.split(batch.host_lengths) for x in (query, key, value)))
         return torch.cat([
             F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
