@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--checkpointing_steps", type=int, default=100)
     run.add_argument("--resume_from_checkpoint", help="a checkpoint folder or 'latest'")
     run.add_argument("--eval_steps", type=int, default=0, help="also evaluate every N steps (0: at stage ends)")
+    run.add_argument("--logging_steps", type=int, default=10,
+                     help="read the losses back every N steps (each read waits for the device)")
     run.add_argument("--report_to", default="none", help="an Accelerate tracker ('tensorboard', 'all') or 'none'")
     run.add_argument("--push_to_hub", action="store_true")
     run.add_argument("--hub_model_id")
@@ -95,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.crop_size = args.crop_size or args.image_size
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id org/name")
+    if args.logging_steps < 1:
+        p.error(f"--logging_steps must be at least 1, got {args.logging_steps}")
     return args
 
 
@@ -430,6 +434,17 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
                          "per process.")
     progress = tqdm(range(num_steps), initial=start, desc=progress_label, disable=not accelerator.is_main_process)
     step, micro = start, start * args.gradient_accumulation_steps
+    pending = []  # (step, mean loss on the device, lr): read back together, not one device wait per step
+
+    def record_pending() -> None:
+        values = torch.stack([loss for _, loss, _ in pending]).tolist() if pending else []
+        for (done, _, lr), value in zip(pending, values):
+            history.append({"stage": stage, "step": done, "loss": value, "lr": lr})
+            accelerator.log({f"{stage}/loss": value, f"{stage}/lr": lr}, step=len(history))
+        if values:
+            progress.set_postfix(loss=f"{values[-1]:.4f}")
+        pending.clear()
+
     model.train()
     while step < num_steps:
         epoch, skip = divmod(micro, batches_per_epoch)
@@ -450,17 +465,18 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
                 continue
             step += 1
             progress.update(1)
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            record = {"stage": stage, "step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]}
-            history.append(record)
-            accelerator.log({f"{stage}/loss": mean_loss, f"{stage}/lr": record["lr"]}, step=len(history))
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-            if args.eval_steps and step % args.eval_steps == 0 and stage != "policy":
+            pending.append((step, accelerator.reduce(loss.detach(), reduction="mean"), scheduler.get_last_lr()[0]))
+            evaluate_now = args.eval_steps and step % args.eval_steps == 0 and stage != "policy"
+            checkpoint_now = args.checkpointing_steps and step % args.checkpointing_steps == 0
+            if len(pending) >= args.logging_steps or evaluate_now or checkpoint_now or step == num_steps:
+                record_pending()
+            if evaluate_now:
                 log_eval(model, data, accelerator, args, history, stage, step)
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            if checkpoint_now:
                 save_checkpoint(accelerator, args, stage, step, history)
             if step == num_steps:
                 break
+    record_pending()
     progress.close()
     if args.checkpointing_steps and step % args.checkpointing_steps:  # the stage's end, unless just saved
         save_checkpoint(accelerator, args, stage, step, history)
