@@ -55,3 +55,22 @@ def test_plot_sweep_draws_the_curve_and_writes_its_data(tmp_path):
     assert Image.open(tmp_path / "curve.png").size == (900, 600)
     lines = (tmp_path / "curve.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[1].startswith("sweep,policy,0.5,,2.0000,50.00,200.0")
+
+
+def test_camvid_recipe_runs_each_variant(tmp_path, scene_dataset):
+    """The per-variant commands of the CamVid comparison, scaled down to seconds on the scene dataset: dense, then
+    dCTS -> STEP reusing nothing but what the recipe itself saved."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DATA": str(scene_dataset), "PRESET": "tiny", "SIZE": "64",
+           "PRECISION": "no", "WORKERS": "0", "POLICY_STEPS": "2", "SEGMENTER_STEPS": "3", "PRUNE_STEPS": "2"}
+    recipe = EXAMPLES.parent / "scripts" / "camvid_recipe.sh"
+    for variant in ("dense", "step"):
+        result = subprocess.run(["bash", str(recipe), variant, str(tmp_path / "runs")], env=env, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    configs, evals = {}, {}
+    for name in ("dense", "dcts-policy", "dcts", "step"):
+        configs[name] = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+        evals[name] = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["final_eval"]
+    assert evals["dense"]["tokens_per_image"] == 20 and configs["dense"]["hidden_size"] == 192  # ViT-Tiny, 4x5 grid
+    assert evals["dcts-policy"] is None and evals["dcts"]["tokens_per_image"] <= 20  # the policy stage has no eval
+    assert not configs["dcts"]["halting"] and configs["step"]["halting"]
