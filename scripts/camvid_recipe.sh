@@ -6,7 +6,7 @@
 # Defaults: one H100/H200 GPU, ViT-S from scratch, CamVid resized to a shortest edge of 720 (frames 720x960, a 45x60
 # patch grid), 720x720 crops, batch 8, bf16. The CPU scale-down of the issue (about an hour on 2 cores):
 #   PRESET=tiny SIZE=384 PRECISION=no WORKERS=0 SEGMENTER_STEPS=400 POLICY_STEPS=200 PRUNE_STEPS=100 bash ...
-# Extra arguments go to every examples/train.py call.
+# Extra arguments go to every examples/train.py call; PYTHON chooses the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 variant=${1:?dense, dcts or step} root=${2:?an output folder}
@@ -16,7 +16,7 @@ common=(--dataset_name "${DATA:-../shared/datasets/camvid}" --preset "${PRESET:-
         --num_workers "${WORKERS:-7}" --policy_steps "${POLICY_STEPS:-200}" --segmenter_steps "${SEGMENTER_STEPS:-600}"
         --prune_steps "${PRUNE_STEPS:-150}" --checkpointing_steps "${CHECKPOINT_STEPS:-0}"
         ${ATTENTION_MODE:+--attention_mode "$ATTENTION_MODE"})
-train() { python examples/train.py "${common[@]}" "$@"; }
+train() { "${PYTHON:-python3}" examples/train.py "${common[@]}" "$@"; }
 case $variant in
     dense) train --output_dir "$root/dense" --stage segmenter --partition_source dense "$@" ;;
     dcts) train --output_dir "$root/dcts-policy" --stage policy "$@"

@@ -60,8 +60,9 @@ def test_plot_sweep_draws_the_curve_and_writes_its_data(tmp_path):
 def test_camvid_recipe_runs_each_variant(tmp_path, scene_dataset):
     """The per-variant commands of the CamVid comparison, scaled down to seconds on the scene dataset: dense, then
     dCTS -> STEP reusing nothing but what the recipe itself saved."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DATA": str(scene_dataset), "PRESET": "tiny", "SIZE": "64",
-           "PRECISION": "no", "WORKERS": "0", "POLICY_STEPS": "2", "SEGMENTER_STEPS": "3", "PRUNE_STEPS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "DATA": str(scene_dataset), "PRESET": "tiny",
+           "SIZE": "64", "PRECISION": "no", "WORKERS": "0", "POLICY_STEPS": "2", "SEGMENTER_STEPS": "3",
+           "PRUNE_STEPS": "2"}
     recipe = EXAMPLES.parent / "scripts" / "camvid_recipe.sh"
     for variant in ("dense", "step"):
         result = subprocess.run(["bash", str(recipe), variant, str(tmp_path / "runs")], env=env, capture_output=True,
