@@ -36,13 +36,15 @@ def model_card(
     )
     encoder = (f"ViT with {config.num_hidden_layers} blocks of width {config.hidden_size}, "
                f"{config.num_attention_heads} heads, patch {config.patch_size}")
+    rule = (f"keeping {config.exit_keep_tokens} tokens per image" if config.exit_keep_tokens
+            else f"thresholds {config.exit_thresholds}")
     lines = [
         f"# {model_name}",
         "",
         "A [STEP](https://arxiv.org/abs/2509.14165) (SuperToken and Early-Pruning) semantic-segmentation model: a "
         f"plain {encoder}, a Segmenter mask-transformer decoder, a dCTS policy network that merges uniform "
         f"square groups of patches (sizes {config.superpatch_sizes}) into one token, and exit heads after blocks "
-        f"{config.exit_layers} that halt confident tokens (thresholds {config.exit_thresholds}, halting "
+        f"{config.exit_layers} that halt confident tokens ({rule}, halting "
         f"{'on' if config.halting else 'off'}).",
         "",
         "## Use",

@@ -211,3 +211,13 @@ def test_fixed_exit_counts_with_a_token_budget_compile_whole():
     expected_halted = torch.tensor([[6 / 15, 5 / 15]] * 3)
     torch.testing.assert_close(eager.halted_share, expected_halted)
     assert torch.equal(compiled.logits, eager.logits) and torch.equal(compiled.exit_map, eager.exit_map)
+
+
+def test_model_card_states_the_exit_rule():
+    from step_hf.model_card import model_card
+
+    def card_text(**overrides) -> str:
+        return str(model_card("org/x", tiny_config(exit_layers=[1], exit_thresholds=[0.8], **overrides), None,
+                              "scenes", None, "").content)
+
+    assert "thresholds [0.8]" in card_text() and "keeping [7] tokens per image" in card_text(exit_keep_tokens=[7])
