@@ -34,7 +34,6 @@ from .accounting import analytic_flops, flops_per_image, transformer_macs
 from .configuration_step import ATTENTION_MODES, StepConfig
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
-from .superpatch import decisions_from_targets, partition_from_decisions
 from .token_layout import PackedBatch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,9 +113,14 @@ def load_batches(args, config: StepConfig) -> list[dict]:
     return batches
 
 
+def synchronizer(args):
+    """A function that waits for the device to finish its queued work (a no-op on CPU)."""
+    return torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+
 def timed(run, batches: list[dict], args) -> tuple[float, list]:
     """Median milliseconds per batch over `repeats` passes (after warm-up), and the last outputs per batch."""
-    synchronize = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    synchronize = synchronizer(args)
     outputs = [run(batch) for batch in batches for _ in range(args.warmup)][-len(batches):]
     times = []
     for _ in range(args.repeats):
@@ -161,8 +165,7 @@ def where_time_goes(run, batch: dict, args) -> dict:
     """One batch, after the timed runs: how long the host takes to issue the work (until the call returns, host
     syncs included) against how long until the device is done, the kernel launches, and the busiest operators.
     Issue time close to the total means the host, not the device, sets the pace."""
-    cuda = args.device.startswith("cuda")
-    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    cuda, synchronize = args.device.startswith("cuda"), synchronizer(args)
     synchronize()
     start = time.perf_counter()
     run(batch)
@@ -223,12 +226,6 @@ def check_batching(model, batch: dict, args) -> float:
     return difference
 
 
-def oracle_maps(batch: dict, config: StepConfig) -> torch.Tensor:
-    """The ground-truth partition of a batch."""
-    targets = batch["superpatch_targets"]
-    return partition_from_decisions(decisions_from_targets(targets, config.shared_sizes), tuple(targets.shape[-2:]))
-
-
 def row_for(name, ms_per_batch, outputs, args, config, dense_ms, policy_ran, sharing, halting):
     """One result row: time, throughput, tokens, halting and FLOPs per image."""
     tokens = torch.cat([o.token_counts.float().cpu() for o in outputs])
@@ -260,9 +257,10 @@ def run_ladder(args) -> list[dict]:
     config = model.config
     config.attention_mode, config.halting = args.attention_mode, False
     batches = load_batches(args, config)
-    maps = [oracle_maps(batch, config) for batch in batches]
-    for batch, superpatch_map in zip(batches, maps):
-        batch["oracle_map"] = superpatch_map
+    for batch in batches:  # the ground-truth partition, as the model's "oracle" source builds it
+        oracle = model.step(batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
+                            partition_source="oracle", policy_only=True)
+        batch["oracle_map"], batch["oracle_counts"] = oracle.superpatch_map, oracle.token_counts
     check_batching(model, batches[0], args)
     rows = []
 
@@ -314,9 +312,7 @@ def run_ladder(args) -> list[dict]:
         measure(f"dCTS + exits (thresholds {[round(t, 3) for t in thresholds]})", dcts, True, True, True)
         config.halting = False
 
-    oracle_counts = torch.cat([
-        model.step(b["pixel_values"], superpatch_map=b["oracle_map"], policy_only=True).token_counts for b in batches
-    ])
+    oracle_counts = torch.cat([batch["oracle_counts"] for batch in batches])
     config.token_budget = int(oracle_counts.float().mean())
     budget_model = torch.compile(model, fullgraph=True, mode=args.compile_mode) if args.compile else model
 
