@@ -759,6 +759,7 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             )
             logits = unshare(token_logits, layout)
             if labels is not None:
+                check_labels(labels, pixel_values.shape[0], self.config)  # once: the exit losses reuse the labels
                 segmentation_loss = self.loss_function(logits, labels)
                 if self.training and encoder_output.exit_logits is not None:
                     exit_term = self.exit_loss(encoder_output, labels)
@@ -839,8 +840,8 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
     def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy at label resolution, ignoring `semantic_loss_ignore_index`: the mean over each image's
         valid pixels, then over images. Averaging per image makes the loss of a batch split across processes (as
-        data-parallel training splits it) average to exactly the loss of the whole batch."""
-        check_labels(labels, logits.shape[0], self.config)
+        data-parallel training splits it) average to exactly the loss of the whole batch. `labels` must have passed
+        `check_labels`."""
         upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         ignore = self.config.semantic_loss_ignore_index
         losses = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore, reduction="none")
@@ -862,7 +863,7 @@ def check_labels(labels: torch.Tensor, batch_size: int, config: StepConfig) -> N
         )
     ignore = config.semantic_loss_ignore_index
     invalid = ((labels < 0) | (labels >= config.num_labels)) & (labels != ignore)
-    if invalid.any():  # one host sync per loss: a clear error instead of a device-side assert
+    if invalid.any():  # one host sync per forward with labels: a clear error instead of a device-side assert
         image = int(invalid.flatten(1).any(1).nonzero()[0])
         value = int(labels[image][invalid[image]][0])
         raise ValueError(
