@@ -36,8 +36,3 @@ def make_scene(height: int, width: int, seed: int) -> tuple[Image.Image, Image.I
     noise = rng.normal(0, 12, size=colours.shape)
     image = Image.fromarray(np.clip(colours + noise, 0, 255).astype(np.uint8))
     return image, labels
-
-
-def colourise(class_map: np.ndarray) -> Image.Image:
-    """A class-id map as a colour picture (ids beyond the palette wrap around)."""
-    return Image.fromarray(PALETTE[np.asarray(class_map) % len(PALETTE)])

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from .configuration_step import SUPERPATCH_SIZES, StepConfig
 from .modeling_step import StepForSemanticSegmentation, StepModel
 
+
 def superpatch_area_shares(superpatch_map: torch.Tensor, sizes: tuple[int, ...] = SUPERPATCH_SIZES) -> torch.Tensor:
     """`(batch, len(sizes))`: the share of each image's grid cells covered by superpatches of each size."""
     return torch.stack([(superpatch_map == size).float().mean((1, 2)) for size in sizes], dim=1)

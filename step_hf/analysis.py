@@ -21,13 +21,14 @@ from PIL import Image, ImageDraw
 
 from .configuration_step import SUPERPATCH_SIZES
 
+
 def label_palette(num_labels: int) -> np.ndarray:
     """`(num_labels + 1, 3)` uint8 colours, well apart in hue; the last one (black) is for void."""
     colours = [colorsys.hsv_to_rgb((i * 0.618034) % 1, 0.65, 0.95 - 0.25 * (i % 2)) for i in range(num_labels)]
     return (np.array([*colours, (0, 0, 0)]) * 255).astype(np.uint8)
 
 
-def colourise(class_map: np.ndarray, num_labels: int, ignore_index: int = 255) -> Image.Image:
+def colourise(class_map: np.ndarray, num_labels: int) -> Image.Image:
     """A class-id map as a picture; void (and any value outside the classes) is black."""
     ids = np.where((class_map >= 0) & (class_map < num_labels), class_map, num_labels)
     return Image.fromarray(label_palette(num_labels)[ids])
