@@ -36,6 +36,7 @@ from scenes import SCENE_CLASSES, make_scene  # noqa: E402
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights  # noqa: E402
 from step_hf.accounting import flops_per_image  # noqa: E402
 from step_hf.configuration_step import ATTENTION_MODES, PARTITION_SOURCES  # noqa: E402
+from step_hf.image_processing_step import reduce_labels  # noqa: E402
 from step_hf.model_card import model_card  # noqa: E402
 
 STAGES = ("policy", "segmenter", "prune")
@@ -165,7 +166,7 @@ def read_id2label(args) -> dict[int, str]:
         raise ValueError(f"--id2label must be a JSON file or string mapping ids to names: {error}") from None
 
 
-def check_labels(dataset: DatasetDict, id2label: dict[int, str], reduce_labels: bool, ignore: int = 255) -> None:
+def check_labels(dataset: DatasetDict, id2label: dict[int, str], reduce: bool, ignore: int = 255) -> None:
     """Refuse label values that are neither a class nor void, naming the split, row and value; and corrupt or
     unreadable images."""
     valid = set(id2label) | {ignore}
@@ -183,9 +184,8 @@ def check_labels(dataset: DatasetDict, id2label: dict[int, str], reduce_labels: 
             if image.size[::-1] != label.shape:
                 raise ValueError(f"Split {split!r}, row {row}: image {image.size[::-1]} and label {label.shape} differ "
                                  "in size.")
-            values = set(np.unique(label).tolist())
-            if reduce_labels:
-                values = {ignore if v == 0 else v - 1 for v in values}
+            values = np.unique(label)
+            values = set((reduce_labels(values, ignore) if reduce else values).tolist())
             unknown = values - valid
             if unknown:
                 raise ValueError(f"Split {split!r}, row {row}: label value(s) {sorted(unknown)} are not in id2label "
@@ -240,8 +240,7 @@ class EvalTransform:
         inputs = self.processor(example["image"], segmentation_maps=example["label"], return_tensors="pt")
         original = np.asarray(example["label"]).astype(np.int64)
         if self.processor.do_reduce_labels:
-            original = np.where(original == 0, 255, original - 1)
-            original[original == 254] = 255
+            original = reduce_labels(original)
         return {"pixel_values": inputs["pixel_values"][0], "superpatch_targets": inputs["superpatch_targets"][0],
                 "original_labels": torch.from_numpy(original)}
 

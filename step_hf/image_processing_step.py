@@ -53,6 +53,13 @@ def _pair(value: int | dict[str, int] | None, name: str) -> tuple[int, int] | No
     raise ValueError(f"`{name}` must be an int or a dict with 'height' and 'width', got {value!r}.")
 
 
+def reduce_labels(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """ADE20K-style label reduction: 0 (void) becomes `ignore_index`, every other id moves down by one, and
+    `ignore_index` stays void."""
+    labels = np.asarray(labels).astype(np.int64)
+    return np.where((labels == 0) | (labels == ignore_index), ignore_index, labels - 1)
+
+
 def window_starts(length: int, window: int, stride: int, step: int) -> list[int]:
     """Start offsets of windows of `window` pixels covering `length` pixels, every start a multiple of `step`,
     the last window ending exactly at `length` (which must be a multiple of `step` when windows are needed)."""
@@ -223,10 +230,7 @@ class StepImageProcessor(PilBackend):
                 f"Segmentation map {index} is {label.shape[1]}x{label.shape[2]} but its image is "
                 f"{image.shape[1]}x{image.shape[2]}; they must have the same size."
             )
-        label = label.astype(np.int64)
-        if do_reduce_labels:
-            label = np.where(label == 0, ignore_index, label - 1)
-            label[label == ignore_index - 1] = ignore_index
+        label = reduce_labels(label, ignore_index) if do_reduce_labels else label.astype(np.int64)
         if num_labels is not None:
             invalid = (label != ignore_index) & ((label < 0) | (label >= num_labels))
             if invalid.any():
@@ -307,4 +311,4 @@ class StepImageProcessor(PilBackend):
         return [total / count for total, count in zip(sums, counts)]
 
 
-__all__ = ["StepImageProcessor"]
+__all__ = ["StepImageProcessor", "reduce_labels"]

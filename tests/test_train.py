@@ -167,3 +167,19 @@ def test_metrics_match_a_brute_force_mean_iou():
     assert metrics["mean_iou"] == pytest.approx(np.nanmean(ious))
     assert np.isnan(metrics["per_category_iou"]["4"]) and metrics["per_category_iou"]["3"] == 0
     assert metrics["overall_accuracy"] == pytest.approx(np.mean(y == p))
+
+
+def test_label_check_reduces_labels_as_the_processor_does():
+    """With --reduce_labels, 0 and 255 are void and the rest move down by one, as in `StepImageProcessor`: a map of
+    {0, 1, 2, 255} fits two classes; a 3 does not."""
+    from datasets import Dataset, DatasetDict
+    from PIL import Image
+
+    def dataset(values):
+        label = Image.fromarray(np.array([values], dtype=np.uint8))
+        image = Image.new("RGB", label.size)
+        return DatasetDict({"train": Dataset.from_dict({"image": [image], "label": [label]})})
+
+    train.check_labels(dataset([0, 1, 2, 255]), {0: "a", 1: "b"}, reduce=True)
+    with pytest.raises(ValueError, match=r"label value\(s\) \[2\]"):
+        train.check_labels(dataset([0, 1, 3]), {0: "a", 1: "b"}, reduce=True)
