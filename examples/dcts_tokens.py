@@ -26,7 +26,6 @@ from step_hf.accounting import superpatch_area_shares  # noqa: E402
 from step_hf.configuration_step import SUPERPATCH_SIZES  # noqa: E402
 from step_hf.superpatch import (  # noqa: E402
     cells_to_blocks,
-    decisions_from_targets,
     decisions_from_thresholds,
     layout_from_superpatch_map,
     partition_from_decisions,
@@ -106,10 +105,12 @@ def evaluate(model, processor, dataset, args) -> dict:
         inputs = processor(images, segmentation_maps=labels, return_tensors="pt")
         targets = inputs["superpatch_targets"]
         grid = tuple(targets.shape[-2:])
-        oracle = partition_from_decisions(decisions_from_targets(targets, sizes), grid)
-        oracle_counts += layout_from_superpatch_map(oracle).batch.lengths.tolist()
-        oracle_shares.append(superpatch_area_shares(oracle))
-        policy_logits = model(inputs["pixel_values"], policy_only=True).policy_logits
+        # One pass: the policy's logits, and the model's own ground-truth ("oracle") partition.
+        outputs = model(inputs["pixel_values"], superpatch_targets=targets, partition_source="oracle",
+                        policy_only=True)
+        oracle_counts += outputs.token_counts.tolist()
+        oracle_shares.append(superpatch_area_shares(outputs.superpatch_map))
+        policy_logits = outputs.policy_logits
         block_logits = {size: cells_to_blocks(policy_logits[:, k], size) for k, size in enumerate(sizes)}
         for threshold, record in sweep.items():
             decisions = decisions_from_thresholds(block_logits, [threshold] * len(sizes))

@@ -337,11 +337,12 @@ def evaluate(model, loader, accelerator, partition_source: str) -> dict:
         flops.append(accelerator.gather_for_metrics(image_flops(unwrapped.config, batch["pixel_values"].shape[-2:],
                                                                 outputs, partition_source)))
     model.train()
+    tokens = torch.cat(tokens).double()
     results = {
         **segmentation_metrics(confusion, unwrapped.config.id2label),
-        "tokens_per_image": float(torch.cat(tokens).mean()),
-        "tokens_p5": float(torch.quantile(torch.cat(tokens).double(), 0.05)),
-        "tokens_p95": float(torch.quantile(torch.cat(tokens).double(), 0.95)),
+        "tokens_per_image": float(tokens.mean()),
+        "tokens_p5": float(torch.quantile(tokens, 0.05)),
+        "tokens_p95": float(torch.quantile(tokens, 0.95)),
         "halted_share": torch.cat(halted).mean(0).tolist() if halted else [],
         "gflops_per_image": float(torch.cat(flops).mean()) / 1e9,
     }
