@@ -3,19 +3,12 @@
 #   bash scripts/fetch_gpu_wheels.sh                 # here, first: wheels into .whl/, CamVid frames into .bench_data/
 #   device run: bash scripts/gpu_checks.sh $OUT      # with carry [".whl", ".bench_data"]
 # Prints Markdown tables and writes JSON to OUT_DIR. PRESET / SIZE / SMALL_SIZE override the models for a dry run on
-# CPU (e.g. PRESET=tiny SIZE=128 SMALL_SIZE=64).
+# CPU (e.g. TINY=1 PRESET=tiny SIZE=128 SMALL_SIZE=64: TINY keeps this machine's packages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench_out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf_home
-# The machine reaches no registry: newer transformers / huggingface_hub come as carried wheels; datasets is not
-# needed (the benchmark reads the parquet files directly).
-if [ -z "${PYTHONPATH:-}" ]; then  # gpu_session.sh has installed them already
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-fi
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$out/gpu.txt"

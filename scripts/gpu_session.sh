@@ -18,17 +18,7 @@ exec > >(tee -a "$out/log.txt") 2>&1
 deadline=${DEADLINE:-585}  # seconds: the device call's limit is 600
 left() { echo $(( deadline - SECONDS )); }
 pack() { tar -czf "$out/results.tar.gz" -C "$res" --exclude='*.safetensors' --exclude='checkpoints' . ; }
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf_home TOKENIZERS_PARALLELISM=false
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ -z "${TINY:-}" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
-# A `datasets` that cannot import here (say, an older pyarrow) is removed, so the benchmark reads the parquet files
-# itself; the training part then fails with the import error in its log.
-python3 -c "import datasets" || rm -rf /tmp/site/datasets /tmp/site/datasets-*
+source scripts/gpu_env.sh
 data=.bench_data/camvid
 [ -d "$data" ] || data=../shared/datasets/camvid
 python3 -c "import torch, transformers, datasets, accelerate; print('torch', torch.__version__, 'transformers',
