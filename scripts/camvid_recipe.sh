@@ -6,6 +6,7 @@
 # Defaults: one H100/H200 GPU, ViT-S from scratch, CamVid resized to a shortest edge of 720 (frames 720x960, a 45x60
 # patch grid), 720x720 crops, batch 8, bf16. The CPU scale-down of the issue (about an hour on 2 cores):
 #   PRESET=tiny SIZE=384 PRECISION=no WORKERS=0 SEGMENTER_STEPS=400 POLICY_STEPS=200 PRUNE_STEPS=100 bash ...
+# SEGMENTER_LR, SEGMENTER_HEAD_LR_MULTIPLIER and SEGMENTER_WARMUP set the segmenter stage's schedule (below).
 # Extra arguments go to every examples/train.py call; PYTHON chooses the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,14 +14,20 @@ variant=${1:?dense, dcts or step} root=${2:?an output folder}
 shift 2
 common=(--dataset_name "${DATA:-../shared/datasets/camvid}" --preset "${PRESET:-small}" --image_size "${SIZE:-720}"
         --per_device_train_batch_size 8 --per_device_eval_batch_size 8 --mixed_precision "${PRECISION:-bf16}"
-        --num_workers "${WORKERS:-7}" --policy_steps "${POLICY_STEPS:-200}" --segmenter_steps "${SEGMENTER_STEPS:-600}"
+        --num_workers "${WORKERS:-7}" --policy_steps "${POLICY_STEPS:-200}" --segmenter_steps "${SEGMENTER_STEPS:-1600}"
         --prune_steps "${PRUNE_STEPS:-150}" --checkpointing_steps "${CHECKPOINT_STEPS:-0}"
         ${ATTENTION_MODE:+--attention_mode "$ATTENTION_MODE"})
+# The segmenter stage trains a ViT from scratch: one learning rate for backbone and decoder and a longer warm-up
+# (train.py's defaults, 5e-4 with 10x for the heads after 20 warm-up steps, suit a pretrained backbone; from scratch
+# the dense model's loss climbed back between steps 100 and 250 of the first H200 run). Policy and pruning stages
+# keep the defaults.
+segmenter=(--stage segmenter --learning_rate "${SEGMENTER_LR:-4e-4}"
+           --head_learning_rate_multiplier "${SEGMENTER_HEAD_LR_MULTIPLIER:-1}" --warmup_steps "${SEGMENTER_WARMUP:-100}")
 train() { "${PYTHON:-python3}" examples/train.py "${common[@]}" "$@"; }
 case $variant in
-    dense) train --output_dir "$root/dense" --stage segmenter --partition_source dense "$@" ;;
+    dense) train --output_dir "$root/dense" "${segmenter[@]}" --partition_source dense "$@" ;;
     dcts) train --output_dir "$root/dcts-policy" --stage policy "$@"
-          train --output_dir "$root/dcts" --stage segmenter --model_name_or_path "$root/dcts-policy" "$@" ;;
+          train --output_dir "$root/dcts" "${segmenter[@]}" --model_name_or_path "$root/dcts-policy" "$@" ;;
     step) [ -f "$root/dcts/config.json" ] || bash "$0" dcts "$root" "$@"
           train --output_dir "$root/step" --stage prune --model_name_or_path "$root/dcts" "$@" ;;
     *) echo "unknown variant $variant: dense, dcts or step" >&2; exit 2 ;;
