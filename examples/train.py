@@ -76,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--per_device_train_batch_size", type=int, default=8)
     train.add_argument("--per_device_eval_batch_size", type=int, default=1)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=5e-4)
+    train.add_argument("--learning_rate", type=float, default=5e-4, help="policy and segmenter stages")
+    train.add_argument("--prune_learning_rate", type=float, default=1e-4,
+                       help="the pruning stage, a short fine-tune of a trained segmenter (at 5e-4 it undid most of "
+                            "what a ViT-S had learnt on CamVid: docs/RESULTS.md)")
     train.add_argument("--head_learning_rate_multiplier", type=float, default=10.0)
     train.add_argument("--weight_decay", type=float, default=0.01)
     train.add_argument("--warmup_steps", type=int, default=20)
@@ -271,7 +274,7 @@ def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
     return model
 
 
-def optimizer_and_scheduler(model, args, num_steps: int, num_processes: int):
+def optimizer_and_scheduler(model, args, learning_rate: float, num_steps: int, num_processes: int):
     """AdamW with a larger learning rate for the heads (decoder, exits, policy), linear warm-up, then poly decay.
     A scheduler prepared by Accelerate steps once per process per optimizer step: the schedule divides that out."""
     backbone, heads = [], []
@@ -279,8 +282,8 @@ def optimizer_and_scheduler(model, args, num_steps: int, num_processes: int):
         if parameter.requires_grad:
             is_head = name.startswith(("decoder.", "step.exit_heads.", "step.policy."))
             (heads if is_head else backbone).append(parameter)
-    groups = [{"params": backbone, "lr": args.learning_rate},
-              {"params": heads, "lr": args.learning_rate * args.head_learning_rate_multiplier}]
+    groups = [{"params": backbone, "lr": learning_rate},
+              {"params": heads, "lr": learning_rate * args.head_learning_rate_multiplier}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
 
     def factor(process_steps: int) -> float:
@@ -419,7 +422,8 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
         accelerator.print("no policy network (superpatch_sizes has no size above 1): skipping the policy stage")
         return model
     configure_stage(model, stage)
-    optimizer, scheduler = optimizer_and_scheduler(model, args, num_steps, accelerator.num_processes)
+    learning_rate = args.prune_learning_rate if stage == "prune" else args.learning_rate
+    optimizer, scheduler = optimizer_and_scheduler(model, args, learning_rate, num_steps, accelerator.num_processes)
     train_loader = DataLoader(data["train"], batch_size=args.per_device_train_batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(args.seed), drop_last=True,
                               num_workers=args.num_workers)

@@ -75,8 +75,13 @@ def test_camvid_recipe_runs_each_variant(tmp_path, scene_dataset):
     assert evals["dense"]["tokens_per_image"] == 20 and configs["dense"]["hidden_size"] == 192  # ViT-Tiny, 4x5 grid
     assert evals["dcts-policy"] is None and evals["dcts"]["tokens_per_image"] <= 20  # the policy stage has no eval
     assert not configs["dcts"]["halting"] and configs["step"]["halting"]
+
+    def learning_rates(name: str, stage: str) -> list:
+        history = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["history"]
+        return [entry["lr"] for entry in history if entry.get("stage") == stage and "lr" in entry]
+
     # dense and dCTS train their segmenters on one schedule: the recipe's from-scratch one, still warming up here
-    schedules = [[entry["lr"] for entry in json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["history"]
-                  if entry.get("stage") == "segmenter" and "lr" in entry] for name in ("dense", "dcts")]
-    assert schedules[0] == schedules[1] and len(schedules[0]) == 3
-    assert schedules[0] == pytest.approx([4e-4 * step / 101 for step in (2, 3, 4)])
+    assert learning_rates("dense", "segmenter") == learning_rates("dcts", "segmenter")
+    assert learning_rates("dense", "segmenter") == pytest.approx([4e-4 * step / 101 for step in (2, 3, 4)])
+    # the pruning stage fine-tunes at --prune_learning_rate (1e-4), warming up over train.py's 20 steps
+    assert learning_rates("step", "prune") == pytest.approx([1e-4 * step / 21 for step in (2, 3)])
