@@ -6,7 +6,12 @@
 For every pair of thresholds (one value used for every superpatch size, one for every exit; an exit threshold
 above 1 switches halting off) it reports validation mIoU, tokens per image, share halted per exit and FLOPs per
 image (policy included, 2 FLOPs per multiply-add). `--partition_source oracle` or `dense` replaces the policy.
-Writes a Markdown table to stdout and the rows as JSON to `--output`.
+Writes a Markdown table to stdout and the rows as JSON to `--output`, each with the exact settings it was measured
+with. The best row is the cheapest (fewest FLOPs) within `--max_miou_drop` mIoU points of the most accurate;
+
+    python examples/save_settings.py --model outputs/camvid-tiny --sweep sweep.json --output_dir outputs/tuned
+
+writes a copy of the model that runs with its settings by default (and so reproduces the row).
 """
 
 import argparse
@@ -23,6 +28,7 @@ import train  # noqa: E402
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor  # noqa: E402
 from step_hf.configuration_step import PARTITION_SOURCES  # noqa: E402
+from step_hf.evaluation import evaluate  # noqa: E402
 
 
 def main() -> None:
@@ -35,6 +41,8 @@ def main() -> None:
     parser.add_argument("--policy_thresholds", type=float, nargs="+", default=[0.5])
     parser.add_argument("--exit_thresholds", type=float, nargs="+", default=[1.01])
     parser.add_argument("--max_eval_samples", type=int)
+    parser.add_argument("--max_miou_drop", type=float, default=1.0,
+                        help="the best row: the fewest FLOPs within this many mIoU points of the most accurate row")
     parser.add_argument("--output", default="sweep.json")
     args = parser.parse_args()
 
@@ -55,15 +63,24 @@ def main() -> None:
     rows = []
     policy_values = args.policy_thresholds if args.partition_source == "policy" else [None]
     for policy_threshold, exit_threshold in itertools.product(policy_values, args.exit_thresholds):
+        halting = exit_threshold <= 1 and bool(config.exit_layers)
+        settings = {"partition_source": args.partition_source, "halting": halting}
         if policy_threshold is not None:
-            config.policy_thresholds = [policy_threshold] * len(config.shared_sizes)
-        config.exit_thresholds = [exit_threshold] * len(config.exit_layers)
-        config.halting = exit_threshold <= 1 and bool(config.exit_layers)
-        results = train.evaluate(model, loader, accelerator, args.partition_source)
+            settings["policy_thresholds"] = [policy_threshold] * len(config.shared_sizes)
+        if halting:
+            settings["exit_thresholds"] = [exit_threshold] * len(config.exit_layers)
+        config.update_settings(**settings)
+        results = evaluate(model, loader, accelerator)
         rows.append({"partition_source": args.partition_source, "policy_threshold": policy_threshold,
-                     "exit_threshold": exit_threshold if config.halting else None, **results})
+                     "exit_threshold": exit_threshold if halting else None, **results,
+                     "settings": config.settings(), "processor_size": processor.to_dict()["size"],
+                     "dataset_name": args.dataset_name, "split": args.eval_split})
         accelerator.print(f"policy {policy_threshold}, exits {exit_threshold}: mIoU {100 * results['mean_iou']:.2f}, "
                           f"{results['tokens_per_image']:.1f} tokens, {results['gflops_per_image']:.2f} GFLOPs")
+    best_miou = max(row["mean_iou"] for row in rows)
+    best = min((row for row in rows if row["mean_iou"] >= best_miou - args.max_miou_drop / 100),
+               key=lambda row: row["gflops_per_image"])
+    best["best"] = True
 
     if accelerator.is_main_process:
         with open(args.output, "w") as f:
@@ -76,6 +93,10 @@ def main() -> None:
             print(f"| {row['partition_source']} | {row['policy_threshold'] or '-'} | {row['exit_threshold'] or 'off'} "
                   f"| {100 * row['mean_iou']:.2f} | {row['tokens_per_image']:.1f} | {halted} | "
                   f"{row['gflops_per_image']:.3f} |")
+        print(f"\nbest (fewest FLOPs within {args.max_miou_drop} mIoU of the most accurate): row {rows.index(best)}, "
+              f"policy {best['policy_threshold']}, exits {best['exit_threshold'] or 'off'}. Save a model that runs "
+              f"with it by default:\n  python examples/save_settings.py --model {args.model} --sweep {args.output} "
+              "--output_dir OUTPUT_DIR")
 
 
 if __name__ == "__main__":

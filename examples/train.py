@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scenes import SCENE_CLASSES, make_scene  # noqa: E402
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights  # noqa: E402
-from step_hf.accounting import flops_per_image  # noqa: E402
-from step_hf.configuration_step import ATTENTION_MODES, PARTITION_SOURCES  # noqa: E402
+from step_hf.configuration_step import ATTENTION_MODES, PARTITION_SOURCES, TRAINABLE_COMPONENTS  # noqa: E402
+from step_hf.evaluation import evaluate  # noqa: E402
 from step_hf.image_processing_step import reduce_labels  # noqa: E402
 from step_hf.model_card import model_card  # noqa: E402
 
@@ -252,26 +252,43 @@ class EvalTransform:
 
 
 def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
+    """A saved model or a new one from a preset, with this run's settings in its configuration: every evaluation of
+    the run, and the saved model, run with them."""
     label2id = {name: i for i, name in id2label.items()}
     if args.model_name_or_path:
         model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
         if model.config.id2label != id2label:
             raise ValueError(f"{args.model_name_or_path} has classes {model.config.id2label}, the data {id2label}.")
     else:
-        overrides = {"exit_thresholds": args.exit_thresholds} if args.exit_thresholds else {}
         config = StepConfig.from_preset(args.preset, image_size=args.crop_size, id2label=id2label, label2id=label2id,
-                                        **overrides)
+                                        trained_components=[])
         model = StepForSemanticSegmentation(config)
         if args.backbone_checkpoint:
             load_vit_weights(model, args.backbone_checkpoint)
+            config.trained_components = ["encoder"]
+    settings = {"partition_source": args.partition_source}
+    if args.exit_thresholds:
+        settings["exit_thresholds"] = args.exit_thresholds
     if args.attention_mode:
-        model.config.attention_mode = args.attention_mode
+        settings["attention_mode"] = args.attention_mode
+    model.config.update_settings(**settings)
     if args.crop_size % model.config.patch_size:
         raise ValueError(f"--crop_size {args.crop_size} is not a multiple of the patch size {model.config.patch_size}.")
     if args.crop_size > args.image_size * args.max_scale:
         raise ValueError(f"Images resized to a shortest edge of {args.image_size} (at most x{args.max_scale}) are too "
                          f"small for a {args.crop_size} crop; raise --image_size or lower --crop_size.")
     return model
+
+
+def check_policy_is_trained(model: StepForSemanticSegmentation, args, stages: list[str]) -> None:
+    """Refuse to train or evaluate a segmenter on the partitions of a policy that never trained (they are arbitrary,
+    and the saved model would run them by default)."""
+    trained = model.config.trained_components
+    if (args.partition_source == "policy" and model.step.policy is not None and "policy" not in stages
+            and trained is not None and "policy" not in trained):
+        raise ValueError("The policy network is untrained, so its partitions are arbitrary: run --stage policy first "
+                         "(or --stage all), start from a --model_name_or_path whose policy trained, or choose "
+                         "--partition_source oracle or dense.")
 
 
 def optimizer_and_scheduler(model, args, learning_rate: float, num_steps: int, num_processes: int):
@@ -308,80 +325,28 @@ def stage_inputs(stage: str, batch: dict, partition_source: str) -> dict:
 
 
 def configure_stage(model: StepForSemanticSegmentation, stage: str) -> None:
+    """What trains in a stage, halting on for the pruning fine-tune only, and the parts the stage trains recorded in
+    the configuration (`trained_components`, unless a loaded model did not record them)."""
     model.set_training_stage("policy" if stage == "policy" else "segmenter")
-    model.config.halting = stage == "prune"
+    model.config.update_settings(halting=stage == "prune")
+    mark_trained(model.config, stage)
 
 
-# ---------------------------------------------------------------------------------------------------- eval
+def mark_trained(config: StepConfig, stage: str) -> None:
+    """Add the parts a stage trains to `config.trained_components` (left `None` for a loaded model that did not
+    record them)."""
+    if config.trained_components is None:
+        return
+    parts = {"policy"} if stage == "policy" else {"encoder", "decoder", *(["exit_heads"] if config.exit_layers else [])}
+    config.trained_components = [part for part in TRAINABLE_COMPONENTS if part in {*config.trained_components, *parts}]
 
 
-@torch.no_grad()
-def evaluate(model, loader, accelerator, partition_source: str) -> dict:
-    """mIoU as the Hub's `mean_iou` metric computes it (areas summed over the dataset, nan-mean over classes),
-    per-class IoU, pixel accuracy, tokens per image, share halted per exit and FLOPs per image (each image as if run
-    alone, policy included; 2 FLOPs per multiply-add); correct across processes."""
-    unwrapped = accelerator.unwrap_model(model)
-    num_labels, ignore = unwrapped.config.num_labels, unwrapped.config.semantic_loss_ignore_index
-    model.eval()
-    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long, device=accelerator.device)
-    tokens, halted, flops = [], [], []
-    for batch in loader:
-        outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
-                        partition_source=partition_source)
-        labels = batch["original_labels"]
-        logits = torch.nn.functional.interpolate(outputs.logits.float(), size=labels.shape[-2:], mode="bilinear",
-                                                 align_corners=False)
-        per_image = confusion_matrices(labels, logits.argmax(1), num_labels, ignore)
-        # Per-image matrices, so that gather_for_metrics can drop the duplicates even batches add at the end.
-        confusion += accelerator.gather_for_metrics(per_image).sum(0)
-        tokens.append(accelerator.gather_for_metrics(outputs.token_counts.float()))
-        if outputs.halted_share is not None:
-            halted.append(accelerator.gather_for_metrics(outputs.halted_share.float()))
-        flops.append(accelerator.gather_for_metrics(image_flops(unwrapped.config, batch["pixel_values"].shape[-2:],
-                                                                outputs, partition_source)))
-    model.train()
-    tokens = torch.cat(tokens).double()
-    results = {
-        **segmentation_metrics(confusion, unwrapped.config.id2label),
-        "tokens_per_image": float(tokens.mean()),
-        "tokens_p5": float(torch.quantile(tokens, 0.05)),
-        "tokens_p95": float(torch.quantile(tokens, 0.95)),
-        "halted_share": torch.cat(halted).mean(0).tolist() if halted else [],
-        "gflops_per_image": float(torch.cat(flops).mean()) / 1e9,
-    }
-    return results
-
-
-def confusion_matrices(labels: torch.Tensor, prediction: torch.Tensor, num_labels: int, ignore: int) -> torch.Tensor:
-    """`(batch, num_labels, num_labels)` per-image confusion matrices (row: label, column: prediction); pixels
-    labelled `ignore` are left out."""
-    valid = labels != ignore
-    image = torch.arange(len(labels), device=labels.device)[:, None, None].expand_as(labels)
-    cells = (image * num_labels + labels) * num_labels + prediction
-    return torch.bincount(cells[valid], minlength=len(labels) * num_labels**2).view(-1, num_labels, num_labels)
-
-
-def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str]) -> dict:
-    """mIoU, per-class IoU and pixel accuracy from a confusion matrix summed over the dataset, as the Hub's
-    `mean_iou` computes them: per class intersection / union of areas over the whole dataset, then the mean over the
-    classes present in labels or predictions (nan-mean)."""
-    area_label, area_prediction = confusion.sum(1).double(), confusion.sum(0).double()
-    intersection = confusion.diag().double()
-    iou = (intersection / (area_label + area_prediction - intersection)).tolist()  # nan for absent classes
-    return {
-        "mean_iou": float(np.nanmean(iou)),
-        "per_category_iou": {id2label[i]: iou[i] for i in range(len(iou))},
-        "overall_accuracy": float(intersection.sum() / area_label.sum()),
-    }
-
-
-def image_flops(config: StepConfig, image_size, outputs, partition_source: str) -> torch.Tensor:
-    """FLOPs of each image of a batch, from its token counts and halted shares (analytic formula)."""
-    sharing = partition_source != "dense" and bool(config.shared_sizes)
-    halted = outputs.halted_share.tolist() if config.halting and outputs.halted_share is not None else None
-    flops = flops_per_image(config, tuple(image_size), outputs.token_counts.tolist(), halted, sharing,
-                            policy_ran=sharing and partition_source == "policy")
-    return torch.tensor(flops, dtype=torch.float64, device=outputs.token_counts.device)
+def runnable_partition_source(config: StepConfig) -> str:
+    """What a model trained on oracle partitions runs with once saved (oracle partitions need ground truth): its
+    policy if that trained, else no sharing."""
+    trained = config.trained_components
+    policy_trained = bool(config.shared_sizes) and (trained is None or "policy" in trained)
+    return "policy" if policy_trained else "dense"
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -420,6 +385,9 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
     num_steps = {"policy": args.policy_steps, "segmenter": args.segmenter_steps, "prune": args.prune_steps}[stage]
     if stage == "policy" and model.step.policy is None:
         accelerator.print("no policy network (superpatch_sizes has no size above 1): skipping the policy stage")
+        return model
+    if stage == "prune" and not model.config.exit_layers:
+        accelerator.print("no exit heads (exit_layers is empty): skipping the pruning stage")
         return model
     configure_stage(model, stage)
     learning_rate = args.prune_learning_rate if stage == "prune" else args.learning_rate
@@ -493,12 +461,14 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
 
 def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
     loader = accelerator.prepare_data_loader(DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size))
-    results = evaluate(model, loader, accelerator, args.partition_source)
-    record = {"stage": stage, "step": step, "eval": results}
+    config = accelerator.unwrap_model(model).config
+    results = evaluate(model, loader, accelerator)  # with the configuration's settings: those the model is saved with
+    record = {"stage": stage, "step": step, "eval": results, "settings": config.settings()}
     history.append(record)
     accelerator.log({f"{stage}/eval_mean_iou": results["mean_iou"],
                      f"{stage}/eval_tokens_per_image": results["tokens_per_image"]}, step=len(history))
-    accelerator.print(f"[{stage} step {step}] validation mIoU {100 * results['mean_iou']:.2f}, pixel accuracy "
+    accelerator.print(f"[{stage} step {step}, {config.partition_source} partitions] validation mIoU "
+                      f"{100 * results['mean_iou']:.2f}, pixel accuracy "
                       f"{100 * results['overall_accuracy']:.2f}, tokens/image {results['tokens_per_image']:.1f}, "
                       f"halted {[round(s, 3) for s in results['halted_share']]}, "
                       f"{results['gflops_per_image']:.2f} GFLOPs/image")
@@ -530,11 +500,7 @@ def main(argv=None) -> None:
         accelerator.init_trackers("step", config={k: v for k, v in vars(args).items() if v is not None})
 
     stages = list(STAGES) if args.stage == "all" else [args.stage]
-    if ("policy" not in stages and args.partition_source == "policy" and not args.model_name_or_path
-            and model.step.policy is not None):
-        accelerator.print("warning: the policy network is untrained, so its partitions are arbitrary: run --stage "
-                          "policy first (or --stage all), start from --model_name_or_path, or choose "
-                          "--partition_source oracle or dense.")
+    check_policy_is_trained(model, args, stages)
     checkpoint, history = find_checkpoint(args), []
     resume = None
     if checkpoint:
@@ -542,6 +508,8 @@ def main(argv=None) -> None:
             state = json.load(f)
         if state["stage"] not in stages:
             raise ValueError(f"{checkpoint} is from stage {state['stage']!r}, which this run ({stages}) does not run.")
+        for done in stages[:stages.index(state["stage"])]:
+            mark_trained(model.config, done)
         stages = stages[stages.index(state["stage"]):]
         resume, history = {"path": checkpoint, "step": state["step"]}, state["history"]
         accelerator.print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
@@ -549,28 +517,50 @@ def main(argv=None) -> None:
         model = run_stage(stage, model, data, accelerator, args, history, resume if index == 0 else None,
                           f"{stage} ({index + 1}/{len(stages)})")
 
+    notes = []
+    if model.config.partition_source == "oracle":
+        notes.append(save_runnable_settings(model, data, accelerator, args, history))
     accelerator.wait_for_everyone()
     final_eval = next((r["eval"] for r in reversed(history) if "eval" in r), None)
     if accelerator.is_main_process:
-        save_final(model, processor, args, history, final_eval, time.time() - started)
+        save_final(model, processor, args, history, final_eval, time.time() - started, notes)
     accelerator.end_training()
 
 
-def save_final(model, processor, args, history, final_eval, seconds) -> None:
-    """Model, processor, code, `metrics.json` and the model card in `--output_dir`; optionally pushed."""
+def save_runnable_settings(model, data, accelerator, args, history) -> str:
+    """Oracle partitions need ground truth at inference: switch to the closest runnable source, measure the model
+    again with it (so that the saved model reproduces its reported numbers) and return a note saying so."""
+    source = runnable_partition_source(model.config)
+    model.config.update_settings(partition_source=source)
+    last = next((r for r in reversed(history) if "eval" in r), None)
+    note = (f"Trained with oracle partitions (from the ground truth), which need labels at inference: saved with "
+            f"`partition_source={source!r}`.")
+    if last is not None:
+        note += (f" With oracle partitions it measured {100 * last['eval']['mean_iou']:.2f} mIoU; the reported "
+                 f"results are measured with `{source}`.")
+        log_eval(model, data, accelerator, args, history, last["stage"], last["step"])
+    accelerator.print(note)
+    return note
+
+
+def save_final(model, processor, args, history, final_eval, seconds, notes: list[str]) -> None:
+    """Model, processor, code, `metrics.json` and the model card in `--output_dir`; optionally pushed. `final_eval`
+    was measured with the settings saved in the configuration."""
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump({"history": history, "final_eval": final_eval, "train_seconds": seconds}, f, indent=1)
+        json.dump({"history": history, "final_eval": final_eval, "settings": model.config.settings(),
+                   "trained_components": model.config.trained_components, "train_seconds": seconds}, f, indent=1)
     dataset_name = args.dataset_name or "built-in procedural scenes"
     if args.dataset_name and os.path.isdir(args.dataset_name):
         dataset_name = os.path.basename(os.path.normpath(args.dataset_name))
     command = "accelerate launch examples/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    notes = "" if args.dataset_name else ("Trained on the built-in procedural scenes: its results say nothing about "
-                                           "real images.")
-    model_card(name, model.config, command, dataset_name, final_eval, notes).save(
+    if not args.dataset_name:
+        notes = [*notes, "Trained on the built-in procedural scenes: its results say nothing about real images."]
+    model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
+               input_size=f"shortest edge resized to {args.image_size}").save(
         os.path.join(args.output_dir, "README.md"))
     print(f"saved the model, processor, code and model card to {args.output_dir}")
     if args.push_to_hub:

@@ -32,12 +32,15 @@ def main() -> None:
         name = f"step-vit-{preset}"
         config = StepConfig.from_preset(preset, image_size=1024 if preset == "large" else 512,
                                         id2label={int(k): v for k, v in CAMVID.items()})
-        command, results, dataset = None, None, "camvid"
+        command, results, dataset, input_size = None, None, "camvid", None
         if preset in runs:
             folder = runs[preset]
             metrics = json.load(open(os.path.join(folder, "metrics.json")))
             results = metrics["final_eval"]
-            config = StepConfig.from_pretrained(folder)
+            config = StepConfig.from_pretrained(folder)  # the settings its results were measured with
+            size = json.load(open(os.path.join(folder, "preprocessor_config.json")))["size"]
+            input_size = (f"shortest edge resized to {size['shortest_edge']}" if "shortest_edge" in size
+                          else f"resized to {size['height']}x{size['width']}")
             card = open(os.path.join(folder, "README.md")).read()
             command = commands.get(preset) or re.search(r"```bash\n(.*?)\n```", card, re.S).group(1)
         notes = ("Measured results come from the training run of the command above, on the CamVid validation split "
@@ -47,7 +50,7 @@ def main() -> None:
             notes = f"{notes} {extra_notes[preset]}".strip()
         folder = os.path.join(HERE, name)
         os.makedirs(folder, exist_ok=True)
-        model_card(f"step-hf/{name}", config, command, dataset, results, notes).save(os.path.join(folder, "README.md"))
+        model_card(f"step-hf/{name}", config, command, dataset, results, notes, input_size).save(os.path.join(folder, "README.md"))
         print(f"wrote {folder}/README.md ({'measured' if results else 'not trained yet'})")
 
 

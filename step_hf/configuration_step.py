@@ -17,6 +17,15 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 SUPERPATCH_SIZES = (1, 2, 4, 8, 16)
 PARTITION_SOURCES = ("policy", "oracle", "dense")
 ATTENTION_MODES = ("packed", "padded")
+# The parts of a STEP model that train separately (`trained_components`).
+TRAINABLE_COMPONENTS = ("policy", "encoder", "decoder", "exit_heads")
+# The fields that choose how a built model runs, not what it is: they may change after training (a sweep of
+# thresholds, say), through `StepConfig.update_settings`, which checks them again. Saved models run with their saved
+# values by default.
+RUN_SETTINGS = (
+    "partition_source", "policy_thresholds", "token_budget", "exit_thresholds", "exit_keep_tokens", "halting",
+    "attention_mode",
+)
 # The published halting thresholds: 0.95 for ViT-L, 0.9 for ViT-B (and here the smaller ViTs).
 PRESET_EXIT_THRESHOLD = {"tiny": 0.9, "small": 0.9, "base": 0.9, "large": 0.95}
 
@@ -98,7 +107,16 @@ class StepConfig(PreTrainedConfig):
             numbers of tokens: `"packed"` (a variable-length flash kernel on GPU in half precision, one call per
             image elsewhere; the fastest measured) or `"padded"` (pad to the longest image with a key mask). Both
             give the same logits; equal-length batches need neither.
+        trained_components (`list[str]`, *optional*): which parts have been trained, among `"policy"`, `"encoder"`,
+            `"decoder"` and `"exit_heads"` (`examples/train.py` records them). A forward pass that would use a part
+            not listed logs a warning; `None` (models built by hand, or saved before this was recorded) means not
+            recorded, and nothing is checked.
         id2label / label2id / num_labels: the classes, as in every `transformers` config.
+
+    Fields that are fixed once a model is built (its architecture) are every field above except the run-time
+    settings: `partition_source`, `policy_thresholds`, `token_budget`, `exit_thresholds`, `exit_keep_tokens`,
+    `halting` and `attention_mode`. Change those with [`StepConfig.update_settings`], which checks them again; the
+    saved values are the defaults a loaded model runs with.
 
     Example:
 
@@ -143,6 +161,7 @@ class StepConfig(PreTrainedConfig):
     exit_hidden_size: int = 256
     exit_loss_weight: float | int = 0.4
     attention_mode: str = "packed"
+    trained_components: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.image_size, tuple):
@@ -258,6 +277,10 @@ class StepConfig(PreTrainedConfig):
             raise ValueError(f"`attention_mode` must be 'packed' or 'padded', got {self.attention_mode!r}.")
         if self.halting and not layers:
             raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
+        if self.trained_components is not None and not set(self.trained_components) <= set(TRAINABLE_COMPONENTS):
+            raise ValueError(
+                f"`trained_components` ({self.trained_components}) may only name {list(TRAINABLE_COMPONENTS)}."
+            )
 
     def _check_token_sharing(self) -> None:
         sizes = self.superpatch_sizes
@@ -294,6 +317,35 @@ class StepConfig(PreTrainedConfig):
                     f"[2, 4, 8, 16]), got {self.superpatch_sizes}."
                 )
 
+    def update_settings(self, **settings) -> None:
+        """
+        Change run-time settings (`RUN_SETTINGS`: partition source, thresholds, token budget, halting, attention
+        mode) and check the whole configuration again; on an error nothing changes. Architecture fields are refused:
+        they are fixed once a model is built.
+        """
+        unknown = sorted(set(settings) - set(RUN_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"{unknown} cannot change on a built model; the run-time settings are {list(RUN_SETTINGS)}."
+            )
+        previous = {name: getattr(self, name) for name in settings}
+        try:
+            for name, value in settings.items():
+                if name in ("policy_thresholds", "exit_thresholds"):
+                    value = [float(threshold) for threshold in value]
+                elif isinstance(value, tuple):
+                    value = list(value)
+                setattr(self, name, value)
+            self._check_consistency()
+        except Exception:
+            for name, value in previous.items():
+                setattr(self, name, value)
+            raise
+
+    def settings(self) -> dict:
+        """The run-time settings in force, by name (`RUN_SETTINGS`)."""
+        return {name: getattr(self, name) for name in RUN_SETTINGS}
+
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "StepConfig":
         """
@@ -310,4 +362,7 @@ class StepConfig(PreTrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["ATTENTION_MODES", "PARTITION_SOURCES", "SUPERPATCH_SIZES", "StepConfig", "VIT_PRESETS"]
+__all__ = [
+    "ATTENTION_MODES", "PARTITION_SOURCES", "RUN_SETTINGS", "SUPERPATCH_SIZES", "TRAINABLE_COMPONENTS", "StepConfig",
+    "VIT_PRESETS",
+]

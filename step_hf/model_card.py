@@ -12,10 +12,12 @@ def model_card(
     dataset_name: str | None = None,
     results: dict | None = None,
     notes: str = "",
+    input_size: str | None = None,
 ) -> ModelCard:
     """
     A model card for a STEP model. `results` holds measured numbers only (`mean_iou`, `overall_accuracy` in [0, 1],
-    `tokens_per_image`, ...); without them the card says "not trained yet".
+    `tokens_per_image`, ...), measured with the settings saved in `config` (the card says so, naming them, and
+    `input_size` when given); without them the card says "not trained yet".
     """
     eval_results = None
     if results and dataset_name:
@@ -65,7 +67,9 @@ def model_card(
     if results:
         split = results.get("split", "validation")
         lines += [
-            f"Measured on the {split} split of `{dataset_name}`.", "",
+            f"Measured on the {split} split of `{dataset_name}`"
+            f"{f' ({input_size})' if input_size else ''}, with the settings this model loads with: "
+            f"{settings_text(config)}.", "",
             "| mIoU | pixel accuracy | tokens / image | share halted per exit |",
             "|---|---|---|---|",
             f"| {100 * results['mean_iou']:.2f} | {100 * results['overall_accuracy']:.2f} | "
@@ -87,4 +91,23 @@ def model_card(
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
 
 
-__all__ = ["model_card"]
+def settings_text(config: StepConfig) -> str:
+    """The run-time settings of `config` in words, as a card states them next to its numbers."""
+    if config.partition_source == "dense" or not config.shared_sizes:
+        partition = "no token sharing (`partition_source=\"dense\"`)"
+    elif config.partition_source == "oracle":
+        partition = "oracle partitions from the ground truth (`partition_source=\"oracle\"`)"
+    elif config.token_budget is not None:
+        partition = f"policy partitions with a budget of {config.token_budget} tokens per image"
+    else:
+        partition = f"policy partitions at thresholds {config.policy_thresholds}"
+    if not config.halting:
+        exits = "halting off"
+    elif config.exit_keep_tokens:
+        exits = f"halting on, exits after blocks {config.exit_layers} keeping {config.exit_keep_tokens} tokens"
+    else:
+        exits = f"halting on, exits after blocks {config.exit_layers} at thresholds {config.exit_thresholds}"
+    return f"{partition}, {exits}"
+
+
+__all__ = ["model_card", "settings_text"]

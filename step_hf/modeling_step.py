@@ -14,9 +14,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
-from .configuration_step import PARTITION_SOURCES, StepConfig
+from .configuration_step import PARTITION_SOURCES, TRAINABLE_COMPONENTS, StepConfig
 from .superpatch import (
     TARGET_IGNORE,
     blocks_to_cells,
@@ -31,6 +31,7 @@ from .superpatch import (
 )
 from .token_layout import PackedBatch, TokenLayout, dense_token_layout, insert_per_image, packed_attention, unshare
 
+logger = logging.get_logger(__name__)
 
 @dataclass
 class StepModelOutput(ModelOutput):
@@ -418,6 +419,26 @@ def check_pixel_values(pixel_values: torch.Tensor, config: StepConfig) -> tuple[
     return height // patch, width // patch
 
 
+def warn_if_untrained(config: StepConfig, parts: list[str]) -> None:
+    """Log (once) when an inference forward uses parts that `config.trained_components` does not list. The message
+    names every untrained part of the model, so that the encoder's and the segmenter's checks log it once."""
+    trained = config.trained_components
+    if trained is None or all(part in trained for part in parts):
+        return
+    present = {"policy": bool(config.shared_sizes), "exit_heads": bool(config.exit_layers)}
+    untrained = [part for part in TRAINABLE_COMPONENTS if part not in trained and present.get(part, True)]
+    advice = {
+        "policy": "run without the policy (`partition_source=\"dense\"`, or `config.update_settings`) or train it",
+        "encoder": "train the segmenter (e.g. `examples/train.py --stage segmenter`)",
+        "exit_heads": "switch halting off (`config.update_settings(halting=False)`) or train the exit heads",
+    }
+    fixes = "; ".join(advice[part] for part in untrained if part in advice)
+    logger.warning_once(
+        f"This model's {', '.join(untrained)} never trained (config.trained_components = {trained}), so outputs that "
+        f"use them are arbitrary: {fixes}."
+    )
+
+
 class StepModel(StepPreTrainedModel):
     """
     The STEP encoder: the dCTS policy chooses a partition of the patch grid into superpatches, each superpatch is
@@ -541,6 +562,12 @@ class StepModel(StepPreTrainedModel):
         if partition_source not in PARTITION_SOURCES:
             raise ValueError(f"`partition_source` must be 'policy', 'oracle' or 'dense', got {partition_source!r}.")
 
+        if not self.training:  # a training forward is how a part gets trained
+            uses_policy = partition_source == "policy" and superpatch_map is None and bool(self.config.shared_sizes)
+            used = ["policy"] if uses_policy else []
+            if not policy_only:
+                used += ["encoder", "exit_heads"] if self.config.halting else ["encoder"]
+            warn_if_untrained(self.config, used)
         superpatch_map, block_logits, tokens_per_image = self.choose_partition(
             pixel_values, grid_size, superpatch_map, superpatch_targets, partition_source,
             run_policy=policy_only or (partition_source == "policy" and superpatch_map is None),
@@ -753,6 +780,8 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         )
         layout = encoder_output.token_layout
         logits = segmentation_loss = policy_term = exit_term = None
+        if not policy_only and not self.training:
+            warn_if_untrained(self.config, ["decoder"])
         if not policy_only:
             token_logits = self.merge_exits(
                 self.decoder(encoder_output.last_hidden_state, encoder_output.survivor_batch), encoder_output

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from step_hf.evaluation import confusion_matrices, segmentation_metrics
+
 from .conftest import EXAMPLES
 
 import train  # examples/train.py (conftest puts examples/ on the path)
@@ -155,8 +157,8 @@ def test_metrics_match_a_brute_force_mean_iou():
     labels[labels == 3] = 2  # class 3 never appears in the labels...
     prediction = torch.from_numpy(rng.integers(0, 4, (3, 20, 30)))
     prediction[prediction == 1] = 0  # ...and class 1 is never predicted
-    confusion = train.confusion_matrices(labels, prediction, 5, 255).sum(0)  # class 4 appears nowhere
-    metrics = train.segmentation_metrics(confusion, {i: str(i) for i in range(5)})
+    confusion = confusion_matrices(labels, prediction, 5, 255).sum(0)  # class 4 appears nowhere
+    metrics = segmentation_metrics(confusion, {i: str(i) for i in range(5)})
 
     valid = labels.numpy() != 255
     y, p = labels.numpy()[valid], prediction.numpy()[valid]

@@ -1,0 +1,68 @@
+"""Write a copy of a saved STEP model that runs, by default, with the settings of one row of `examples/sweep.py`.
+
+    python examples/save_settings.py --model outputs/camvid-tiny --sweep sweep.json --output_dir outputs/tuned
+    python examples/save_settings.py --model outputs/camvid-tiny --sweep sweep.json --row 3 --output_dir ...
+
+`--row best` (the default) takes the row the sweep marked best. The copy has the same weights; its configuration
+holds the row's partition source, thresholds and halting, its processor the row's input size, and its model card and
+`metrics.json` the row's measured numbers, so that `from_pretrained` or `pipeline` reproduces the row.
+"""
+
+import argparse
+import json
+import os
+import re
+
+from step_hf import StepForSemanticSegmentation, StepImageProcessor
+from step_hf.model_card import model_card
+
+
+def choose_row(rows: list[dict], row: str) -> dict:
+    if row == "best":
+        marked = [candidate for candidate in rows if candidate.get("best")]
+        if not marked:
+            raise SystemExit("The sweep marks no row as best; choose one with --row N.")
+        return marked[0]
+    if not row.isdigit() or int(row) >= len(rows):
+        raise SystemExit(f"--row must be 'best' or a row number below {len(rows)}, got {row!r}.")
+    return rows[int(row)]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the saved model the sweep measured")
+    parser.add_argument("--sweep", required=True, help="the JSON rows written by examples/sweep.py")
+    parser.add_argument("--row", default="best", help="'best' or a row number (from 0)")
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args(argv)
+
+    with open(args.sweep) as f:
+        row = choose_row(json.load(f), args.row)
+    if row["settings"]["partition_source"] == "oracle":
+        raise SystemExit("This row used oracle partitions, which need ground truth at inference: a saved model cannot "
+                         "run with them. Choose a 'policy' or 'dense' row.")
+    model = StepForSemanticSegmentation.from_pretrained(args.model)
+    processor = StepImageProcessor.from_pretrained(args.model)
+    model.config.update_settings(**row["settings"])
+    processor.size = row["processor_size"]
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump({"final_eval": row, "settings": model.config.settings(), "source_model": args.model}, f, indent=1)
+
+    source_card = os.path.join(args.model, "README.md")
+    found = re.search(r"```bash\n(.*?)\n```", open(source_card).read(), re.S) if os.path.isfile(source_card) else None
+    dataset_name = row.get("dataset_name") or "built-in procedural scenes"
+    if os.path.isdir(dataset_name):
+        dataset_name = os.path.basename(os.path.normpath(dataset_name))
+    notes = (f"The weights of `{args.model}`, with run-time settings chosen by `examples/sweep.py` "
+             f"(`{os.path.basename(args.sweep)}`: policy threshold {row['policy_threshold'] or '-'}, exit threshold "
+             f"{row['exit_threshold'] or 'off'}).")
+    model_card(os.path.basename(os.path.normpath(args.output_dir)), model.config, found.group(1) if found else None,
+               dataset_name, row, notes, input_size=f"processor size {row['processor_size']}").save(
+        os.path.join(args.output_dir, "README.md"))
+    print(f"saved {args.output_dir}: {model.config.settings()}, processor size {row['processor_size']}")
+
+
+if __name__ == "__main__":
+    main()
