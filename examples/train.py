@@ -13,12 +13,15 @@ Results on the built-in scenes mean nothing about real data: they exist so that 
 """
 
 import argparse
+import errno
 import json
 import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from datasets import Dataset, DatasetDict, Image, load_dataset
 from PIL import Image as PILImage
 from PIL import ImageEnhance, ImageOps
+from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -154,14 +158,23 @@ def load_data(args) -> tuple[DatasetDict, dict[int, str]]:
 
 
 def read_id2label(args) -> dict[int, str]:
+    """`--id2label` (a JSON file or string), else the dataset's `id2label.json` (its folder or its Hub repo)."""
     source = args.id2label
     if source is None:
-        candidate = os.path.join(args.dataset_name, "id2label.json")
-        if not os.path.isfile(candidate):
+        source = os.path.join(args.dataset_name, "id2label.json")
+        if os.path.isdir(args.dataset_name) and not os.path.isfile(source):
+            raise ValueError(f"The dataset folder {args.dataset_name} has no id2label.json, so the class names are "
+                             """missing: add that file ({"0": "road", "1": "sky", ...}) or pass --id2label with a """
+                             "JSON file or string.")
+        if not os.path.isdir(args.dataset_name):
             from huggingface_hub import hf_hub_download
 
-            candidate = hf_hub_download(args.dataset_name, "id2label.json", repo_type="dataset")
-        source = candidate
+            try:
+                source = hf_hub_download(args.dataset_name, "id2label.json", repo_type="dataset")
+            except Exception as error:  # offline, missing file, no access: say what was looked for
+                raise ValueError(f"Cannot get the class names: {args.dataset_name} is not a local folder, and its "
+                                 f"id2label.json could not be fetched from the Hub ({type(error).__name__}: "
+                                 f"{error}). Pass --id2label with a JSON file or string.") from None
     text = open(source).read() if os.path.isfile(source) else source
     try:
         return {int(k): v for k, v in json.loads(text).items()}
@@ -353,28 +366,115 @@ def runnable_partition_source(config: StepConfig) -> str:
 
 
 def save_checkpoint(accelerator, args, stage: str, step: int, history: list) -> None:
-    """Write to a temporary folder, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary folder, then rename: a crash never leaves a half-written checkpoint, and a failed write
+    (a full disk, say) removes its partial folder."""
     root = os.path.join(args.output_dir, "checkpoints")
     final = os.path.join(root, f"{STAGES.index(stage)}-{stage}-{step:07d}")
     temporary = final + ".tmp"
-    accelerator.save_state(temporary)
+    try:
+        accelerator.save_state(temporary)
+        if accelerator.is_main_process:
+            with open(os.path.join(temporary, "trainer_state.json"), "w") as f:
+                json.dump({"stage": stage, "step": step, "history": history}, f)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise disk_error(error, f"writing the checkpoint {final}") from error
     if accelerator.is_main_process:
-        with open(os.path.join(temporary, "trainer_state.json"), "w") as f:
-            json.dump({"stage": stage, "step": step, "history": history}, f)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(temporary, final)
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(args) -> str | None:
+def disk_error(error: OSError, doing: str) -> OSError:
+    """The same error, its message saying what was being written and, for a full disk, that space ran out."""
+    cause = "No space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    return type(error)(error.errno, f"{cause} while {doing}; free space (or choose another --output_dir) and run "
+                                    "again with --resume_from_checkpoint latest")
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (missing or truncated files), or `None` if it looks whole."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        if state["stage"] not in STAGES or not isinstance(state["step"], int):
+            return "trainer_state.json names no stage and step"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"trainer_state.json cannot be read ({error})"
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(file, "pt"):
+                    pass
+            elif name.endswith((".bin", ".pkl", ".pt")) and (not zipfile.is_zipfile(file)
+                                                             or zipfile.ZipFile(file).testzip() is not None):
+                return f"{name} is truncated or corrupt"
+        except Exception as error:  # safetensors' own error type for a short file
+            return f"{name} is truncated or corrupt ({error})"
+    return None
+
+
+def find_checkpoint(args, log=print) -> str | None:
+    """The checkpoint to resume from: `--resume_from_checkpoint` itself, or with `latest` the newest one of
+    `--output_dir` that is whole (skipped ones are named, with the reason). Nothing to resume from is an error, as in
+    `transformers.Trainer`: a first run leaves the flag out."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint != "latest":
+        problem = checkpoint_problem(args.resume_from_checkpoint) if os.path.isdir(args.resume_from_checkpoint) \
+            else "not a folder"
+        if problem:
+            raise ValueError(f"Cannot resume from {args.resume_from_checkpoint}: {problem}.")
         return args.resume_from_checkpoint
     root = os.path.join(args.output_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if not n.endswith(".tmp")) if os.path.isdir(root) else []
-    return os.path.join(root, names[-1]) if names else None
+    names = sorted((n for n in os.listdir(root) if not n.endswith(".tmp")), reverse=True) if os.path.isdir(root) else []
+    if not names:
+        raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {root}. Leave the flag out to start a new "
+                         "run, or point --output_dir at the run to continue.")
+    for name in names:
+        problem = checkpoint_problem(os.path.join(root, name))
+        if problem is None:
+            return os.path.join(root, name)
+        log(f"skipping checkpoint {name}: {problem}")
+    raise ValueError(f"None of the checkpoints in {root} can be resumed from (see above); leave out "
+                     "--resume_from_checkpoint to start again.")
+
+
+def remove_partial_checkpoints(args, log=print) -> None:
+    """Remove the `*.tmp` folders a killed or failed checkpoint write left behind."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            log(f"removed the partial checkpoint {name} (a checkpoint write that did not finish)")
+
+
+def check_output_dir(args) -> None:
+    """Refuse, before any training, an output location that cannot hold the run."""
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} is an existing file; choose a folder.")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.output_dir):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output_dir {args.output_dir} cannot be written ({error.strerror or error}); choose a "
+                         "writable folder.") from None
+
+
+def check_hub_repository(args) -> None:
+    """Create (or find) the Hub repository before training, as `transformers`' examples do: an unreachable Hub or a
+    missing permission then stops the run before any work is lost."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().create_repo(args.hub_model_id, exist_ok=True)
+    except Exception as error:  # offline, unreachable, no token, no permission: all stop the run here
+        raise ValueError(f"--push_to_hub: cannot create or reach the Hub repository {args.hub_model_id} "
+                         f"({type(error).__name__}: {error}). Check the network and your token (`hf auth login`), "
+                         "or train without --push_to_hub and upload the folder later.") from None
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -478,6 +578,7 @@ def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.time()
+    check_output_dir(args)
     set_seed(args.seed)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -488,6 +589,8 @@ def main(argv=None) -> None:
         # The shuffle order is seed + epoch on every process: resumable, and the same for any process count.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    if args.push_to_hub and accelerator.is_main_process:
+        check_hub_repository(args)
     dataset, id2label = load_data(args)
     model = build_model(args, id2label)
     processor = StepImageProcessor(
@@ -501,7 +604,10 @@ def main(argv=None) -> None:
 
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     check_policy_is_trained(model, args, stages)
-    checkpoint, history = find_checkpoint(args), []
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(args, accelerator.print)
+    accelerator.wait_for_everyone()
+    checkpoint, history = find_checkpoint(args, accelerator.print), []
     resume = None
     if checkpoint:
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
@@ -545,13 +651,9 @@ def save_runnable_settings(model, data, accelerator, args, history) -> str:
 
 def save_final(model, processor, args, history, final_eval, seconds, notes: list[str]) -> None:
     """Model, processor, code, `metrics.json` and the model card in `--output_dir`; optionally pushed. `final_eval`
-    was measured with the settings saved in the configuration."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    model.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump({"history": history, "final_eval": final_eval, "settings": model.config.settings(),
-                   "trained_components": model.config.trained_components, "train_seconds": seconds}, f, indent=1)
+    was measured with the settings saved in the configuration. Everything is written to a temporary folder first and
+    then moved in, `config.json` last, so that a failed write (a full disk) never leaves a folder that looks like a
+    model without its weights."""
     dataset_name = args.dataset_name or "built-in procedural scenes"
     if args.dataset_name and os.path.isdir(args.dataset_name):
         dataset_name = os.path.basename(os.path.normpath(args.dataset_name))
@@ -559,17 +661,28 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
     name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     if not args.dataset_name:
         notes = [*notes, "Trained on the built-in procedural scenes: its results say nothing about real images."]
-    model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
-               input_size=f"shortest edge resized to {args.image_size}").save(
-        os.path.join(args.output_dir, "README.md"))
+    temporary = tempfile.mkdtemp(prefix=".final-", dir=args.output_dir)
+    try:
+        model.save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+        with open(os.path.join(temporary, "metrics.json"), "w") as f:
+            json.dump({"history": history, "final_eval": final_eval, "settings": model.config.settings(),
+                       "trained_components": model.config.trained_components, "train_seconds": seconds}, f, indent=1)
+        model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
+                   input_size=f"shortest edge resized to {args.image_size}").save(os.path.join(temporary, "README.md"))
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise disk_error(error, f"saving the final model to {args.output_dir} (nothing of it was written there; the "
+                                "checkpoints are intact)") from error
+    for file in sorted(os.listdir(temporary), key=lambda file: file == "config.json"):  # renames need no space
+        os.replace(os.path.join(temporary, file), os.path.join(args.output_dir, file))
+    os.rmdir(temporary)
     print(f"saved the model, processor, code and model card to {args.output_dir}")
     if args.push_to_hub:
         from huggingface_hub import HfApi
 
-        api = HfApi()
-        api.create_repo(args.hub_model_id, exist_ok=True)
-        api.upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir,
-                          ignore_patterns=["checkpoints/*", "runs/*", "*.tmp"])
+        HfApi().upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir,  # created by check_hub_repository
+                              ignore_patterns=["checkpoints/*", "runs/*", "*.tmp"])
         print(f"pushed {args.output_dir} to {args.hub_model_id}")
 
 
