@@ -432,6 +432,11 @@ def check_pixel_values(pixel_values: torch.Tensor, config: StepConfig) -> tuple[
             f"`pixel_values` must be a 4-D tensor (batch, channels, height, width), got shape "
             f"{tuple(pixel_values.shape)}; add a batch dimension with `pixel_values[None]` for one image."
         )
+    if not pixel_values.is_floating_point():  # raw 0..255 pixels would run, unnormalised, without an error
+        raise TypeError(
+            f"`pixel_values` must be floating-point normalised images, got {pixel_values.dtype}; prepare the images "
+            "with `StepImageProcessor`."
+        )
     batch_size, channels, height, width = pixel_values.shape
     if batch_size == 0:
         raise ValueError(
