@@ -147,7 +147,7 @@ def calibrate_exits(model, batch: dict, shares: list[float], steps: int = 16) ->
     config, thresholds = model.config, []
     num_exits = len(config.exit_layers)
     for index, share in enumerate(shares[:num_exits]):
-        later = [2.0] * (num_exits - index - 1)
+        later = [1.0] * (num_exits - index - 1)  # 1 never halts
         low, high = 0.0, 1.0  # a token halts when its top class probability exceeds the threshold
         for _ in range(steps if share > 0 else 0):
             middle = (low + high) / 2
@@ -155,8 +155,8 @@ def calibrate_exits(model, batch: dict, shares: list[float], steps: int = 16) ->
                 low = middle
             else:
                 high = middle
-        thresholds.append(high if share > 0 else 2.0)
-    config.exit_thresholds = thresholds + [2.0] * (num_exits - len(thresholds))
+        thresholds.append(high if share > 0 else 1.0)
+    config.exit_thresholds = thresholds + [1.0] * (num_exits - len(thresholds))
     config.halting = False
     return thresholds
 

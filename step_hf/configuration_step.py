@@ -3,6 +3,8 @@
 Shipped as Hub code next to saved weights: imports only from `transformers` and `huggingface_hub`.
 """
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -89,7 +91,8 @@ class StepConfig(PreTrainedConfig):
             (early pruning). Defaults to a third and two thirds of the depth (blocks 8 and 16 of 24); `[]` builds
             no exit heads.
         exit_thresholds (`list[float]`, *optional*): one per exit; a token halts when its top class probability
-            exceeds it (values above 1 never halt). Defaults to 0.9 (0.95 in the ViT-L preset, as published).
+            exceeds it, so each lies in (0, 1] and 1 never halts (`halting=False` switches every exit off). Defaults
+            to 0.9 (0.95 in the ViT-L preset, as published).
             Exits and thresholds apply to the tokens the exits see, supertokens of any size included.
         exit_keep_tokens (`list[int]`, *optional*): instead of thresholds, one count per exit: every image keeps
             that many tokens there (its top-k per class, then the least confident), or all it has if fewer. The
@@ -218,6 +221,10 @@ class StepConfig(PreTrainedConfig):
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        for name in ("policy_loss_weight", "exit_loss_weight", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf or (name.endswith("prob") and value > 1):  # NaN fails every comparison
+                raise ValueError(f"`{name}` must be a finite number >= 0 (at most 1 for a dropout), got {value}.")
         if self.decoder_num_hidden_layers < 0:
             raise ValueError(f"`decoder_num_hidden_layers` must be >= 0, got {self.decoder_num_hidden_layers}.")
         if self.hidden_size % self.num_attention_heads:
@@ -259,8 +266,12 @@ class StepConfig(PreTrainedConfig):
                 f"`exit_thresholds` has {len(self.exit_thresholds)} values for {len(layers)} `exit_layers`; give one "
                 "per exit."
             )
-        if any(threshold <= 0 for threshold in self.exit_thresholds):
-            raise ValueError(f"`exit_thresholds` must be positive probabilities, got {self.exit_thresholds}.")
+        if any(not 0 < threshold <= 1 for threshold in self.exit_thresholds):  # NaN fails every comparison
+            raise ValueError(
+                f"`exit_thresholds` must be positive probabilities in (0, 1], got {self.exit_thresholds}: a token "
+                "halts when its top class probability exceeds its exit's threshold, so 1 never halts; "
+                "`halting=False` switches all exits off."
+            )
         if self.exit_keep_tokens is not None:
             if len(self.exit_keep_tokens) != len(self.exit_layers) or any(
                 not isinstance(count, int) or count < 1 for count in self.exit_keep_tokens
@@ -357,7 +368,9 @@ class StepConfig(PreTrainedConfig):
             raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(VIT_PRESETS)}.")
         fields = {**VIT_PRESETS[name], **kwargs}
         if "exit_thresholds" not in kwargs:
-            exits = fields.get("exit_layers") or default_exit_layers(fields["num_hidden_layers"])
+            exits = fields.get("exit_layers")
+            if exits is None:  # `[]` means no exits, not the default ones
+                exits = default_exit_layers(fields["num_hidden_layers"])
             fields["exit_thresholds"] = [PRESET_EXIT_THRESHOLD[name]] * len(exits)
         return cls(**fields)
 

@@ -17,10 +17,22 @@ from transformers.image_utils import (
     ImageInput,
     PILImageResampling,
     SizeDict,
+    is_pil_image,
 )
 from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import logging
 
 from .superpatch import superpatch_targets_from_labels
+
+logger = logging.get_logger(__name__)
+
+# How to turn a colour-coded label image into class ids; said wherever one is refused.
+COLOUR_LABELS_HINT = (
+    "it must be a single-channel map of class ids (PIL mode 'L', 'P' or 'I', or an (H, W) integer array), not a "
+    "colour image. Map each colour of a colour-coded map to its class id first, e.g. `ids = np.zeros(rgb.shape[:2], "
+    "np.uint8)` then `ids[(rgb == colour).all(-1)] = class_id` for each (colour, class_id) of the palette, or save "
+    "the map as a PIL mode 'P' image whose palette indices are the class ids."
+)
 
 
 class StepImageProcessorKwargs(ImagesKwargs, total=False):
@@ -60,6 +72,98 @@ def reduce_labels(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     return np.where((labels == 0) | (labels == ignore_index), ignore_index, labels - 1)
 
 
+def flat_images(images) -> list:
+    """One image or a (nested) list of images, or a 4-D batch array, as a flat list (URLs and paths pass as they
+    are)."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in flat_images(item)]
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+def eight_bit_image(image, index: int, do_rescale: bool):
+    """
+    Bring one image to the processor's 8-bit range (see `StepImageProcessor`): 16-bit PIL modes and uint16 arrays
+    are divided by 257; bool is 0 or 255; other integer arrays must already hold 0..255; with `do_rescale`, floats
+    in [0, 1] are taken as already rescaled and multiplied by 255, other floats must hold 0..255. Integer PIL mode
+    'I' and float mode 'F' follow the same rules as their arrays. Greyscale (H, W) arrays become RGB. Everything
+    else is returned as it is.
+    """
+    if is_pil_image(image):
+        if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+            return image
+        what, image = f"a PIL mode {image.mode!r} image", np.asarray(image)
+    elif isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        what = f"a tensor of {image.dtype}"
+        image = (image.float() if image.dtype in (torch.float16, torch.bfloat16) else image).numpy()
+    elif isinstance(image, np.ndarray):
+        what = f"an array of {image.dtype}"
+    else:
+        return image
+    if image.dtype.kind == "b":
+        image = image.astype(np.uint8) * 255  # as PIL mode '1': True is white
+    elif image.dtype.kind == "u" and image.dtype.itemsize == 2:
+        image = np.rint(image / 257).astype(np.uint8)  # 16 bits to 8: 65535 / 257 = 255 exactly
+    elif image.dtype.kind in "iu" and image.dtype != np.uint8:
+        low, high = int(image.min()), int(image.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Image {index} is {what} with values in [{low}, {high}]; integer images must hold 8-bit values "
+                "(0..255), or be uint16 for 16-bit data (divided by 257). Convert it: "
+                "`np.asarray(image).astype(np.uint16)` for 16-bit data, or scale it to 0..255 as uint8."
+            )
+        image = image.astype(np.uint8)
+    elif image.dtype.kind == "f" and do_rescale:
+        if not np.isfinite(image).all():
+            raise ValueError(f"Image {index} is {what} holding NaN or infinite values; replace them first.")
+        low, high = float(image.min()), float(image.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Image {index} is {what} with values in [{low:g}, {high:g}]; float images must hold [0, 1] (already "
+                "rescaled) or 0..255. Scale it to one of these, or pass `do_rescale=False` (and your own "
+                "normalisation) to feed it as it is."
+            )
+        if high <= 1:
+            logger.warning_once(
+                "Float images with values in [0, 1] are taken as already rescaled (not divided by 255 again); pass "
+                "them as uint8 or 0..255 floats if they are dark 0..255 images."
+            )
+            image = image * 255
+        image = np.rint(image).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)  # greyscale to RGB, as PIL mode 'L' is converted
+    if image.ndim == 3 and image.shape[0] not in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"Image {index} has shape {image.shape}: images need 1 (greyscale), 3 (RGB) or 4 (RGBA) channels, "
+            "first or last (for greyscale with alpha, drop the alpha: `image[..., 0]`)."
+        )
+    return image
+
+
+def flat_label_maps(segmentation_maps, num_images: int) -> list:
+    """Segmentation maps as a flat list, refusing colour maps: a 3-D array is a stack of maps, unless its last
+    dimension looks like colour channels and it is not one map per image."""
+    if isinstance(segmentation_maps, (list, tuple)):
+        maps = list(segmentation_maps)
+    elif isinstance(segmentation_maps, (np.ndarray, torch.Tensor)) and segmentation_maps.ndim == 3:
+        colour = segmentation_maps.shape[-1] in (3, 4) and segmentation_maps.shape[0] != num_images
+        maps = [segmentation_maps] if colour else list(segmentation_maps)
+    else:
+        maps = [segmentation_maps]
+    for index, label_map in enumerate(maps):
+        if is_pil_image(label_map):
+            channels, what = len(label_map.getbands()), f"PIL mode {label_map.mode!r}"
+        elif isinstance(label_map, (np.ndarray, torch.Tensor)) and label_map.ndim == 3:
+            channels, what = label_map.shape[-1], f"of shape {tuple(label_map.shape)}"
+        else:
+            continue
+        if channels in (3, 4) or (is_pil_image(label_map) and channels > 1):
+            raise ValueError(f"Segmentation map {index} is a colour image ({what}): {COLOUR_LABELS_HINT}")
+    return maps
+
+
 def window_starts(length: int, window: int, stride: int, step: int) -> list[int]:
     """Start offsets of windows of `window` pixels covering `length` pixels, every start a multiple of `step`,
     the last window ending exactly at `length` (which must be a multiple of `step` when windows are needed)."""
@@ -81,12 +185,21 @@ class StepImageProcessor(PilBackend):
     window is cut into overlapping windows (padded where smaller), and `post_process_semantic_segmentation` stitches
     the windows' logits back together by averaging where they overlap.
 
-    Segmentation maps are resized with nearest-neighbour, returned as int64 `labels`; 255 (`ignore_index`) is void.
-    With them come `superpatch_targets`, uint8 `(batch, len(sizes), height / 16, width / 16)` for the sizes above 1
-    in `superpatch_sizes`: each cell holds the target of the aligned block of that size containing it, 1 when the
-    block holds a single label (all-void counts as uniform), 0 when it holds several, 255 when it must not be
-    supervised (one class mixed with void, or a block that does not fit inside the image). They train the dCTS
-    policy and give the oracle partition; the same resize and windows apply to images, labels and targets.
+    Every image is first brought to 8 bits: 16-bit greyscale (PIL modes 'I;16', 'I;16B', 'I;16L', uint16 arrays) is
+    divided by 257; other integer images (PIL mode 'I', int arrays) must hold 0..255 and are refused otherwise; bool
+    arrays are 0 or 255. Float images (arrays, tensors, PIL mode 'F') follow `do_rescale`: with it (the default),
+    values in [0, 1] are taken as already rescaled (torchvision's `ToTensor` convention) and not divided by 255 again
+    (a note is logged once), other values must lie in 0..255, NaN and infinity are refused; with `do_rescale=False`
+    float images are used as they are.
+
+    Segmentation maps hold one class id per pixel (single channel: colour maps are refused; floats only when every
+    value is a whole number; no negative values but the ignore index). They are resized with nearest-neighbour,
+    returned as int64 `labels`; 255 (`ignore_index`) is void. With them come `superpatch_targets`, uint8 `(batch,
+    len(sizes), height / 16, width / 16)` for the sizes above 1 in `superpatch_sizes`: each cell holds the target of
+    the aligned block of that size containing it, 1 when the block holds a single label (all-void counts as
+    uniform), 0 when it holds several, 255 when it must not be supervised (one class mixed with void, or a block
+    that does not fit inside the image). They train the dCTS policy and give the oracle partition; the same resize
+    and windows apply to images, labels and targets.
     """
 
     valid_kwargs = StepImageProcessorKwargs
@@ -152,13 +265,17 @@ class StepImageProcessor(PilBackend):
         return_tensors=None,
         **kwargs,
     ) -> BatchFeature:
+        do_rescale = kwargs["do_rescale"]
+        images = [eight_bit_image(image, index, do_rescale) for index, image in enumerate(flat_images(images))]
+        if not images:
+            raise ValueError("`images` is empty: pass at least one image.")
         images = self._prepare_image_like_inputs(
             images=images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format
         )
         label_maps = None
         if segmentation_maps is not None:
             label_maps = self._prepare_image_like_inputs(
-                images=segmentation_maps,
+                images=flat_label_maps(segmentation_maps, len(images)),
                 expected_ndims=2,
                 do_convert_rgb=False,
                 input_data_format=ChannelDimension.FIRST,
@@ -221,9 +338,20 @@ class StepImageProcessor(PilBackend):
     def _prepare_label(self, label: np.ndarray, index: int, image: np.ndarray, do_resize, size, do_reduce_labels,
                        num_labels, ignore_index, **kwargs) -> np.ndarray:
         if label.shape[0] != 1:
+            raise ValueError(f"Segmentation map {index} has {label.shape[0]} channels; {COLOUR_LABELS_HINT}")
+        if label.dtype.kind == "f":
+            fractional = label != np.round(label)  # NaN too
+            if fractional.any():
+                raise ValueError(
+                    f"Segmentation map {index} holds the value {label[fractional][0]}, which is not a whole number: "
+                    "labels are integer class ids. Resize label maps with nearest-neighbour interpolation (never "
+                    "bilinear) and pass them as integers."
+                )
+        negative = (label < 0) & (label != ignore_index)
+        if negative.any():
             raise ValueError(
-                f"Segmentation map {index} has {label.shape[0]} channels; it must be a single-channel map of class "
-                "ids (PIL mode 'L', 'P' or 'I'), not a colour image."
+                f"Segmentation map {index} holds the negative value {label[negative][0]}; class ids are >= 0 and "
+                f"void is the ignore index {ignore_index}."
             )
         if label.shape[1:] != image.shape[1:]:
             raise ValueError(

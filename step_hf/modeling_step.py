@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
@@ -370,6 +370,10 @@ def tokens_to_keep(
     return keep, PackedBatch(batch.lengths.clamp(max=keep_tokens), host_lengths, batch.attention_mode)
 
 
+# The `from_pretrained` arguments that locate `config.json` (local folder, cache or Hub).
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
 class StepPreTrainedModel(PreTrainedModel):
     config_class = StepConfig
     config: StepConfig
@@ -377,6 +381,31 @@ class StepPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["Block"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """
+        As [`PreTrainedModel.from_pretrained`], but without a `config` object the checkpoint's `config.json` must
+        exist and describe a STEP model: otherwise `transformers` builds a default config (no file) or reads
+        another model type's fields (e.g. a ViT's `layer_norm_eps`), and the weights load into the wrong model.
+        """
+        if not isinstance(config, PreTrainedConfig):
+            source = config if config is not None else pretrained_model_name_or_path
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config_dict, _ = cls.config_class.get_config_dict(source, **hub_kwargs)
+            model_type = config_dict.get("model_type")
+            if not config_dict:
+                raise OSError(
+                    f"{source} has no config.json, so `from_pretrained` cannot know the architecture; save the "
+                    "model with `save_pretrained` or pass `config=StepConfig(...)`."
+                )
+            if model_type != cls.config_class.model_type:
+                raise ValueError(
+                    f"The config.json of {source} is for model type {model_type!r}, not "
+                    f"{cls.config_class.model_type!r}. To start a STEP model from ViT weights, build a StepConfig "
+                    "and use `step_hf.load_vit_weights`; or pass `config=` explicitly."
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -404,7 +433,16 @@ def check_pixel_values(pixel_values: torch.Tensor, config: StepConfig) -> tuple[
             f"`pixel_values` must be a 4-D tensor (batch, channels, height, width), got shape "
             f"{tuple(pixel_values.shape)}; add a batch dimension with `pixel_values[None]` for one image."
         )
-    _, channels, height, width = pixel_values.shape
+    if not pixel_values.is_floating_point():  # raw 0..255 pixels would run, unnormalised, without an error
+        raise TypeError(
+            f"`pixel_values` must be floating-point normalised images, got {pixel_values.dtype}; prepare the images "
+            "with `StepImageProcessor`."
+        )
+    batch_size, channels, height, width = pixel_values.shape
+    if batch_size == 0:
+        raise ValueError(
+            f"`pixel_values` is an empty batch (shape {tuple(pixel_values.shape)}): pass at least one image."
+        )
     if channels != config.num_channels:
         raise ValueError(
             f"`pixel_values` has {channels} channels but the model expects {config.num_channels}; convert the "
@@ -513,7 +551,7 @@ class StepModel(StepPreTrainedModel):
             )
         block_logits = self.policy(pixel_values) if self.policy is not None and run_policy else None
         if superpatch_map is not None:
-            check_superpatch_map(superpatch_map, self.config.superpatch_sizes, grid_size)
+            check_superpatch_map(superpatch_map, self.config.superpatch_sizes, grid_size, pixel_values.shape[0])
             return superpatch_map.long(), block_logits, None
         if partition_source == "dense" or not sizes:
             return None, block_logits, None
@@ -807,11 +845,11 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         if encoder_output.token_exit_layer is not None:
             exit_layer = encoder_output.token_exit_layer
             exit_map = unshare(exit_layer[:, None], layout)[:, 0]
-            halted = torch.stack([exit_layer == layer for layer in self.config.exit_layers], dim=1).float()
             counts = layout.batch.lengths[:, None].float()
-            halted_share = torch.zeros_like(counts.expand(-1, halted.shape[1])).index_add_(
-                0, layout.image_index, halted
-            ) / counts
+            halted_share = counts.new_zeros(counts.shape[0], len(self.config.exit_layers))
+            if self.config.exit_layers:  # `torch.stack` refuses an empty list: a model without exits halts nothing
+                halted = torch.stack([exit_layer == layer for layer in self.config.exit_layers], dim=1).float()
+                halted_share = halted_share.index_add_(0, layout.image_index, halted) / counts
         output = StepSemanticSegmenterOutput(
             loss=sum(losses) if losses else None,
             logits=logits,
@@ -885,16 +923,27 @@ def per_image_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def check_labels(labels: torch.Tensor, batch_size: int, config: StepConfig) -> None:
-    """Refuse label maps of the wrong shape or with values that are neither a class nor the ignore index."""
+    """Refuse label maps of the wrong shape or with values that are neither a class nor the ignore index. Labels
+    are integer class ids: a floating-point tensor is accepted only when every value is a whole number (a map
+    resized bilinearly, holding 1.5, is refused rather than truncated by the loss)."""
     if labels.ndim != 3 or labels.shape[0] != batch_size:
         raise ValueError(
             f"`labels` must have shape (batch_size={batch_size}, height, width), got {tuple(labels.shape)}."
         )
     ignore = config.semantic_loss_ignore_index
     invalid = ((labels < 0) | (labels >= config.num_labels)) & (labels != ignore)
+    if labels.is_floating_point():
+        invalid |= labels != labels.round()  # NaN too, since NaN != NaN
     if invalid.any():  # one host sync per forward with labels: a clear error instead of a device-side assert
         image = int(invalid.flatten(1).any(1).nonzero()[0])
-        value = int(labels[image][invalid[image]][0])
+        value = labels[image][invalid[image]][0].item()
+        if not float(value).is_integer():  # a fraction, NaN or infinity
+            raise ValueError(
+                f"`labels` of image {image} hold the value {value}, which is not a whole number: labels are integer "
+                "class ids. Resize label maps with nearest-neighbour interpolation (never bilinear) and pass them "
+                "as an integer tensor."
+            )
+        value = int(value)
         raise ValueError(
             f"`labels` of image {image} hold the value {value}, which is not a class id in [0, {config.num_labels})"
             f" nor the ignore index {ignore}; map it to a class or to {ignore}."

@@ -133,14 +133,21 @@ def decisions_for_budget(
     return decisions
 
 
-def check_superpatch_map(superpatch_map: torch.Tensor, sizes: list[int], grid_size: tuple[int, int]) -> None:
+def check_superpatch_map(
+    superpatch_map: torch.Tensor, sizes: list[int], grid_size: tuple[int, int], batch_size: int | None = None
+) -> None:
     """Raise a `ValueError` saying what is wrong unless `superpatch_map` is a valid partition: shape
-    `(batch, rows, cols)`, values in {1} ∪ `sizes`, and every value s forming whole, aligned s x s blocks inside the
-    grid."""
+    `(batch, rows, cols)` (`batch_size` images when given), values in {1} ∪ `sizes`, and every value s forming
+    whole, aligned s x s blocks inside the grid."""
     if superpatch_map.ndim != 3 or tuple(superpatch_map.shape[1:]) != tuple(grid_size):
         raise ValueError(
             f"`superpatch_map` must have shape (batch, {grid_size[0]}, {grid_size[1]}) for this input, got "
             f"{tuple(superpatch_map.shape)}."
+        )
+    if batch_size is not None and superpatch_map.shape[0] != batch_size:
+        raise ValueError(
+            f"`superpatch_map` holds {superpatch_map.shape[0]} maps but `pixel_values` holds {batch_size} images; "
+            "give one map per image."
         )
     allowed = sorted({1, *sizes})
     in_whole_block = torch.zeros_like(superpatch_map, dtype=torch.bool)
@@ -155,7 +162,7 @@ def check_superpatch_map(superpatch_map: torch.Tensor, sizes: list[int], grid_si
     if unknown.any():
         image = int(unknown.flatten(1).any(1).nonzero()[0])
         raise ValueError(
-            f"`superpatch_map` of image {image} holds the size {int(superpatch_map[image][unknown[image]][0])}; "
+            f"`superpatch_map` of image {image} holds the size {superpatch_map[image][unknown[image]][0].item()}; "
             f"allowed sizes are {allowed}."
         )
     image, row, col = (int(i) for i in bad.nonzero()[0])

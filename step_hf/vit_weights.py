@@ -93,10 +93,17 @@ def _read_checkpoint(source: str, revision: str | None) -> tuple[dict[str, torch
         weights = os.path.join(source, "model.safetensors")
         config_path = os.path.join(source, "config.json")
     else:  # a Hub id such as "timm/vit_large_patch16_384.augreg_in21k_ft_in1k" or "google/vit-large-patch16-224"
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
 
-        weights = hf_hub_download(source, "model.safetensors", revision=revision)
+        try:
+            weights = hf_hub_download(source, "model.safetensors", revision=revision)
+        except Exception as error:  # invalid id, unknown repo, no such file, no network: the Hub's words follow
+            offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+            raise FileNotFoundError(
+                f"{source!r} is not a local file or folder (looked for {os.path.abspath(source)}); tried as a Hub id "
+                f"and could not get its model.safetensors{offline}: {type(error).__name__}: {error}"
+            ) from error
         try:
             config_path = hf_hub_download(source, "config.json", revision=revision)
         except EntryNotFoundError:

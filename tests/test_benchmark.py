@@ -40,5 +40,5 @@ def test_exit_calibration_halts_the_asked_share_despite_the_top_k_rule():
         config.halting = True
         exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).token_exit_layer
     first, second = ((exit_layer[exit_layer >= layer] == layer).float().mean() for layer in (1, 2))
-    assert len(thresholds) == 2 and not config.exit_thresholds[0] == config.exit_thresholds[1] == 2.0
+    assert len(thresholds) == 2 and not config.exit_thresholds[0] == config.exit_thresholds[1] == 1.0
     assert abs(float(first) - 0.3) < 0.02 and abs(float(second) - 0.5) < 0.03

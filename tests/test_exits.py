@@ -24,8 +24,8 @@ def exit_model(**overrides) -> StepForSemanticSegmentation:
 PIXELS = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(1))
 
 
-def test_thresholds_above_one_give_exactly_the_model_without_exits():
-    halting = exit_model(exit_thresholds=[1.01, 2.0])
+def test_thresholds_of_one_give_exactly_the_model_without_exits():
+    halting = exit_model(exit_thresholds=[1.0, 1.0])
     plain = exit_model(halting=False)
     plain.load_state_dict(halting.state_dict())
     with torch.no_grad():

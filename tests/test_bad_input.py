@@ -1,0 +1,279 @@
+"""Bad and borderline input, one row per case: either a clear error (its type and the words its message must hold)
+or the correct result, checked. Rows are grouped by family, one list and one test per family; a new family is a
+new list and a new test at the end of the file. Every row fails on the code before these checks, except the
+"guard:" rows, which keep a check from refusing what is valid next to what it refuses."""
+
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTConfig, ViTModel
+
+from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel, load_vit_weights
+
+from .conftest import tiny_config
+
+
+@dataclass
+class Case:
+    name: str
+    run: Callable[[], object]
+    error: type[Exception] | None = None  # the error `run` must raise, or None: `run` must succeed
+    words: tuple[str, ...] = ()  # each must appear in the error message
+    check: Callable[[object], None] | None = None  # checks what `run` returned
+
+
+def refused(name: str, run: Callable[[], object], error: type[Exception], *words: str) -> Case:
+    return Case(name, run, error=error, words=words)
+
+
+def works(name: str, run: Callable[[], object], check: Callable[[object], None] | None = None) -> Case:
+    return Case(name, run, check=check)
+
+
+def run_case(case: Case) -> None:
+    if case.error is None:
+        result = case.run()
+        if case.check is not None:
+            case.check(result)
+        return
+    with pytest.raises(case.error) as raised:
+        case.run()
+    for word in case.words:
+        assert word in str(raised.value), f"{word!r} not in: {raised.value}"
+
+
+def assert_equal(got, expected) -> None:
+    assert got == expected, f"{got!r} != {expected!r}"
+
+
+def case_id(case: Case) -> str:
+    return case.name
+
+
+# ---- processor ----------------------------------------------------------------------------------------------------
+
+
+def pixels(images, **kwargs) -> torch.Tensor:
+    """`pixel_values` of a 16x16 processor that only rescales (no normalisation), so 0..1 = black..white."""
+    processor = StepImageProcessor(size={"height": 16, "width": 16}, do_normalize=False)
+    return processor(images, return_tensors="pt", **kwargs)["pixel_values"]
+
+
+def labels_of(segmentation_maps, images=None, **kwargs) -> torch.Tensor:
+    images = np.zeros((16, 16, 3), np.uint8) if images is None else images
+    processor = StepImageProcessor(size={"height": 16, "width": 16})
+    return processor(images, segmentation_maps=segmentation_maps, return_tensors="pt", **kwargs)["labels"]
+
+
+# A full-range 16-bit horizontal gradient: the 8-bit image it should become is its value / 257.
+GRADIENT16 = np.tile(np.linspace(0, 65535, 16).round().astype(np.uint16), (16, 1))
+GRADIENT8 = np.rint(GRADIENT16 / 257).astype(np.uint8)
+RGB8 = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+
+
+def pil16(mode: str) -> Image.Image:
+    dtype = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2"}[mode]
+    return Image.frombytes(mode, (16, 16), GRADIENT16.astype(dtype).tobytes())
+
+
+def same_as(expected: np.ndarray, atol: float = 0.0) -> Callable[[torch.Tensor], None]:
+    """Checks that pixel values equal those of the uint8 image `expected` (to within `atol`)."""
+
+    def check(result: torch.Tensor) -> None:
+        torch.testing.assert_close(result, pixels(expected), atol=atol, rtol=0)
+
+    return check
+
+
+def rgb_of(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def float_labels(value: float) -> np.ndarray:
+    return np.full((16, 16), value, np.float32)
+
+
+PROCESSOR_CASES = [
+    # 16-bit greyscale is scaled to 8 bits, not clipped at 255 (which made 99.6% of the gradient white).
+    *(works(f"16-bit PIL {mode}", lambda mode=mode: pixels(pil16(mode), do_resize=False), same_as(rgb_of(GRADIENT8)))
+      for mode in ("I;16", "I;16B", "I;16L")),
+    works("uint16 array (H, W)", lambda: pixels(GRADIENT16, do_resize=False), same_as(rgb_of(GRADIENT8))),
+    works("uint16 array (H, W, 3)", lambda: pixels(rgb_of(GRADIENT16), do_resize=False), same_as(rgb_of(GRADIENT8))),
+    works("uint8 greyscale array (H, W)", lambda: pixels(GRADIENT8), same_as(rgb_of(GRADIENT8))),
+    # 32-bit integer and float PIL modes: 8-bit values are used as they are, anything wider is refused by name.
+    works("guard: PIL mode I holding 0..255", lambda: pixels(Image.fromarray(GRADIENT8.astype(np.int32))),
+          same_as(rgb_of(GRADIENT8))),
+    refused("PIL mode I holding 16-bit values", lambda: pixels(Image.fromarray(GRADIENT16.astype(np.int32))),
+            ValueError, "mode 'I'", "[0, 65535]", "uint16"),
+    refused("int32 array above 255", lambda: pixels(np.full((16, 16, 3), 1000, np.int32)),
+            ValueError, "int32", "[1000, 1000]", "0..255"),
+    works("PIL mode F in [0, 1]", lambda: pixels(Image.fromarray((GRADIENT8 / 255).astype(np.float32))),
+          same_as(rgb_of(GRADIENT8))),
+    refused("PIL mode F holding 16-bit values", lambda: pixels(Image.fromarray(GRADIENT16.astype(np.float32))),
+            ValueError, "mode 'F'", "[0, 1]", "0..255"),
+    # Float images in [0, 1] (torchvision's ToTensor) are already rescaled: not divided by 255 again.
+    works("float32 (H, W, 3) in [0, 1]", lambda: pixels((RGB8 / 255).astype(np.float32)), same_as(RGB8)),
+    works("float32 (H, W, 3) in [0, 1], no resize", lambda: pixels((RGB8 / 255).astype(np.float32), do_resize=False),
+          same_as(RGB8)),
+    works("float tensor (3, H, W) in [0, 1]", lambda: pixels(torch.from_numpy(RGB8 / 255).permute(2, 0, 1).float()),
+          same_as(RGB8)),
+    works("float32 (H, W, 3) in 0..255, not whole", lambda: pixels(np.minimum(RGB8 + 0.25, 255).astype(np.float32)),
+          same_as(RGB8)),
+    works("guard: float32 in [0, 1] with do_rescale=False is used as it is",
+          lambda: pixels((RGB8 / 255).astype(np.float32), do_rescale=False, do_resize=False),
+          same_as(RGB8, atol=1e-6)),
+    refused("float image above 255", lambda: pixels(np.full((16, 16, 3), 300.0, np.float32)),
+            ValueError, "[300, 300]", "0..255", "do_rescale=False"),
+    refused("float image with NaN", lambda: pixels(np.full((16, 16, 3), np.nan, np.float32)), ValueError, "NaN"),
+    works("bfloat16 tensor in [0, 1]", lambda: pixels(torch.from_numpy(RGB8 / 255).to(torch.bfloat16)),
+          same_as(RGB8, atol=1.01 / 255)),  # bfloat16 keeps 8 significant bits: within one 8-bit step
+    works("bool array is black and white", lambda: pixels(np.ones((16, 16, 3), bool)),
+          lambda result: torch.testing.assert_close(result, torch.ones(1, 3, 16, 16))),
+    refused("2-channel array", lambda: pixels(np.zeros((16, 16, 2), np.uint8)), ValueError, "(16, 16, 2)", "channels"),
+    refused("no images", lambda: pixels([]), ValueError, "empty"),
+    # Label maps: integer class ids, single channel.
+    refused("float labels with fractions", lambda: labels_of(float_labels(1.5)), ValueError, "1.5", "whole number",
+            "nearest"),
+    works("guard: float labels holding whole numbers", lambda: labels_of(float_labels(2.0)),
+          lambda result: torch.testing.assert_close(result, torch.full((1, 16, 16), 2))),
+    refused("negative label", lambda: labels_of(np.full((16, 16), -1, np.int32)), ValueError, "negative value -1",
+            "255"),
+    refused("RGB label array (H, W, 3)", lambda: labels_of(np.zeros((16, 16, 3), np.uint8)), ValueError,
+            "colour image", "(16, 16, 3)", "single-channel", "class id", "mode 'P'"),
+    refused("RGB label tensor (H, W, 3)", lambda: labels_of(torch.zeros(16, 16, 3, dtype=torch.uint8)), ValueError,
+            "colour image", "single-channel", "class id"),
+    refused("RGB label PIL image", lambda: labels_of(Image.new("RGB", (16, 16))), ValueError, "mode 'RGB'",
+            "single-channel", "class id"),
+]
+
+
+@pytest.mark.parametrize("case", PROCESSOR_CASES, ids=case_id)
+def test_processor(case):
+    run_case(case)
+
+
+# ---- config -------------------------------------------------------------------------------------------------------
+
+EXITS = dict(num_hidden_layers=3, exit_layers=[1, 2])
+
+CONFIG_CASES = [
+    refused("NaN exit thresholds", lambda: tiny_config(**EXITS, exit_thresholds=[math.nan] * 2, halting=True),
+            ValueError, "exit_thresholds", "nan"),
+    refused("exit threshold above 1", lambda: tiny_config(**EXITS, exit_thresholds=[1.01, 0.9]),
+            ValueError, "exit_thresholds", "(0, 1]", "1 never halts", "halting=False"),
+    works("guard: exit threshold of 1", lambda: tiny_config(**EXITS, exit_thresholds=[1.0, 1.0], halting=True)),
+    refused("NaN loss weight", lambda: tiny_config(exit_loss_weight=math.nan), ValueError, "exit_loss_weight", "nan"),
+    refused("infinite loss weight", lambda: tiny_config(policy_loss_weight=math.inf), ValueError,
+            "policy_loss_weight", "inf"),
+    refused("negative loss weight", lambda: tiny_config(policy_loss_weight=-1.0), ValueError, "policy_loss_weight"),
+    refused("NaN dropout", lambda: tiny_config(hidden_dropout_prob=math.nan), ValueError, "hidden_dropout_prob"),
+    works("preset without exits",
+          lambda: StepConfig.from_preset("tiny", exit_layers=[], num_hidden_layers=2, image_size=64, num_labels=3),
+          lambda config: assert_equal((config.exit_layers, config.exit_thresholds), ([], []))),
+]
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES, ids=case_id)
+def test_config(case):
+    run_case(case)
+
+
+# ---- model --------------------------------------------------------------------------------------------------------
+
+
+def tiny_model(**overrides) -> StepForSemanticSegmentation:
+    torch.manual_seed(0)
+    return StepForSemanticSegmentation(tiny_config(**overrides)).eval()
+
+
+def images(batch_size: int) -> torch.Tensor:
+    return torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def no_exits_round_trip() -> None:
+    """Without exit heads: eval and train (with labels), backprop, save and reload give the same logits."""
+    model = tiny_model(num_hidden_layers=3, exit_layers=[])
+    with torch.no_grad():
+        logits = model(images(2)).logits
+        assert model(images(2)).halted_share.shape == (2, 0)
+    model.train()
+    output = model(images(2), labels=torch.randint(0, 4, (2, 32, 32)))
+    output.loss.backward()
+    assert model.step.pos_embed.grad is not None and output.exit_loss is None
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        loaded = StepForSemanticSegmentation.from_pretrained(folder).eval()
+    assert loaded.config.exit_layers == [] and len(loaded.step.exit_heads) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images(2)).logits, logits)
+
+
+MODEL_CASES = [
+    works("no exit heads: eval, train, backprop, save, reload", no_exits_round_trip),
+    refused("empty batch", lambda: tiny_model()(images(0)), ValueError, "empty batch"),
+    refused("uint8 pixel_values (the processor skipped)",
+            lambda: tiny_model()(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)), TypeError, "uint8",
+            "StepImageProcessor"),
+    refused("labels with fractions", lambda: tiny_model()(images(1), labels=torch.full((1, 32, 32), 1.5)),
+            ValueError, "1.5", "whole number", "nearest"),
+    refused("labels with NaN", lambda: tiny_model()(images(1), labels=torch.full((1, 32, 32), math.nan)),
+            ValueError, "nan", "whole number"),
+    works("guard: float labels holding whole numbers",
+          lambda: tiny_model()(images(1), labels=torch.full((1, 32, 32), 2.0)),
+          lambda output: torch.testing.assert_close(
+              output.loss, tiny_model()(images(1), labels=torch.full((1, 32, 32), 2)).loss)),
+    refused("superpatch_map for 3 images, pixel_values for 2",
+            lambda: tiny_model()(images(2), superpatch_map=torch.ones(3, 2, 2, dtype=torch.long)),
+            ValueError, "3 maps", "2 images"),
+    refused("superpatch_map holding a fraction",
+            lambda: tiny_model()(images(1), superpatch_map=torch.full((1, 2, 2), 1.5)), ValueError, "1.5"),
+]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=case_id)
+def test_model(case):
+    run_case(case)
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+
+def saved_without_config() -> str:
+    folder = tempfile.mkdtemp()
+    tiny_model().save_pretrained(folder)
+    (Path(folder) / "config.json").unlink()
+    return folder
+
+
+def saved_vit() -> str:
+    folder = tempfile.mkdtemp()
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64)
+    ViTModel(config).save_pretrained(folder)
+    return folder
+
+
+LOADING_CASES = [
+    refused("load_vit_weights from a missing path", lambda: load_vit_weights(tiny_model(), "checkpoints/vit-small"),
+            FileNotFoundError, "'checkpoints/vit-small'", "not a local file or folder", "Hub id"),
+    refused("from_pretrained on a folder without config.json",
+            lambda: StepForSemanticSegmentation.from_pretrained(saved_without_config()), OSError, "config.json"),
+    refused("StepModel.from_pretrained on a ViT folder", lambda: StepModel.from_pretrained(saved_vit()),
+            ValueError, "'vit'", "'step'", "load_vit_weights"),
+    refused("StepForSemanticSegmentation.from_pretrained on a ViT folder",
+            lambda: StepForSemanticSegmentation.from_pretrained(saved_vit()), ValueError, "'vit'", "'step'"),
+    works("guard: from_pretrained without config.json, given config=",
+          lambda: StepForSemanticSegmentation.from_pretrained(saved_without_config(), config=tiny_config()),
+          lambda model: torch.testing.assert_close(model(images(1)).logits, tiny_model()(images(1)).logits)),
+]
+
+
+@pytest.mark.parametrize("case", LOADING_CASES, ids=case_id)
+def test_loading(case):
+    run_case(case)
