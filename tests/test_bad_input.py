@@ -3,11 +3,19 @@ or the correct result, checked. Rows are grouped by family, one list and one tes
 new list and a new test at the end of the file. Every row fails on the code before these checks, except the
 "guard:" rows, which keep a check from refusing what is valid next to what it refuses."""
 
+import errno
+import functools
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +25,10 @@ from transformers import ViTConfig, ViTModel
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel, load_vit_weights
 
-from .conftest import tiny_config
+from .conftest import EXAMPLES, tiny_config
+from .hub_server import HubServer
+
+import train  # examples/train.py (conftest puts examples/ on the path)
 
 
 @dataclass
@@ -276,4 +287,180 @@ LOADING_CASES = [
 
 @pytest.mark.parametrize("case", LOADING_CASES, ids=case_id)
 def test_loading(case):
+    run_case(case)
+
+
+# ---- training (examples/train.py) ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def toy_dataset() -> str:
+    """A four-image scene dataset folder (train and validation), laid out like a Hub dataset repo."""
+    from datasets import Dataset, Image as ImageFeature
+    from scenes import SCENE_CLASSES, make_scene
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "data").mkdir()
+    for split in ("train", "validation"):
+        rows = [make_scene(64, 80, seed=seed) for seed in range(4)]
+        dataset = Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[1] for r in rows]})
+        dataset = dataset.cast_column("image", ImageFeature()).cast_column("label", ImageFeature())
+        dataset.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    (folder / "id2label.json").write_text(json.dumps(SCENE_CLASSES))
+    return str(folder)
+
+
+TOY_RUN = ["--image_size", "64", "--policy_steps", "2", "--segmenter_steps", "2", "--prune_steps", "2",
+           "--per_device_train_batch_size", "2", "--max_eval_samples", "1"]
+
+
+def train_args(*extra: str, dataset: str | None = None) -> list[str]:
+    return [*TOY_RUN, "--dataset_name", dataset or toy_dataset(), *extra]
+
+
+@functools.cache
+def finished_run() -> Path:
+    """A toy run with a checkpoint after every stage: 0-policy-0000002, 1-segmenter-0000002, 2-prune-0000002."""
+    output_dir = Path(tempfile.mkdtemp()) / "run"
+    train.main(train_args("--checkpointing_steps", "2", "--output_dir", str(output_dir)))
+    return output_dir
+
+
+def copy_of_run() -> Path:
+    copy = Path(tempfile.mkdtemp()) / "run"
+    shutil.copytree(finished_run(), copy)
+    return copy
+
+
+def full_disk(error_after: Callable[[str], None]) -> Callable:
+    """A writer that writes a little into its folder (`error_after(folder)`), then fails as a full disk does."""
+    def write(folder, *args, **kwargs):
+        os.makedirs(folder, exist_ok=True)
+        error_after(folder)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write
+
+
+def checkpoint_on_a_full_disk() -> tuple[OSError, list[str]]:
+    """`save_checkpoint` whose state write fails half-way: the error, and what it left in checkpoints/."""
+    output_dir = Path(tempfile.mkdtemp())
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None,
+                                  save_state=full_disk(lambda folder: Path(folder, "model.safetensors").write_bytes(b"x")))
+    args = train.parse_args(["--output_dir", str(output_dir)])
+    with pytest.raises(OSError) as raised:
+        train.save_checkpoint(accelerator, args, "segmenter", 4, [])
+    return raised.value, os.listdir(output_dir / "checkpoints")
+
+
+def final_save_on_a_full_disk() -> tuple[OSError, list[str]]:
+    """`save_final` whose weights write fails after config.json was written: the error and the output folder."""
+    output_dir = Path(tempfile.mkdtemp())
+    model = tiny_model()
+    model.save_pretrained = full_disk(lambda folder: Path(folder, "config.json").write_text("{}"))
+    args = train.parse_args(["--output_dir", str(output_dir)])
+    with pytest.raises(OSError) as raised:
+        train.save_final(model, StepImageProcessor(), args, [], None, 0.0, [])
+    return raised.value, os.listdir(output_dir)
+
+
+def resume_with_truncated_latest() -> tuple[str, list[str]]:
+    run = copy_of_run()
+    weights = run / "checkpoints" / "2-prune-0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    messages = []
+    found = train.find_checkpoint(train.parse_args(["--output_dir", str(run), "--resume_from_checkpoint", "latest"]),
+                                  log=messages.append)
+    return found, messages
+
+
+def partial_checkpoints_removed() -> tuple[list[str], list[str]]:
+    run = copy_of_run()
+    (run / "checkpoints" / "2-prune-0000004.tmp").mkdir()
+    messages = []
+    train.remove_partial_checkpoints(train.parse_args(["--output_dir", str(run)]), log=messages.append)
+    return sorted(os.listdir(run / "checkpoints")), messages
+
+
+def dataset_without_id2label() -> str:
+    folder = Path(tempfile.mkdtemp()) / "data"
+    shutil.copytree(toy_dataset(), folder)
+    (folder / "id2label.json").unlink()
+    return str(folder)
+
+
+def a_file() -> str:
+    return tempfile.mkstemp()[1]
+
+
+def push_to_hub(env: dict[str, str]) -> None:
+    """train.py --push_to_hub in a process with `env`; a failure is raised with what the process printed, after
+    checking that it stopped before any training (no checkpoint written)."""
+    output_dir = Path(tempfile.mkdtemp()) / "run"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "train.py"), *train_args("--output_dir", str(output_dir), "--push_to_hub",
+                                                                  "--hub_model_id", "org/step")],
+        env={**env, "HF_HUB_OFFLINE": "0", "HF_HOME": tempfile.mkdtemp()}, capture_output=True, text=True,
+        timeout=300)
+    if result.returncode:
+        assert not (output_dir / "checkpoints").exists(), "training ran before the Hub was contacted"
+        raise RuntimeError(result.stderr[-2000:] + result.stdout[-2000:])
+
+
+def push_to_unreachable_hub() -> None:
+    """The Hub endpoint refuses connections (a closed loopback port)."""
+    push_to_hub({**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_test"})
+
+
+def push_without_permission() -> None:
+    """No token, against the local Hub stand-in, which refuses writes without one."""
+    with HubServer() as hub:
+        push_to_hub({**{k: v for k, v in os.environ.items() if k != "HF_TOKEN"}, "HF_ENDPOINT": hub.url})
+
+
+def holds(*words: str) -> Callable[[str], None]:
+    def check(text: str) -> None:
+        for word in words:
+            assert word in text, f"{word!r} not in: {text}"
+    return check
+
+
+TRAINING_CASES = [
+    refused("--output_dir is an existing file", lambda: train.main(train_args("--output_dir", a_file())),
+            ValueError, "is an existing file"),
+    refused("--output_dir cannot be written", lambda: train.main(train_args("--output_dir", a_file() + "/run")),
+            ValueError, "cannot be written"),
+    refused("--push_to_hub while offline", lambda: train.main(train_args(
+        "--output_dir", tempfile.mkdtemp(), "--push_to_hub", "--hub_model_id", "org/step")),
+            ValueError, "cannot create or reach the Hub repository org/step"),
+    refused("--push_to_hub with the Hub unreachable", push_to_unreachable_hub, RuntimeError,
+            "cannot create or reach the Hub repository org/step"),
+    refused("--push_to_hub without permission", push_without_permission, RuntimeError,
+            "cannot create or reach the Hub repository org/step", "token"),
+    refused("--resume_from_checkpoint latest with no checkpoint",
+            lambda: train.main(train_args("--output_dir", tempfile.mkdtemp(), "--resume_from_checkpoint", "latest")),
+            ValueError, "no checkpoint in", "Leave the flag out"),
+    refused("--resume_from_checkpoint of a missing folder",
+            lambda: train.main(train_args("--output_dir", tempfile.mkdtemp(), "--resume_from_checkpoint", "nowhere")),
+            ValueError, "Cannot resume from nowhere"),
+    works("a truncated latest checkpoint: resume falls back to the newest whole one", resume_with_truncated_latest,
+          lambda result: (assert_equal(Path(result[0]).name, "1-segmenter-0000002"),
+                          assert_equal(len(result[1]), 1), holds(
+                              "2-prune-0000002", "model.safetensors is truncated")(result[1][0]))),
+    works("partial checkpoint folders are removed, and said", partial_checkpoints_removed,
+          lambda result: (assert_equal(result[0], ["0-policy-0000002", "1-segmenter-0000002", "2-prune-0000002"]),
+                          holds("2-prune-0000004.tmp", "did not finish")(result[1][0]))),
+    works("a full disk while checkpointing: no partial folder, the cause named", checkpoint_on_a_full_disk,
+          lambda result: (assert_equal(result[1], []), holds(
+              "No space left", "1-segmenter-0000004")(str(result[0])))),
+    works("a full disk while saving the final model: nothing that looks like a model", final_save_on_a_full_disk,
+          lambda result: (assert_equal(result[1], []), holds(
+              "No space left", "saving the final model")(str(result[0])))),
+    refused("a dataset folder without id2label.json",
+            lambda: train.load_data(train.parse_args(["--dataset_name", dataset_without_id2label()])),
+            ValueError, "has no id2label.json", "class names are missing", "--id2label"),
+]
+
+
+@pytest.mark.parametrize("case", TRAINING_CASES, ids=case_id)
+def test_training(case):
     run_case(case)
