@@ -15,6 +15,7 @@ Results on the built-in scenes mean nothing about real data: they exist so that 
 import argparse
 import errno
 import json
+import math
 import os
 import shlex
 import shutil
@@ -105,8 +106,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.crop_size = args.crop_size or args.image_size
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id org/name")
-    if args.logging_steps < 1:
-        p.error(f"--logging_steps must be at least 1, got {args.logging_steps}")
+    minimums = [("logging_steps", 1), ("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1),
+                ("gradient_accumulation_steps", 1), ("image_size", 1), ("crop_size", 1), ("max_train_samples", 1),
+                ("max_eval_samples", 1), ("policy_steps", 0), ("segmenter_steps", 0), ("prune_steps", 0),
+                ("warmup_steps", 0), ("checkpointing_steps", 0), ("eval_steps", 0), ("num_workers", 0)]
+    for name, least in minimums:
+        value = getattr(args, name)
+        if value is not None and value < least:
+            p.error(f"--{name} must be at least {least}, got {value}")
+    for flag in ("learning_rate", "prune_learning_rate", "head_learning_rate_multiplier", "min_scale", "max_scale"):
+        value = getattr(args, flag)
+        if not 0 < value < math.inf:  # NaN fails every comparison
+            p.error(f"--{flag} must be a positive finite number, got {value}")
+    if not 0 <= args.weight_decay < math.inf or not 0 <= args.max_grad_norm < math.inf:
+        p.error(f"--weight_decay and --max_grad_norm must be finite and >= 0, got {args.weight_decay} and "
+                f"{args.max_grad_norm}")
+    if args.min_scale > args.max_scale:
+        p.error(f"--min_scale ({args.min_scale}) is above --max_scale ({args.max_scale})")
     return args
 
 

@@ -3,8 +3,10 @@ or the correct result, checked. Rows are grouped by family, one list and one tes
 new list and a new test at the end of the file. Every row fails on the code before these checks, except the
 "guard:" rows, which keep a check from refusing what is valid next to what it refuses."""
 
+import contextlib
 import errno
 import functools
+import io
 import json
 import math
 import os
@@ -417,6 +419,14 @@ def push_without_permission() -> None:
         push_to_hub({**{k: v for k, v in os.environ.items() if k != "HF_TOKEN"}, "HF_ENDPOINT": hub.url})
 
 
+def parse_error(*argv: str) -> str:
+    """What `train.py`'s argument parser prints when it refuses `argv` (it exits: argparse's way)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
+        train.parse_args(list(argv))
+    return stderr.getvalue()
+
+
 def holds(*words: str) -> Callable[[str], None]:
     def check(text: str) -> None:
         for word in words:
@@ -425,6 +435,16 @@ def holds(*words: str) -> Callable[[str], None]:
 
 
 TRAINING_CASES = [
+    works("a batch size of 0", lambda: parse_error("--per_device_train_batch_size", "0"),
+          holds("--per_device_train_batch_size must be at least 1, got 0")),
+    works("negative steps", lambda: parse_error("--segmenter_steps", "-5"), holds("--segmenter_steps must be at least 0")),
+    works("a NaN learning rate", lambda: parse_error("--learning_rate", "nan"),
+          holds("--learning_rate must be a positive finite number, got nan")),
+    works("--min_scale above --max_scale", lambda: parse_error("--min_scale", "3"), holds("--min_scale (3.0) is above")),
+    works("guard: the defaults parse", lambda: train.parse_args([]), lambda args: assert_equal(args.crop_size, 256)),
+    refused("NaN exit thresholds", lambda: train.main(train_args("--output_dir", tempfile.mkdtemp(),
+                                                                  "--exit_thresholds", "nan", "nan")),
+            ValueError, "exit_thresholds", "(0, 1]"),
     refused("--output_dir is an existing file", lambda: train.main(train_args("--output_dir", a_file())),
             ValueError, "is an existing file"),
     refused("--output_dir cannot be written", lambda: train.main(train_args("--output_dir", a_file() + "/run")),
