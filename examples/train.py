@@ -324,10 +324,10 @@ def optimizer_and_scheduler(model, args, learning_rate: float, num_steps: int, n
     """AdamW with a larger learning rate for the heads (decoder, exits, policy), linear warm-up, then poly decay.
     A scheduler prepared by Accelerate steps once per process per optimizer step: the schedule divides that out."""
     backbone, heads = [], []
+    encoder = set(model.parameter_groups()["encoder"])
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            is_head = name.startswith(("decoder.", "step.exit_heads.", "step.policy."))
-            (heads if is_head else backbone).append(parameter)
+            (backbone if name in encoder else heads).append(parameter)
     groups = [{"params": backbone, "lr": learning_rate},
               {"params": heads, "lr": learning_rate * args.head_learning_rate_multiplier}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
@@ -356,8 +356,7 @@ def stage_inputs(stage: str, batch: dict, partition_source: str) -> dict:
 def configure_stage(model: StepForSemanticSegmentation, stage: str) -> None:
     """What trains in a stage, halting on for the pruning fine-tune only, and the parts the stage trains recorded in
     the configuration (`trained_components`, unless a loaded model did not record them)."""
-    model.set_training_stage("policy" if stage == "policy" else "segmenter")
-    model.config.update_settings(halting=stage == "prune")
+    model.set_training_stage(stage)
     mark_trained(model.config, stage)
 
 

@@ -407,6 +407,22 @@ class StepPreTrainedModel(PreTrainedModel):
                 )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """
+        The names of this model's parameters by part, keyed as `config.trained_components`: `"encoder"` (the ViT:
+        embeddings, blocks, final norm), `"policy"`, `"exit_heads"` and `"decoder"` (empty for a bare `StepModel`).
+        The one place that says which parameter belongs to which part: training stages, optimiser groups and ViT
+        weight loading all use it.
+        """
+        encoder = self.base_model
+        parts = {"policy": encoder.policy, "exit_heads": encoder.exit_heads, "decoder": getattr(self, "decoder", None)}
+        part_of = {id(parameter): part for part, module in parts.items() if module is not None
+                   for parameter in module.parameters()}
+        groups = {part: [] for part in TRAINABLE_COMPONENTS}
+        for name, parameter in self.named_parameters():
+            groups[part_of.get(id(parameter), "encoder")].append(name)
+        return groups
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -895,14 +911,17 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
     def set_training_stage(self, stage: str) -> None:
         """
         Choose what trains (the STEP recipe): `"policy"` trains the policy network alone (stage 1, use
-        `policy_only=True`); `"segmenter"` trains the encoder and decoder with the policy frozen (stage 2, with the
-        policy's or oracle partitions); `"all"` trains everything.
+        `policy_only=True`); `"segmenter"` trains the encoder, exit heads and decoder with the policy frozen (stage 2,
+        with the policy's or oracle partitions, halting off: the exit heads learn by deep supervision); `"prune"` is
+        stage 2 with halting on (the pruning fine-tune); `"all"` trains everything.
         """
-        if stage not in ("policy", "segmenter", "all"):
-            raise ValueError(f"Unknown training stage {stage!r}; choose 'policy', 'segmenter' or 'all'.")
+        if stage not in ("policy", "segmenter", "prune", "all"):
+            raise ValueError(f"Unknown training stage {stage!r}; choose 'policy', 'segmenter', 'prune' or 'all'.")
+        if stage in ("segmenter", "prune"):
+            self.config.update_settings(halting=stage == "prune")
+        policy = set(self.parameter_groups()["policy"])
         for name, parameter in self.named_parameters():
-            is_policy = name.startswith("step.policy.")
-            parameter.requires_grad_(stage == "all" or (stage == "policy") == is_policy)
+            parameter.requires_grad_(stage == "all" or (stage == "policy") == (name in policy))
 
     def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy at label resolution, ignoring `semantic_loss_ignore_index`: the mean over each image's

@@ -159,9 +159,8 @@ def load_vit_weights(
     if "pos_embed" in converted:
         converted["pos_embed"] = resize_position_embedding(converted["pos_embed"], encoder.config.image_grid_size)
     # The policy network and the exit heads are STEP's own: no ViT checkpoint has them.
-    expected = {
-        name: tensor for name, tensor in encoder.state_dict().items() if not name.startswith(("policy.", "exit_heads."))
-    }
+    vit_names = set(encoder.parameter_groups()["encoder"])
+    expected = {name: tensor for name, tensor in encoder.state_dict().items() if name in vit_names}
     missing = sorted(set(expected) - set(converted))
     if missing:
         raise ValueError(

@@ -201,3 +201,16 @@ def test_patch_convolution_and_image_norm_equal_the_torch_modules():
         torch.testing.assert_close(patch_conv(images), expected)
         torch.testing.assert_close(norm.by_reduction(expected), reference_norm(expected), rtol=1e-5, atol=1e-5)
     assert set(patch_conv.state_dict()) == {"weight", "bias"} and set(norm.state_dict()) == {"weight", "bias"}
+
+
+def test_parameter_groups_split_every_parameter_once_by_part():
+    model = StepForSemanticSegmentation(tiny_config(partition_source="policy"))
+    groups = model.parameter_groups()
+    names = [name for group in groups.values() for name in group]
+    assert sorted(names) == sorted(name for name, _ in model.named_parameters())  # each exactly once
+    assert all(name.startswith("step.policy.") for name in groups["policy"]) and groups["policy"]
+    assert all(name.startswith("step.exit_heads.") for name in groups["exit_heads"]) and groups["exit_heads"]
+    assert all(name.startswith("decoder.") for name in groups["decoder"]) and groups["decoder"]
+    assert "step.cls_token" in groups["encoder"] and "step.blocks.0.attn.qkv.weight" in groups["encoder"]
+    encoder_groups = model.step.parameter_groups()
+    assert encoder_groups["decoder"] == [] and "policy.heads.2.weight" in encoder_groups["policy"]
