@@ -32,6 +32,17 @@ RUN_SETTINGS = (
 PRESET_EXIT_THRESHOLD = {"tiny": 0.9, "small": 0.9, "base": 0.9, "large": 0.95}
 
 
+def check_run_settings(partition_source: str, halting: bool, attention_mode: str, exit_layers: list[int]) -> None:
+    """Refuse run-time settings that cannot work, naming them: the configuration's own and a forward's overrides
+    are checked by this one function."""
+    if partition_source not in PARTITION_SOURCES:
+        raise ValueError(f"`partition_source` must be 'policy', 'oracle' or 'dense', got {partition_source!r}.")
+    if attention_mode not in ATTENTION_MODES:
+        raise ValueError(f"`attention_mode` must be 'packed' or 'padded', got {attention_mode!r}.")
+    if halting and not exit_layers:
+        raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
+
+
 def default_exit_layers(num_hidden_layers: int) -> list[int]:
     """Exits after a third and two thirds of the blocks: blocks 8 and 16 of ViT-L's 24, as DToP."""
     return sorted({layer for layer in (num_hidden_layers // 3, 2 * num_hidden_layers // 3) if layer >= 1})
@@ -191,7 +202,7 @@ class StepConfig(PreTrainedConfig):
         # Remote-code loading needs one `auto_map` entry per Auto class; `save_pretrained` only writes the saved
         # model's own class, so the base model's entry is added here (missing entries only).
         self.auto_map = {**DEFAULT_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
-        self._check_consistency()
+        self._check_all()
 
     @property
     def image_grid_size(self) -> tuple[int, int]:
@@ -204,8 +215,16 @@ class StepConfig(PreTrainedConfig):
         """The superpatch sizes above 1, ascending: those the policy scores and a partition may use."""
         return [size for size in self.superpatch_sizes if size > 1]
 
-    def _check_consistency(self) -> None:
-        """Raise a `ValueError` naming the field when the configuration cannot build a working model."""
+    def _check_all(self) -> None:
+        """Raise a `ValueError` naming the field when the configuration cannot build a working model. The same
+        validators run again in `validate()` (at saving, as for every `@strict` configuration)."""
+        self.validate_architecture()
+        self.validate_token_sharing()
+        self.validate_early_exits()
+        self.validate_run_settings()
+
+    def validate_architecture(self) -> None:
+        """Part of `@strict`-powered validation: the ViT, the decoder and the classes."""
         positive = {
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_hidden_layers,
@@ -251,10 +270,8 @@ class StepConfig(PreTrainedConfig):
                 f"(num_labels={self.num_labels}); use 255 or another value outside [0, num_labels)."
             )
 
-        self._check_token_sharing()
-        self._check_early_exits()
-
-    def _check_early_exits(self) -> None:
+    def validate_early_exits(self) -> None:
+        """Part of `@strict`-powered validation: exit heads, their thresholds and keep counts."""
         layers = self.exit_layers
         if layers != sorted(set(layers)) or any(not 1 <= layer < self.num_hidden_layers for layer in layers):
             raise ValueError(
@@ -284,25 +301,22 @@ class StepConfig(PreTrainedConfig):
             raise ValueError(f"`exit_keep_topk_per_class` must be >= 0, got {self.exit_keep_topk_per_class}.")
         if self.exit_hidden_size < 1:
             raise ValueError(f"`exit_hidden_size` must be positive, got {self.exit_hidden_size}.")
-        if self.attention_mode not in ATTENTION_MODES:
-            raise ValueError(f"`attention_mode` must be 'packed' or 'padded', got {self.attention_mode!r}.")
-        if self.halting and not layers:
-            raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
         if self.trained_components is not None and not set(self.trained_components) <= set(TRAINABLE_COMPONENTS):
             raise ValueError(
                 f"`trained_components` ({self.trained_components}) may only name {list(TRAINABLE_COMPONENTS)}."
             )
 
-    def _check_token_sharing(self) -> None:
+    def validate_run_settings(self) -> None:
+        """Part of `@strict`-powered validation: the partition source, halting and attention mode saved as defaults."""
+        check_run_settings(self.partition_source, self.halting, self.attention_mode, self.exit_layers)
+
+    def validate_token_sharing(self) -> None:
+        """Part of `@strict`-powered validation: superpatch sizes, policy thresholds and token budget."""
         sizes = self.superpatch_sizes
         if not sizes or len(set(sizes)) != len(sizes) or not set(sizes) <= set(SUPERPATCH_SIZES):
             raise ValueError(
                 f"`superpatch_sizes` ({sizes}) must be distinct powers of two among 1, 2, 4, 8, 16 (use [1] for no "
                 "token sharing)."
-            )
-        if self.partition_source not in PARTITION_SOURCES:
-            raise ValueError(
-                f"`partition_source` must be 'policy', 'oracle' or 'dense', got {self.partition_source!r}."
             )
         if len(self.policy_thresholds) != len(self.shared_sizes):
             raise ValueError(
@@ -347,7 +361,7 @@ class StepConfig(PreTrainedConfig):
                 elif isinstance(value, tuple):
                     value = list(value)
                 setattr(self, name, value)
-            self._check_consistency()
+            self._check_all()
         except Exception:
             for name, value in previous.items():
                 setattr(self, name, value)

@@ -1,11 +1,14 @@
 """STEP: a plain ViT encoder on a packed token state, and a Segmenter mask-transformer decoder.
 
+Read top-down: outputs, layers, the dCTS policy, the encoder (partition -> token layout -> supertoken embedding ->
+blocks with early exits), the decoder, the segmentation head, losses and input checks. Early exits live in
+`exits.py`, partitions in `superpatch.py`, the packed token state in `token_layout.py`.
+
 Parameter names follow timm's `VisionTransformer` (`cls_token`, `pos_embed`, `patch_embed.proj`,
 `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), so timm checkpoints load into `StepModel`
 without renaming. Shipped as Hub code next to saved weights: imports only torch, transformers and its siblings.
 """
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -16,22 +19,26 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
-from .configuration_step import PARTITION_SOURCES, TRAINABLE_COMPONENTS, StepConfig
+from .configuration_step import TRAINABLE_COMPONENTS, StepConfig, check_run_settings
+from .exits import ExitHead, ExitRule, Survivors, exit_loss, exit_statistics, halt, merge_exit_logits
+from .fast_ops import ImageNorm, PatchConv2d, resize_grid_bicubic
 from .superpatch import (
     TARGET_IGNORE,
     blocks_to_cells,
-    budget_token_count,
     cells_to_blocks,
     check_superpatch_map,
-    decisions_for_budget,
     decisions_from_targets,
-    decisions_from_thresholds,
     layout_from_superpatch_map,
     partition_from_decisions,
+    partition_from_policy,
 )
 from .token_layout import PackedBatch, TokenLayout, dense_token_layout, insert_per_image, packed_attention, unshare
 
 logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
 
 @dataclass
 class StepModelOutput(ModelOutput):
@@ -137,6 +144,38 @@ class StepSemanticSegmenterOutput(ModelOutput):
     window_offsets: torch.LongTensor | None = None
 
 
+
+@dataclass(frozen=True)
+class Partition:
+    """How an input's patch grid is cut into tokens: `superpatch_map` `(batch, rows, cols)` (`None`: one token per
+    cell, the plain ViT), the policy's block logits (`None` when it did not run) and, when a token budget fixes it,
+    the number of tokens per image (known without a host sync)."""
+
+    superpatch_map: torch.Tensor | None
+    block_logits: dict[int, torch.Tensor] | None
+    tokens_per_image: int | None = None
+
+
+@dataclass(frozen=True)
+class EncoderState:
+    """
+    What the encoder's blocks leave: `tokens` `(num_survivors, hidden_size)`, the final (layer-normed) features of
+    the tokens that reached the end; `class_tokens` `(batch_size, hidden_size)`; `survivors` (which tokens those
+    are, per image, and where the others halted); `exit_logits`, one `(num_tokens, num_labels)` tensor per exit that
+    ran (zeros for tokens already gone), or `None`; `hidden_states`, the packed tokens after the embedding and after
+    every block, or `None`.
+    """
+
+    tokens: torch.Tensor
+    class_tokens: torch.Tensor
+    survivors: Survivors
+    exit_logits: tuple[torch.Tensor, ...] | None
+    hidden_states: tuple[torch.Tensor, ...] | None
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over a packed sequence, each image attending only to itself."""
 
@@ -180,55 +219,6 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
-class PatchConv2d(nn.Conv2d):
-    """
-    A convolution whose stride equals its kernel (no padding, no overlap). On CUDA it runs as one matrix product
-    over the image's patches (same parameters, same numbers): cuDNN takes these shapes (3 input channels, large
-    kernels) through a slow implicit-GEMM kernel, 2.9 ms for a ViT-L patch embedding of 8 images at 1024x1024 on an
-    H200 (docs/BENCHMARKS.md); on CPU the convolution is the faster. `patches_last` returns `(batch, rows, cols,
-    out_channels)`.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
-        super().__init__(in_channels, out_channels, kernel_size, stride=kernel_size, bias=bias)
-
-    def patches_last(self, images: torch.Tensor) -> torch.Tensor:
-        if not images.is_cuda:
-            return super().forward(images).permute(0, 2, 3, 1)
-        return self.as_matrix_product(images)
-
-    def as_matrix_product(self, images: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = images.shape
-        (kernel_rows, kernel_cols), weight = self.kernel_size, self.weight
-        rows, cols = height // kernel_rows, width // kernel_cols
-        patches = images[:, :, : rows * kernel_rows, : cols * kernel_cols]
-        patches = patches.reshape(batch, channels, rows, kernel_rows, cols, kernel_cols).permute(0, 2, 4, 1, 3, 5)
-        return F.linear(patches.flatten(3), weight.flatten(1), self.bias)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.patches_last(images).permute(0, 3, 1, 2)
-
-
-class ImageNorm(nn.GroupNorm):
-    """
-    GroupNorm with a single group: each image normalised over all its channels and pixels, then scaled per channel.
-    On CUDA computed with a plain reduction: PyTorch's GroupNorm kernel spreads its statistics over batch x groups
-    thread blocks only (8 for a batch of 8), 0.24 ms per call on the policy's 256x256 stem on an H200
-    (docs/BENCHMARKS.md); on CPU the GroupNorm kernel is the faster.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-5):
-        super().__init__(1, num_channels, eps=eps)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.by_reduction(features) if features.is_cuda else super().forward(features)
-
-    def by_reduction(self, features: torch.Tensor) -> torch.Tensor:
-        flat = features.flatten(1).float()
-        variance, mean = torch.var_mean(flat, dim=1, correction=0, keepdim=True)
-        normalized = ((flat - mean) * torch.rsqrt(variance + self.eps)).view(features.shape)
-        return (normalized * self.weight[:, None, None] + self.bias[:, None, None]).to(features.dtype)
-
 
 class PatchEmbed(nn.Module):
     def __init__(self, config: StepConfig):
@@ -238,6 +228,10 @@ class PatchEmbed(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch, channels, H, W)` -> `(batch, H / patch, W / patch, hidden_size)`."""
         return self.proj.patches_last(pixel_values)
+
+
+
+# ---------------------------------------------------------------------------------------------------- policy
 
 
 def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
@@ -252,25 +246,6 @@ def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, stride
     # train/eval mode, and the coarsest levels (often 1x1) train at any batch size.
     return nn.Sequential(conv, ImageNorm(out_channels), nn.ReLU(inplace=True))
 
-
-def bicubic_weights(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    """`(out_size, in_size)`: the weights 1-D bicubic resizing (align_corners=False, no antialias) applies, read off
-    by resizing the identity with `F.interpolate` itself (the width axis, 1 -> 1, is left as it is)."""
-    identity = torch.eye(in_size, device=device)[:, None, :, None]
-    return F.interpolate(identity, size=(out_size, 1), mode="bicubic", align_corners=False)[:, 0, :, 0].T
-
-
-def resize_grid_bicubic(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """
-    Resize a `(rows, cols, dim)` grid as `F.interpolate(..., mode="bicubic", align_corners=False)` does, as two
-    small matrix products (bicubic resizing is separable), computed in float32. Same numbers up to rounding, but
-    the CUDA bicubic kernel walks every channel in one thread per output cell: 3.6 ms for a 45x60x384 grid on an
-    H200, a third of a ViT-S forward at batch 8 (docs/BENCHMARKS.md).
-    """
-    (rows, cols, dim), device = grid.shape, grid.device
-    resized = bicubic_weights(rows, size[0], device) @ grid.float().reshape(rows, cols * dim)  # rows first
-    resized = bicubic_weights(cols, size[1], device) @ resized.view(size[0], cols, dim)  # then columns
-    return resized.to(grid.dtype)
 
 
 class PolicyNetwork(nn.Module):
@@ -313,65 +288,28 @@ class PolicyNetwork(nn.Module):
         return block_logits
 
 
-class ExitHead(nn.Module):
-    """A light per-token classifier run after an encoder block: LayerNorm, Linear, GELU, Linear."""
 
-    def __init__(self, config: StepConfig):
-        super().__init__()
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.fc1 = nn.Linear(config.hidden_size, config.exit_hidden_size)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(config.exit_hidden_size, config.num_labels)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(tokens))))
-
-
-def keep_topk_per_class(scores: torch.Tensor, batch: PackedBatch, k: int) -> torch.Tensor:
-    """
-    `(num_tokens,)` bool: for every image and every column of `scores` `(num_tokens, columns)` (a class's
-    probability, say), its `k` tokens with the highest score. Images are padded to a common length for one `topk`;
-    no host sync.
-    """
-    num_tokens, num_columns = scores.shape
-    k = min(k, batch.max_length)
-    keep = torch.zeros(num_tokens + 1, dtype=torch.bool, device=scores.device)
-    if k == 0 or num_tokens == 0:
-        return keep[:num_tokens]
-    image = batch.image_index(num_tokens)
-    position = torch.arange(num_tokens, device=scores.device) - batch.offsets[image]
-    padded = scores.new_full((batch.batch_size, batch.max_length, num_columns), float("-inf"))
-    padded[image, position] = scores
-    top = padded.topk(k, dim=1).indices  # (batch, k, columns), positions within each image
-    real = top < batch.lengths[:, None, None]  # an image with fewer than k tokens picks padding: drop it
-    packed = torch.where(real, batch.offsets[:-1, None, None] + top, num_tokens)
-    return keep.index_fill_(0, packed.flatten(), True)[:num_tokens]
+def policy_loss(policy_logits: torch.Tensor, superpatch_targets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Binary cross-entropy of the policy's block logits against the targets (255 ignored): the mean over each
+    image's supervised blocks of a size, then over images, then over sizes, so large blocks weigh as much as small
+    ones (and, as for the segmentation loss, split batches average exactly)."""
+    per_size = []
+    for index, size in enumerate(sizes):
+        logits = cells_to_blocks(policy_logits[:, index], size)
+        targets = cells_to_blocks(superpatch_targets[:, index], size)
+        losses = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
+        per_size.append(per_image_mean(losses, targets != TARGET_IGNORE))
+    return torch.stack(per_size).mean()
 
 
-def tokens_to_keep(
-    probabilities: torch.Tensor, batch: PackedBatch, threshold: float, keep_tokens: int | None, topk_per_class: int
-) -> tuple[torch.Tensor, PackedBatch]:
-    """
-    Which tokens `(num_tokens,)` stay in at an exit, and the batch they make. Every image's `topk_per_class` most
-    confident tokens per class stay; of the others, those whose top class probability is at most `threshold` (one
-    host sync: the new lengths), or, with `keep_tokens`, the least confident up to that many per image (no sync:
-    the lengths follow from the old ones, so shapes stay static).
-    """
-    protected = keep_topk_per_class(probabilities, batch, topk_per_class)
-    confidence = probabilities.amax(-1)
-    if keep_tokens is None:
-        keep = (confidence <= threshold) | protected
-        image = batch.image_index(keep.shape[0])
-        lengths = torch.zeros_like(batch.lengths).index_add_(0, image, keep.long())
-        return keep, PackedBatch(lengths, tuple(lengths.tolist()), batch.attention_mode)
-    priority = torch.where(protected, 2.0, 1.0 - confidence)  # the protected first, then the least confident
-    keep = keep_topk_per_class(priority[:, None], batch, keep_tokens)
-    host_lengths = tuple(min(keep_tokens, length) for length in batch.host_lengths)
-    return keep, PackedBatch(batch.lengths.clamp(max=keep_tokens), host_lengths, batch.attention_mode)
+
+# ---------------------------------------------------------------------------------------------------- encoder
 
 
 # The `from_pretrained` arguments that locate `config.json` (local folder, cache or Hub).
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
 
 
 class StepPreTrainedModel(PreTrainedModel):
@@ -442,36 +380,6 @@ class StepPreTrainedModel(PreTrainedModel):
             init.normal_(module.proj_classes, std=scale)
 
 
-def check_pixel_values(pixel_values: torch.Tensor, config: StepConfig) -> tuple[int, int]:
-    """Validate the input shape; return the patch grid `(rows, cols)`."""
-    if pixel_values.ndim != 4:
-        raise ValueError(
-            f"`pixel_values` must be a 4-D tensor (batch, channels, height, width), got shape "
-            f"{tuple(pixel_values.shape)}; add a batch dimension with `pixel_values[None]` for one image."
-        )
-    if not pixel_values.is_floating_point():  # raw 0..255 pixels would run, unnormalised, without an error
-        raise TypeError(
-            f"`pixel_values` must be floating-point normalised images, got {pixel_values.dtype}; prepare the images "
-            "with `StepImageProcessor`."
-        )
-    batch_size, channels, height, width = pixel_values.shape
-    if batch_size == 0:
-        raise ValueError(
-            f"`pixel_values` is an empty batch (shape {tuple(pixel_values.shape)}): pass at least one image."
-        )
-    if channels != config.num_channels:
-        raise ValueError(
-            f"`pixel_values` has {channels} channels but the model expects {config.num_channels}; convert the "
-            f"images (e.g. to RGB) with `StepImageProcessor`."
-        )
-    patch = config.patch_size
-    if height < patch or width < patch or height % patch or width % patch:
-        raise ValueError(
-            f"Input height and width ({height}x{width}) must be positive multiples of the patch size {patch}; "
-            f"resize or pad the images (`StepImageProcessor` does this)."
-        )
-    return height // patch, width // patch
-
 
 def warn_if_untrained(config: StepConfig, parts: list[str]) -> None:
     """Log (once) when an inference forward uses parts that `config.trained_components` does not list. The message
@@ -493,6 +401,7 @@ def warn_if_untrained(config: StepConfig, parts: list[str]) -> None:
     )
 
 
+
 class StepModel(StepPreTrainedModel):
     """
     The STEP encoder: the dCTS policy chooses a partition of the patch grid into superpatches, each superpatch is
@@ -511,7 +420,10 @@ class StepModel(StepPreTrainedModel):
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.policy = PolicyNetwork(config) if config.shared_sizes else None
-        self.exit_heads = nn.ModuleList(ExitHead(config) for _ in config.exit_layers)
+        self.exit_heads = nn.ModuleList(
+            ExitHead(config.hidden_size, config.exit_hidden_size, config.num_labels, config.layer_norm_eps)
+            for _ in config.exit_layers
+        )
         self.post_init()
 
     def position_grid(self, grid_size: tuple[int, int]) -> torch.Tensor:
@@ -548,39 +460,6 @@ class StepModel(StepPreTrainedModel):
         row_in_table = row_in_table + layout.cell_col // size
         return torch.cat(tables)[table_start[level] + row_in_table]
 
-    def choose_partition(
-        self,
-        pixel_values: torch.Tensor,
-        grid_size: tuple[int, int],
-        superpatch_map: torch.Tensor | None,
-        superpatch_targets: torch.Tensor | None,
-        partition_source: str,
-        run_policy: bool,
-    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None, int | None]:
-        """The partition to embed (`None` = dense), the policy's block logits (`None` if it did not run), and the
-        tokens per image when a token budget fixes them (`None` otherwise)."""
-        sizes, budget = self.config.shared_sizes, self.config.token_budget
-        if budget is not None and budget > grid_size[0] * grid_size[1] and partition_source == "policy":
-            raise ValueError(
-                f"`token_budget` ({budget}) exceeds the {grid_size[0]}x{grid_size[1]} grid of this input; lower it or "
-                "feed larger images."
-            )
-        block_logits = self.policy(pixel_values) if self.policy is not None and run_policy else None
-        if superpatch_map is not None:
-            check_superpatch_map(superpatch_map, self.config.superpatch_sizes, grid_size, pixel_values.shape[0])
-            return superpatch_map.long(), block_logits, None
-        if partition_source == "dense" or not sizes:
-            return None, block_logits, None
-        if partition_source == "oracle":
-            check_superpatch_targets(superpatch_targets, pixel_values.shape[0], len(sizes), grid_size)
-            decisions = decisions_from_targets(superpatch_targets, sizes)
-            return partition_from_decisions(decisions, grid_size), block_logits, None
-        if budget is not None:
-            decisions = decisions_for_budget(block_logits, grid_size, budget)
-            tokens_per_image = budget_token_count(grid_size[0] * grid_size[1], budget)
-            return partition_from_decisions(decisions, grid_size), block_logits, tokens_per_image
-        decisions = decisions_from_thresholds(block_logits, self.config.policy_thresholds)
-        return partition_from_decisions(decisions, grid_size), block_logits, None
 
     def forward(
         self,
@@ -588,6 +467,8 @@ class StepModel(StepPreTrainedModel):
         superpatch_map: torch.LongTensor | None = None,
         superpatch_targets: torch.Tensor | None = None,
         partition_source: str | None = None,
+        halting: bool | None = None,
+        attention_mode: str | None = None,
         policy_only: bool = False,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -604,146 +485,164 @@ class StepModel(StepPreTrainedModel):
                 `"oracle"` source and by the policy loss.
             partition_source (`str`, *optional*): `"policy"`, `"oracle"` or `"dense"`; defaults to
                 `config.partition_source`.
+            halting (`bool`, *optional*): whether confident tokens leave at the exits; defaults to `config.halting`.
+            attention_mode (`str`, *optional*): `"packed"` or `"padded"`; defaults to `config.attention_mode`.
             policy_only (`bool`, defaults to `False`): run only the policy and the partition (training stage 1,
-                token-count analysis); the ViT does not run and `last_hidden_state` is `None`.
+                token-count analysis); the ViT does not run and `last_hidden_state` is `None`. It is a forward
+                argument, not a call to `model.policy`, because data-parallel training must go through the wrapped
+                model's forward.
         """
         grid_size = check_pixel_values(pixel_values, self.config)
+        partition_source, halting, attention_mode = self.run_settings(partition_source, halting, attention_mode)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        partition_source = partition_source or self.config.partition_source
-        if partition_source not in PARTITION_SOURCES:
-            raise ValueError(f"`partition_source` must be 'policy', 'oracle' or 'dense', got {partition_source!r}.")
-
         if not self.training:  # a training forward is how a part gets trained
-            uses_policy = partition_source == "policy" and superpatch_map is None and bool(self.config.shared_sizes)
-            used = ["policy"] if uses_policy else []
-            if not policy_only:
-                used += ["encoder", "exit_heads"] if self.config.halting else ["encoder"]
-            warn_if_untrained(self.config, used)
-        superpatch_map, block_logits, tokens_per_image = self.choose_partition(
-            pixel_values, grid_size, superpatch_map, superpatch_targets, partition_source,
-            run_policy=policy_only or (partition_source == "policy" and superpatch_map is None),
+            warn_if_untrained(self.config, self.parts_in_use(partition_source, superpatch_map, halting, policy_only))
+
+        partition = self.choose_partition(
+            pixel_values, grid_size, superpatch_map, superpatch_targets, partition_source, policy_only
         )
-        batch_size, device = pixel_values.shape[0], pixel_values.device
-        if superpatch_map is None:
-            layout, sizes = dense_token_layout(batch_size, grid_size, device), [1]
-            superpatch_map = torch.ones(batch_size, *grid_size, dtype=torch.long, device=device)
-        else:  # a count fixed by a token budget needs no host sync: static shapes
-            layout, sizes = layout_from_superpatch_map(superpatch_map, tokens_per_image), [1, *self.config.shared_sizes]
-        layout = dataclasses.replace(
-            layout, batch=dataclasses.replace(layout.batch, attention_mode=self.config.attention_mode)
-        )
-        policy_logits = None
-        if block_logits is not None:
-            policy_logits = torch.stack(
-                [blocks_to_cells(block_logits[size], size, grid_size, float("-inf")) for size in sorted(block_logits)],
-                dim=1,
-            )
+        layout, superpatch_map, sides = self.lay_out_tokens(partition, pixel_values, grid_size, attention_mode)
         output = StepModelOutput(
             token_layout=layout,
             superpatch_map=superpatch_map,
             token_counts=layout.batch.lengths,
-            policy_logits=policy_logits,
+            policy_logits=policy_logits_on_cells(partition.block_logits, grid_size),
         )
         if policy_only:
             return output if return_dict else output.to_tuple()
 
-        tokens = self.embed_tokens(pixel_values, layout, sizes)
-        class_token = (self.cls_token + self.pos_embed[:, :1]).expand(batch_size, -1, -1)
-        run_exits = len(self.exit_heads) > 0 and (self.config.halting or self.training)
-        encoded = self.encode(tokens, class_token, layout.batch, run_exits, output_hidden_states)
-        output.last_hidden_state, output.class_token_state, output.survivor_index, output.survivor_batch = encoded[:4]
-        output.token_exit_layer, output.exit_logits, output.hidden_states = encoded[4:]
+        tokens = self.embed_tokens(pixel_values, layout, sides)
+        run_exits = len(self.exit_heads) > 0 and (halting or self.training)
+        state = self.encode(tokens, layout.batch, run_exits, halting, output_hidden_states)
+        output.last_hidden_state, output.class_token_state = state.tokens, state.class_tokens
+        output.survivor_index, output.survivor_batch = state.survivors.index, state.survivors.batch
+        output.token_exit_layer, output.exit_logits = state.survivors.exit_layer, state.exit_logits
+        output.hidden_states = state.hidden_states
         return output if return_dict else output.to_tuple()
 
-    def encode(
+    def run_settings(self, partition_source: str | None, halting: bool | None, attention_mode: str | None):
+        """This forward's `(partition_source, halting, attention_mode)`: the arguments where given, else the
+        configuration's saved settings; checked as the configuration's are."""
+        config = self.config
+        partition_source = partition_source or config.partition_source
+        halting = config.halting if halting is None else halting
+        attention_mode = attention_mode or config.attention_mode
+        check_run_settings(partition_source, halting, attention_mode, config.exit_layers)
+        return partition_source, halting, attention_mode
+
+    def parts_in_use(self, partition_source: str, superpatch_map, halting: bool, policy_only: bool) -> list[str]:
+        """The trainable parts a forward with these settings relies on (for `warn_if_untrained`)."""
+        uses_policy = partition_source == "policy" and superpatch_map is None and bool(self.config.shared_sizes)
+        if policy_only:
+            return []  # the policy's own training forward
+        return ["policy"] * uses_policy + ["encoder"] + ["exit_heads"] * halting
+
+    def choose_partition(
         self,
-        tokens: torch.Tensor,
-        class_token: torch.Tensor,
-        batch: PackedBatch,
-        run_exits: bool,
-        output_hidden_states: bool,
-    ) -> tuple:
-        """
-        Run the blocks on packed tokens (plus one class token per image). After each exit block the exit head
-        classifies the tokens; with `config.halting`, confident tokens (bar the top-k per class) leave the sequence,
-        at the cost of one host sync per exit (the new lengths), or none with `config.exit_keep_tokens`. Returns the
-        final tokens and class tokens, which tokens survived, their lengths, each token's exit block, the exit logits
-        and the hidden states.
-        """
-        num_tokens, num_layers = tokens.shape[0], self.config.num_hidden_layers
-        survivor_index = torch.arange(num_tokens, device=tokens.device)
-        token_exit_layer = torch.full_like(survivor_index, num_layers)
-        keep_counts = self.config.exit_keep_tokens or [None] * len(self.config.exit_layers)
-        exit_of_layer = dict(zip(self.config.exit_layers, zip(self.exit_heads, self.config.exit_thresholds,
-                                                              keep_counts)))
-        exit_logits = []
-        sequence, token_positions, class_positions, sequence_batch = insert_per_image(
-            tokens, class_token, batch, at_start=True
-        )
-        hidden_states = (tokens,) if output_hidden_states else None
-        for layer, block in enumerate(self.blocks, start=1):
-            sequence = block(sequence, sequence_batch)
-            if output_hidden_states:
-                hidden_states += (sequence[token_positions],)
-            if not run_exits or layer not in exit_of_layer:
-                continue
-            head, threshold, keep_tokens = exit_of_layer[layer]
-            tokens = sequence[token_positions]
-            logits = head(tokens)
-            exit_logits.append(logits.new_zeros(num_tokens, logits.shape[1]).index_copy(0, survivor_index, logits))
-            if not self.config.halting:
-                continue
-            with torch.no_grad():  # the decision to halt carries no gradient
-                keep, batch = tokens_to_keep(
-                    logits.float().softmax(-1), batch, threshold, keep_tokens, self.config.exit_keep_topk_per_class
-                )
-                order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(batch.host_lengths)]
-                token_exit_layer[survivor_index] = torch.where(keep, num_layers, layer)
-            survivor_index, tokens = survivor_index[order], tokens[order]
-            sequence, token_positions, class_positions, sequence_batch = insert_per_image(
-                tokens, sequence[class_positions], batch, at_start=True
+        pixel_values: torch.Tensor,
+        grid_size: tuple[int, int],
+        superpatch_map: torch.Tensor | None,
+        superpatch_targets: torch.Tensor | None,
+        partition_source: str,
+        policy_only: bool,
+    ) -> Partition:
+        """The partition to embed: the caller's `superpatch_map`, else the one `partition_source` gives. The policy
+        runs when it chooses the partition, or for its own training (`policy_only`)."""
+        config, (rows, cols) = self.config, grid_size
+        policy_chooses = partition_source == "policy" and superpatch_map is None and bool(config.shared_sizes)
+        if policy_chooses and config.token_budget is not None and config.token_budget > rows * cols:
+            raise ValueError(
+                f"`token_budget` ({config.token_budget}) exceeds the {rows}x{cols} grid of this input; lower it or "
+                "feed larger images."
             )
-        sequence = self.norm(sequence)
-        return (
-            sequence[token_positions],
-            sequence[class_positions[:, 0]],
-            survivor_index,
-            batch,
-            token_exit_layer,
-            tuple(exit_logits) if exit_logits else None,
-            hidden_states,
+        runs_policy = self.policy is not None and (policy_only or policy_chooses)
+        block_logits = self.policy(pixel_values) if runs_policy else None
+        if superpatch_map is not None:
+            check_superpatch_map(superpatch_map, config.superpatch_sizes, grid_size, pixel_values.shape[0])
+            return Partition(superpatch_map.long(), block_logits)
+        if partition_source == "dense" or not config.shared_sizes:
+            return Partition(None, block_logits)
+        if partition_source == "oracle":
+            check_superpatch_targets(superpatch_targets, pixel_values.shape[0], len(config.shared_sizes), grid_size)
+            decisions = decisions_from_targets(superpatch_targets, config.shared_sizes)
+            return Partition(partition_from_decisions(decisions, grid_size), block_logits)
+        superpatch_map, tokens_per_image = partition_from_policy(
+            block_logits, grid_size, config.policy_thresholds, config.token_budget
+        )
+        return Partition(superpatch_map, block_logits, tokens_per_image)
+
+    def lay_out_tokens(
+        self, partition: Partition, pixel_values: torch.Tensor, grid_size: tuple[int, int], attention_mode: str
+    ) -> tuple[TokenLayout, torch.Tensor, list[int]]:
+        """The token layout of a partition, its superpatch map (all ones when dense) and the superpatch sides to
+        embed. A count fixed by a token budget needs no host sync: static shapes."""
+        batch_size, device = pixel_values.shape[0], pixel_values.device
+        if partition.superpatch_map is None:
+            layout = dense_token_layout(batch_size, grid_size, device, attention_mode)
+            return layout, torch.ones(batch_size, *grid_size, dtype=torch.long, device=device), [1]
+        layout = layout_from_superpatch_map(partition.superpatch_map, partition.tokens_per_image, attention_mode)
+        return layout, partition.superpatch_map, [1, *self.config.shared_sizes]
+
+    def encode(
+        self, tokens: torch.Tensor, batch: PackedBatch, run_exits: bool, halting: bool, output_hidden_states: bool
+    ) -> EncoderState:
+        """
+        Run the blocks on the packed tokens, with one class token per image in front. After each exit block (when
+        `run_exits`) its head classifies the tokens still in; with `halting`, confident ones leave the sequence
+        (`exits.halt`: one host sync per exit, none with `config.exit_keep_tokens`) and the rest are re-packed.
+        """
+        config = self.config
+        class_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(batch.batch_size, -1, -1)
+        survivors = Survivors.all_of(batch, tokens.shape[0], config.num_hidden_layers, tokens.device)
+        packed = insert_per_image(tokens, class_tokens, batch, at_start=True)
+        exits = self.exits() if run_exits else {}
+        exit_logits, hidden_states = [], (tokens,) if output_hidden_states else None
+        for layer, block in enumerate(self.blocks, start=1):
+            packed = packed._replace(sequence=block(packed.sequence, packed.batch))
+            if output_hidden_states:
+                hidden_states += (packed.tokens,)
+            if layer not in exits:
+                continue
+            head, rule = exits[layer]
+            tokens = packed.tokens
+            logits = head(tokens)
+            exit_logits.append(logits.new_zeros(len(survivors.exit_layer), logits.shape[1]).index_copy(
+                0, survivors.index, logits))
+            if halting:
+                survivors, order = halt(survivors, logits, layer, rule)
+                packed = insert_per_image(tokens[order], packed.extras, survivors.batch, at_start=True)
+        sequence = self.norm(packed.sequence)
+        return EncoderState(
+            tokens=sequence[packed.token_positions],
+            class_tokens=sequence[packed.extra_positions[:, 0]],
+            survivors=survivors,
+            exit_logits=tuple(exit_logits) if exit_logits else None,
+            hidden_states=hidden_states,
         )
 
-
-def check_superpatch_targets(targets: torch.Tensor | None, batch_size: int, num_sizes: int, grid_size) -> None:
-    """Refuse missing or mis-shaped `superpatch_targets`, saying where they come from."""
-    expected = (batch_size, num_sizes, *grid_size)
-    if targets is None:
-        raise ValueError(
-            "The 'oracle' partition and the policy loss need `superpatch_targets`; `StepImageProcessor` emits them "
-            "when given segmentation maps."
-        )
-    if tuple(targets.shape) != expected:
-        raise ValueError(
-            f"`superpatch_targets` must have shape {expected} (batch, superpatch sizes above 1, grid), got "
-            f"{tuple(targets.shape)}; build them with the model's `superpatch_sizes`."
-        )
+    def exits(self) -> dict[int, tuple[ExitHead, ExitRule]]:
+        """Each exit block's head and keep rule, by block (1-based)."""
+        config = self.config
+        keep_counts = config.exit_keep_tokens or [None] * len(config.exit_layers)
+        rules = [ExitRule(threshold, keep, config.exit_keep_topk_per_class)
+                 for threshold, keep in zip(config.exit_thresholds, keep_counts)]
+        return dict(zip(config.exit_layers, zip(self.exit_heads, rules)))
 
 
-def policy_loss(policy_logits: torch.Tensor, superpatch_targets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Binary cross-entropy of the policy's block logits against the targets (255 ignored): the mean over each
-    image's supervised blocks of a size, then over images, then over sizes, so large blocks weigh as much as small
-    ones (and, as for the segmentation loss, split batches average exactly)."""
-    per_size = []
-    for index, size in enumerate(sizes):
-        logits = cells_to_blocks(policy_logits[:, index], size)
-        targets = cells_to_blocks(superpatch_targets[:, index], size)
-        losses = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
-        per_size.append(per_image_mean(losses, targets != TARGET_IGNORE))
-    return torch.stack(per_size).mean()
+def policy_logits_on_cells(block_logits: dict[int, torch.Tensor] | None, grid_size) -> torch.Tensor | None:
+    """The policy's block logits spread onto the cells of each block, one channel per size (`-inf` where no whole
+    block fits): the `policy_logits` output."""
+    if block_logits is None:
+        return None
+    return torch.stack(
+        [blocks_to_cells(block_logits[size], size, grid_size, float("-inf")) for size in sorted(block_logits)], dim=1
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- decoder
 
 
 class MaskTransformerDecoder(nn.Module):
@@ -787,6 +686,10 @@ class MaskTransformerDecoder(nn.Module):
         return self.mask_norm(scores)
 
 
+
+# ---------------------------------------------------------------------------------------------------- segmentation head
+
+
 class StepForSemanticSegmentation(StepPreTrainedModel):
     """STEP encoder + Segmenter mask-transformer decoder, returning per-cell logits on the patch grid."""
 
@@ -803,6 +706,8 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         superpatch_targets: torch.Tensor | None = None,
         superpatch_map: torch.LongTensor | None = None,
         partition_source: str | None = None,
+        halting: bool | None = None,
+        attention_mode: str | None = None,
         policy_only: bool = False,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -816,97 +721,68 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
                 Class id per pixel, `config.semantic_loss_ignore_index` for void. Any resolution: the logits are
                 upsampled to it for the loss.
-            superpatch_targets, superpatch_map, partition_source, policy_only:
+            superpatch_targets, superpatch_map, partition_source, halting, attention_mode, policy_only:
                 As in [`StepModel.forward`]. With `superpatch_targets` and a policy that ran, the policy loss is
                 added to the loss.
             window_offsets (`torch.LongTensor`, *optional*):
                 Sliding-window bookkeeping from `StepImageProcessor`, returned unchanged in the output.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoder_output = self.step(
-            pixel_values,
-            superpatch_map=superpatch_map,
-            superpatch_targets=superpatch_targets,
-            partition_source=partition_source,
-            policy_only=policy_only,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+        encoded = self.step(
+            pixel_values, superpatch_map=superpatch_map, superpatch_targets=superpatch_targets,
+            partition_source=partition_source, halting=halting, attention_mode=attention_mode,
+            policy_only=policy_only, output_hidden_states=output_hidden_states, return_dict=True,
         )
-        layout = encoder_output.token_layout
-        logits = segmentation_loss = policy_term = exit_term = None
-        if not policy_only and not self.training:
-            warn_if_untrained(self.config, ["decoder"])
+        logits = exit_map = halted_share = None
         if not policy_only:
-            token_logits = self.merge_exits(
-                self.decoder(encoder_output.last_hidden_state, encoder_output.survivor_batch), encoder_output
-            )
-            logits = unshare(token_logits, layout)
-            if labels is not None:
-                check_labels(labels, pixel_values.shape[0], self.config)  # once: the exit losses reuse the labels
-                segmentation_loss = self.loss_function(logits, labels)
-                if self.training and encoder_output.exit_logits is not None:
-                    exit_term = self.exit_loss(encoder_output, labels)
-        if superpatch_targets is not None and encoder_output.policy_logits is not None:
-            check_superpatch_targets(
-                superpatch_targets, pixel_values.shape[0], len(self.config.shared_sizes), layout.grid_size
-            )
-            policy_term = policy_loss(encoder_output.policy_logits, superpatch_targets, self.config.shared_sizes)
-        losses = [segmentation_loss] if segmentation_loss is not None else []
-        if policy_term is not None:
-            losses.append(self.config.policy_loss_weight * policy_term)
-        if exit_term is not None:
-            losses.append(self.config.exit_loss_weight * exit_term)
-
-        exit_map = halted_share = None
-        if encoder_output.token_exit_layer is not None:
-            exit_layer = encoder_output.token_exit_layer
-            exit_map = unshare(exit_layer[:, None], layout)[:, 0]
-            counts = layout.batch.lengths[:, None].float()
-            halted_share = counts.new_zeros(counts.shape[0], len(self.config.exit_layers))
-            if self.config.exit_layers:  # `torch.stack` refuses an empty list: a model without exits halts nothing
-                halted = torch.stack([exit_layer == layer for layer in self.config.exit_layers], dim=1).float()
-                halted_share = halted_share.index_add_(0, layout.image_index, halted) / counts
+            if not self.training:
+                warn_if_untrained(self.config, ["decoder"])
+            survivors = Survivors(encoded.survivor_index, encoded.survivor_batch, encoded.token_exit_layer)
+            token_logits = merge_exit_logits(self.decoder(encoded.last_hidden_state, survivors.batch), survivors,
+                                             encoded.exit_logits, self.config.exit_layers)
+            logits = unshare(token_logits, encoded.token_layout)
+            exit_map, halted_share = exit_statistics(survivors.exit_layer, encoded.token_layout,
+                                                     self.config.exit_layers)
+        losses = self.compute_losses(logits, encoded, labels, superpatch_targets)
         output = StepSemanticSegmenterOutput(
-            loss=sum(losses) if losses else None,
+            loss=losses.total,
             logits=logits,
-            segmentation_loss=segmentation_loss,
-            policy_loss=policy_term,
-            exit_loss=exit_term,
-            token_layout=layout,
-            superpatch_map=encoder_output.superpatch_map,
-            token_counts=encoder_output.token_counts,
-            policy_logits=encoder_output.policy_logits,
+            segmentation_loss=losses.segmentation,
+            policy_loss=losses.policy,
+            exit_loss=losses.exit,
+            token_layout=encoded.token_layout,
+            superpatch_map=encoded.superpatch_map,
+            token_counts=encoded.token_counts,
+            policy_logits=encoded.policy_logits,
             exit_map=exit_map,
             halted_share=halted_share,
-            hidden_states=encoder_output.hidden_states,
+            hidden_states=encoded.hidden_states,
             window_offsets=window_offsets,
         )
         return output if return_dict else output.to_tuple()
 
-    def merge_exits(self, survivor_logits: torch.Tensor, encoder_output: StepModelOutput) -> torch.Tensor:
-        """Per-token logits for every token of the layout: the decoder's for survivors, the exit head's for the
-        tokens that halted there."""
-        num_tokens = encoder_output.token_exit_layer.shape[0]
-        merged = survivor_logits.new_zeros(num_tokens, survivor_logits.shape[1])
-        merged = merged.index_copy(0, encoder_output.survivor_index, survivor_logits)
-        if encoder_output.exit_logits is None:
-            return merged
-        for layer, logits in zip(self.config.exit_layers, encoder_output.exit_logits):
-            halted_here = (encoder_output.token_exit_layer == layer)[:, None]
-            merged = torch.where(halted_here, logits.to(merged.dtype), merged)
-        return merged
-
-    def exit_loss(self, encoder_output: StepModelOutput, labels: torch.Tensor) -> torch.Tensor:
-        """Deep supervision: each exit head's cross-entropy on the cells whose token was still in the sequence at
-        that exit (the others are marked ignore)."""
-        layout, ignore = encoder_output.token_layout, self.config.semantic_loss_ignore_index
-        total = 0
-        for layer, logits in zip(self.config.exit_layers, encoder_output.exit_logits):
-            cell_logits = unshare(logits, layout)
-            seen = unshare((encoder_output.token_exit_layer >= layer)[:, None].float(), layout)
-            seen = F.interpolate(seen, size=labels.shape[-2:], mode="nearest")[:, 0] > 0
-            total = total + self.loss_function(cell_logits, torch.where(seen, labels, ignore))
-        return total
+    def compute_losses(
+        self, logits: torch.Tensor | None, encoded: StepModelOutput, labels: torch.Tensor | None,
+        superpatch_targets: torch.Tensor | None,
+    ) -> "StepLosses":
+        """The segmentation loss (with `labels`), the exit heads' deep supervision (with `labels`, in training, when
+        the exits ran) and the policy loss (with `superpatch_targets`, when the policy ran), and their weighted sum
+        (`None` when there is nothing to learn from)."""
+        config, layout = self.config, encoded.token_layout
+        segmentation = policy = exits = None
+        if logits is not None and labels is not None:
+            check_labels(labels, logits.shape[0], config)  # once: the exit losses reuse the labels
+            segmentation = self.loss_function(logits, labels)
+            if self.training and encoded.exit_logits is not None:
+                exits = exit_loss(encoded.exit_logits, encoded.token_exit_layer, layout, labels, config.exit_layers,
+                                  self.loss_function, config.semantic_loss_ignore_index)
+        if superpatch_targets is not None and encoded.policy_logits is not None:
+            check_superpatch_targets(superpatch_targets, layout.batch.batch_size, len(config.shared_sizes),
+                                     layout.grid_size)
+            policy = policy_loss(encoded.policy_logits, superpatch_targets, config.shared_sizes)
+        terms = [term for term in (segmentation, policy if policy is None else config.policy_loss_weight * policy,
+                                   exits if exits is None else config.exit_loss_weight * exits) if term is not None]
+        return StepLosses(sum(terms) if terms else None, segmentation, policy, exits)
 
     def set_training_stage(self, stage: str) -> None:
         """
@@ -932,6 +808,20 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         ignore = self.config.semantic_loss_ignore_index
         losses = F.cross_entropy(upsampled, labels.long(), ignore_index=ignore, reduction="none")
         return per_image_mean(losses, labels != ignore)
+
+
+
+# ---------------------------------------------------------------------------------------------------- losses and checks
+
+
+@dataclass(frozen=True)
+class StepLosses:
+    """The weighted total and its parts (unweighted), each `None` when not computed."""
+
+    total: torch.Tensor | None
+    segmentation: torch.Tensor | None
+    policy: torch.Tensor | None
+    exit: torch.Tensor | None
 
 
 def per_image_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -967,6 +857,55 @@ def check_labels(labels: torch.Tensor, batch_size: int, config: StepConfig) -> N
             f"`labels` of image {image} hold the value {value}, which is not a class id in [0, {config.num_labels})"
             f" nor the ignore index {ignore}; map it to a class or to {ignore}."
         )
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config: StepConfig) -> tuple[int, int]:
+    """Validate the input shape; return the patch grid `(rows, cols)`."""
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"`pixel_values` must be a 4-D tensor (batch, channels, height, width), got shape "
+            f"{tuple(pixel_values.shape)}; add a batch dimension with `pixel_values[None]` for one image."
+        )
+    if not pixel_values.is_floating_point():  # raw 0..255 pixels would run, unnormalised, without an error
+        raise TypeError(
+            f"`pixel_values` must be floating-point normalised images, got {pixel_values.dtype}; prepare the images "
+            "with `StepImageProcessor`."
+        )
+    batch_size, channels, height, width = pixel_values.shape
+    if batch_size == 0:
+        raise ValueError(
+            f"`pixel_values` is an empty batch (shape {tuple(pixel_values.shape)}): pass at least one image."
+        )
+    if channels != config.num_channels:
+        raise ValueError(
+            f"`pixel_values` has {channels} channels but the model expects {config.num_channels}; convert the "
+            f"images (e.g. to RGB) with `StepImageProcessor`."
+        )
+    patch = config.patch_size
+    if height < patch or width < patch or height % patch or width % patch:
+        raise ValueError(
+            f"Input height and width ({height}x{width}) must be positive multiples of the patch size {patch}; "
+            f"resize or pad the images (`StepImageProcessor` does this)."
+        )
+    return height // patch, width // patch
+
+
+
+def check_superpatch_targets(targets: torch.Tensor | None, batch_size: int, num_sizes: int, grid_size) -> None:
+    """Refuse missing or mis-shaped `superpatch_targets`, saying where they come from."""
+    expected = (batch_size, num_sizes, *grid_size)
+    if targets is None:
+        raise ValueError(
+            "The 'oracle' partition and the policy loss need `superpatch_targets`; `StepImageProcessor` emits them "
+            "when given segmentation maps."
+        )
+    if tuple(targets.shape) != expected:
+        raise ValueError(
+            f"`superpatch_targets` must have shape {expected} (batch, superpatch sizes above 1, grid), got "
+            f"{tuple(targets.shape)}; build them with the model's `superpatch_sizes`."
+        )
+
+
 
 
 __all__ = [

@@ -133,6 +133,22 @@ def decisions_for_budget(
     return decisions
 
 
+def partition_from_policy(
+    block_logits: dict[int, torch.Tensor], grid_size: tuple[int, int], thresholds: list[float],
+    token_budget: int | None = None,
+) -> tuple[torch.Tensor, int | None]:
+    """
+    The policy's partition: `(superpatch_map, tokens_per_image)`. With a `token_budget`, every image keeps the same
+    number of tokens (`tokens_per_image`, known without a host sync); otherwise a block is shared when its
+    probability exceeds its size's threshold and `tokens_per_image` is `None` (it differs between images).
+    """
+    if token_budget is not None:
+        decisions = decisions_for_budget(block_logits, grid_size, token_budget)
+        return partition_from_decisions(decisions, grid_size), budget_token_count(grid_size[0] * grid_size[1],
+                                                                                  token_budget)
+    return partition_from_decisions(decisions_from_thresholds(block_logits, thresholds), grid_size), None
+
+
 def check_superpatch_map(
     superpatch_map: torch.Tensor, sizes: list[int], grid_size: tuple[int, int], batch_size: int | None = None
 ) -> None:
@@ -173,11 +189,14 @@ def check_superpatch_map(
     )
 
 
-def layout_from_superpatch_map(superpatch_map: torch.Tensor, tokens_per_image: int | None = None) -> TokenLayout:
+def layout_from_superpatch_map(
+    superpatch_map: torch.Tensor, tokens_per_image: int | None = None, attention_mode: str = "packed"
+) -> TokenLayout:
     """
     The token layout of a (valid) partition: one token per superpatch, in raster order of its top-left cell,
     image after image. One host sync (the number of tokens per image), or none when `tokens_per_image` is known
-    (a token budget): then shapes are static, as `torch.compile` and CUDA graphs need.
+    (a token budget): then shapes are static, as `torch.compile` and CUDA graphs need. `attention_mode` goes to its
+    `PackedBatch`.
     """
     batch, rows, cols = superpatch_map.shape
     device = superpatch_map.device
@@ -193,7 +212,7 @@ def layout_from_superpatch_map(superpatch_map: torch.Tensor, tokens_per_image: i
     token_of_origin = (is_origin.flatten().cumsum(0) - 1).view(batch, rows, cols)
     images = torch.arange(batch, device=device)[:, None, None]
     return TokenLayout(
-        batch=PackedBatch(lengths, host_lengths),
+        batch=PackedBatch(lengths, host_lengths, attention_mode),
         image_index=image_index,
         cell_row=cell_row,
         cell_col=cell_col,

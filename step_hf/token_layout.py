@@ -9,6 +9,7 @@ Shipped as Hub code next to saved weights: imports only torch.
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -110,14 +111,16 @@ class TokenLayout:
         return self.image_index.shape[0]
 
 
-def dense_token_layout(batch_size: int, grid_size: tuple[int, int], device: torch.device) -> TokenLayout:
+def dense_token_layout(
+    batch_size: int, grid_size: tuple[int, int], device: torch.device, attention_mode: str = "packed"
+) -> TokenLayout:
     """The layout of a plain ViT: one token per cell, in raster order, for every image."""
     rows, cols = grid_size
     cells = rows * cols
     token = torch.arange(batch_size * cells, device=device)
     cell = token % cells
     return TokenLayout(
-        batch=PackedBatch(torch.full((batch_size,), cells, device=device), (cells,) * batch_size),
+        batch=PackedBatch(torch.full((batch_size,), cells, device=device), (cells,) * batch_size, attention_mode),
         image_index=token // cells,
         cell_row=cell // cols,
         cell_col=cell % cols,
@@ -126,9 +129,29 @@ def dense_token_layout(batch_size: int, grid_size: tuple[int, int], device: torc
     )
 
 
-def insert_per_image(
-    tokens: torch.Tensor, extra: torch.Tensor, batch: PackedBatch, at_start: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PackedBatch]:
+class PackedSequence(NamedTuple):
+    """Packed tokens with extra tokens per image (class tokens, class embeddings) inserted: the combined
+    `sequence` `(num_tokens + batch_size * num_extra, dim)`, where the original tokens went (`token_positions`,
+    `(num_tokens,)`), where the extra tokens went (`extra_positions`, `(batch_size, num_extra)`), and its lengths
+    (`batch`)."""
+
+    sequence: torch.Tensor
+    token_positions: torch.Tensor
+    extra_positions: torch.Tensor
+    batch: PackedBatch
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The original tokens, as they are now in `sequence`."""
+        return self.sequence[self.token_positions]
+
+    @property
+    def extras(self) -> torch.Tensor:
+        """The extra tokens, `(batch_size, num_extra, dim)`."""
+        return self.sequence[self.extra_positions]
+
+
+def insert_per_image(tokens: torch.Tensor, extra: torch.Tensor, batch: PackedBatch, at_start: bool) -> PackedSequence:
     """
     Add `extra` tokens to every image of a packed sequence, before or after its own tokens.
 
@@ -140,8 +163,7 @@ def insert_per_image(
         at_start: put the extra tokens first in each segment (else last).
 
     Returns:
-        `(sequence, token_positions, extra_positions, new_batch)`: the combined packed sequence, where the original
-        tokens went (`(num_tokens,)`), where the extra tokens went (`(batch_size, num_extra)`), and its lengths.
+        A `PackedSequence`.
     """
     num_tokens, num_extra = tokens.shape[0], extra.shape[1]
     new_batch = batch.grow(num_extra)
@@ -152,7 +174,7 @@ def insert_per_image(
     sequence = tokens.new_empty(num_tokens + extra_positions.numel(), tokens.shape[1])
     sequence[token_positions] = tokens
     sequence[extra_positions.flatten()] = extra.reshape(-1, tokens.shape[1]).to(tokens.dtype)
-    return sequence, token_positions, extra_positions, new_batch
+    return PackedSequence(sequence, token_positions, extra_positions, new_batch)
 
 
 def packed_attention(
@@ -205,6 +227,7 @@ def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 __all__ = [
     "PackedBatch",
+    "PackedSequence",
     "TokenLayout",
     "dense_token_layout",
     "insert_per_image",

@@ -62,7 +62,8 @@ def test_auto_classes_in_process(saved, model):
 def test_saved_folder_carries_the_code(saved):
     files = set(os.listdir(saved))
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "configuration_step.py",
-            "modeling_step.py", "token_layout.py", "superpatch.py", "image_processing_step.py"} <= files
+            "modeling_step.py", "token_layout.py", "superpatch.py", "exits.py", "fast_ops.py",
+            "image_processing_step.py"} <= files
     auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForSemanticSegmentation"}
     for name in files:

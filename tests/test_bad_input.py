@@ -346,8 +346,8 @@ def full_disk(error_after: Callable[[str], None]) -> Callable:
 def checkpoint_on_a_full_disk() -> tuple[OSError, list[str]]:
     """`save_checkpoint` whose state write fails half-way: the error, and what it left in checkpoints/."""
     output_dir = Path(tempfile.mkdtemp())
-    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None,
-                                  save_state=full_disk(lambda folder: Path(folder, "model.safetensors").write_bytes(b"x")))
+    write_some = full_disk(lambda folder: Path(folder, "model.safetensors").write_bytes(b"x"))
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=write_some)
     args = train.parse_args(["--output_dir", str(output_dir)])
     with pytest.raises(OSError) as raised:
         train.save_checkpoint(accelerator, args, "segmenter", 4, [])
@@ -437,10 +437,12 @@ def holds(*words: str) -> Callable[[str], None]:
 TRAINING_CASES = [
     works("a batch size of 0", lambda: parse_error("--per_device_train_batch_size", "0"),
           holds("--per_device_train_batch_size must be at least 1, got 0")),
-    works("negative steps", lambda: parse_error("--segmenter_steps", "-5"), holds("--segmenter_steps must be at least 0")),
+    works("negative steps", lambda: parse_error("--segmenter_steps", "-5"),
+          holds("--segmenter_steps must be at least 0")),
     works("a NaN learning rate", lambda: parse_error("--learning_rate", "nan"),
           holds("--learning_rate must be a positive finite number, got nan")),
-    works("--min_scale above --max_scale", lambda: parse_error("--min_scale", "3"), holds("--min_scale (3.0) is above")),
+    works("--min_scale above --max_scale", lambda: parse_error("--min_scale", "3"),
+          holds("--min_scale (3.0) is above")),
     works("guard: the defaults parse", lambda: train.parse_args([]), lambda args: assert_equal(args.crop_size, 256)),
     refused("NaN exit thresholds", lambda: train.main(train_args("--output_dir", tempfile.mkdtemp(),
                                                                   "--exit_thresholds", "nan", "nan")),

@@ -3,7 +3,7 @@ import torch
 
 from step_hf import StepForSemanticSegmentation
 from step_hf.accounting import analytic_flops, count_flops
-from step_hf.modeling_step import keep_topk_per_class
+from step_hf.exits import keep_topk_per_class
 from step_hf.token_layout import PackedBatch, unshare
 
 from .conftest import tiny_config

@@ -1,11 +1,13 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-from transformers import AutoModel
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForSemanticSegmentation
 
 from step_hf import StepForSemanticSegmentation, StepModel
-from step_hf.modeling_step import ImageNorm, PatchConv2d, resize_grid_bicubic
+from step_hf.fast_ops import ImageNorm, PatchConv2d, resize_grid_bicubic
 from step_hf.token_layout import PackedBatch, dense_token_layout, insert_per_image, packed_attention
 
 from .conftest import tiny_config
@@ -214,3 +216,17 @@ def test_parameter_groups_split_every_parameter_once_by_part():
     assert "step.cls_token" in groups["encoder"] and "step.blocks.0.attn.qkv.weight" in groups["encoder"]
     encoder_groups = model.step.parameter_groups()
     assert encoder_groups["decoder"] == [] and "policy.heads.2.weight" in encoder_groups["policy"]
+
+
+def test_a_model_saved_by_the_earlier_layout_loads_and_gives_the_same_outputs():
+    """Saved before the encoder's state, the exits and the fast operators moved into their own modules (policy
+    partitions of unequal sizes, tokens halted at both exits)."""
+    folder = Path(__file__).parent / "fixtures" / "step_tiny_9bd5012"
+    expected = load_file(folder / "expected_outputs.safetensors")
+    for load in (StepForSemanticSegmentation, AutoModelForSemanticSegmentation):
+        loaded = load.from_pretrained(folder)
+        with torch.no_grad():
+            outputs = loaded.eval()(expected["pixel_values"])
+        assert torch.equal(outputs.superpatch_map, expected["superpatch_map"])
+        assert torch.equal(outputs.exit_map, expected["exit_map"]) and (outputs.exit_map < 3).any()
+        torch.testing.assert_close(outputs.logits, expected["logits"], rtol=1e-5, atol=1e-6)

@@ -86,8 +86,8 @@ def test_train_push_to_hub_then_load_without_step_hf(tmp_path):
     for segment in summary["segments"]:
         assert segment["keys"] == ["label", "mask", "score"] and segment["mask_size"] == summary["image_size"], segment
     files = set(summary["files"])
-    code = {"configuration_step.py", "modeling_step.py", "image_processing_step.py", "superpatch.py",
-            "token_layout.py"}
+    code = {"configuration_step.py", "modeling_step.py", "image_processing_step.py", "superpatch.py", "exits.py",
+            "fast_ops.py", "token_layout.py"}
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", *code} <= files, files
     assert not [name for name in files if name.startswith("checkpoints/")], files
     assert summary["pipeline_tag"] == "image-segmentation"
