@@ -433,32 +433,33 @@ class StepModel(StepPreTrainedModel):
         grid = self.pos_embed[0, 1:].view(stored_rows, stored_cols, -1)
         return resize_grid_bicubic(grid, tuple(grid_size)) if (stored_rows, stored_cols) != tuple(grid_size) else grid
 
-    def embed_tokens(self, pixel_values: torch.Tensor, layout: TokenLayout, sizes: list[int]) -> torch.Tensor:
+    def embed_tokens(self, pixel_values: torch.Tensor, layout: TokenLayout, sides: list[int]) -> torch.Tensor:
         """
-        Embed every token of `layout`: `(num_tokens, hidden_size)`. A superpatch of side s is the image
+        Embed every token of `layout`: `(num_tokens, hidden_size)`. A superpatch of side s (in cells) is the image
         average-pooled by s, cut by the shared patch embedding; its position embedding is the mean of the ones it
-        covers. At s = 1 this is the plain ViT embedding. One table of embeddings per size in `sizes`, then one
-        gather: no loop over tokens or images.
+        covers. At s = 1 this is the plain ViT embedding.
+
+        One table per side in `sides` holds the embeddings of every whole aligned block of that side (image after
+        image, raster order); one gather then picks each token's row, with no loop over tokens or images. E.g. on a
+        4x6 grid, the side-2 token at cell (2, 4) of image 1 is row 1 * 6 + (2 // 2) * 3 + 4 // 2 = 11 of the side-2
+        table (6 blocks per image, 3 per row).
         """
         pixel_values = pixel_values.to(self.patch_embed.proj.weight.dtype)
         positions = self.position_grid(layout.grid_size).permute(2, 0, 1)
-        sizes = [size for size in sizes if size <= min(layout.grid_size)]  # larger ones have no whole block
+        sides = [side for side in sides if side <= min(layout.grid_size)]  # larger ones have no whole block
         tables = []
-        for size in sizes:
-            pooled_pixels = pixel_values if size == 1 else F.avg_pool2d(pixel_values, size)
-            pooled_positions = positions if size == 1 else F.avg_pool2d(positions, size)
+        for side in sides:
+            pooled_pixels = pixel_values if side == 1 else F.avg_pool2d(pixel_values, side)
+            pooled_positions = positions if side == 1 else F.avg_pool2d(positions, side)
             tables.append((self.patch_embed(pooled_pixels) + pooled_positions.permute(1, 2, 0)).flatten(0, 2))
 
-        rows, cols = layout.grid_size
-        device = layout.cell_size.device
-        size_of_level = torch.tensor(sizes, device=device)
-        level = torch.searchsorted(size_of_level, layout.cell_size)
-        level_rows, level_cols = rows // size_of_level[level], cols // size_of_level[level]
-        table_start = F.pad(torch.tensor([len(table) for table in tables], device=device).cumsum(0), (1, 0))
-        size = layout.cell_size
-        row_in_table = (layout.image_index * level_rows + layout.cell_row // size) * level_cols
-        row_in_table = row_in_table + layout.cell_col // size
-        return torch.cat(tables)[table_start[level] + row_in_table]
+        side, (rows, cols) = layout.block_side, layout.grid_size
+        table = torch.searchsorted(torch.tensor(sides, device=side.device), side)  # each token's table
+        table_start = F.pad(torch.tensor([len(rows_of) for rows_of in tables], device=side.device).cumsum(0), (1, 0))
+        blocks_per_row = cols // side
+        row_in_table = (layout.image_index * (rows // side) * blocks_per_row + layout.cell_row // side * blocks_per_row
+                        + layout.cell_col // side)
+        return torch.cat(tables)[table_start[table] + row_in_table]
 
 
     def forward(

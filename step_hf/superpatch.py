@@ -216,7 +216,7 @@ def layout_from_superpatch_map(
         image_index=image_index,
         cell_row=cell_row,
         cell_col=cell_col,
-        cell_size=superpatch_map[image_index, cell_row, cell_col],
+        block_side=superpatch_map[image_index, cell_row, cell_col],
         cell_to_token=token_of_origin[images, origin_row, origin_col],
     )
 

@@ -89,7 +89,7 @@ class TokenLayout:
         batch (`PackedBatch`): tokens per image.
         image_index (`torch.LongTensor` of shape `(num_tokens,)`): the image of each token.
         cell_row, cell_col (`torch.LongTensor` of shape `(num_tokens,)`): the top-left grid cell each token covers.
-        cell_size (`torch.LongTensor` of shape `(num_tokens,)`): side, in cells, of the square block it covers
+        block_side (`torch.LongTensor` of shape `(num_tokens,)`): side, in cells, of the square block it covers
             (1 = a plain 16x16 patch).
         cell_to_token (`torch.LongTensor` of shape `(batch_size, grid_rows, grid_cols)`): for every grid cell, the
             index of the token covering it in the packed sequence. Drives un-sharing of per-token outputs.
@@ -99,7 +99,7 @@ class TokenLayout:
     image_index: torch.Tensor
     cell_row: torch.Tensor
     cell_col: torch.Tensor
-    cell_size: torch.Tensor
+    block_side: torch.Tensor
     cell_to_token: torch.Tensor
 
     @property
@@ -124,7 +124,7 @@ def dense_token_layout(
         image_index=token // cells,
         cell_row=cell // cols,
         cell_col=cell % cols,
-        cell_size=torch.ones_like(token),
+        block_side=torch.ones_like(token),
         cell_to_token=token.view(batch_size, rows, cols),
     )
 

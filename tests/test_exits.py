@@ -125,10 +125,10 @@ def test_exits_with_supertokens_and_batching():
         singles = [model(image[None]) for image in PIXELS]
     assert (output.token_counts < 24).all()  # supertokens present
     layout = output.token_layout
-    halted_sizes = layout.cell_size[model.step(PIXELS).token_exit_layer < 4]
+    halted_sizes = layout.block_side[model.step(PIXELS).token_exit_layer < 4]
     assert (halted_sizes > 1).any()  # supertokens halt too
     for token in range(layout.num_tokens):  # one exit block per superpatch
-        b, r, c, s = (int(x[token]) for x in (layout.image_index, layout.cell_row, layout.cell_col, layout.cell_size))
+        b, r, c, s = (int(x[token]) for x in (layout.image_index, layout.cell_row, layout.cell_col, layout.block_side))
         block = output.exit_map[b, r:r + s, c:c + s]
         assert (block == block[0, 0]).all()
     torch.testing.assert_close(output.logits, torch.cat([s.logits for s in singles]), rtol=1e-5, atol=1e-5)

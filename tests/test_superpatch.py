@@ -38,7 +38,7 @@ def assert_partition(superpatch_map):
     coverage = np.zeros((batch, rows, cols), dtype=int)
     owner = np.full((batch, rows, cols), -1)
     for token, (b, r, c, s) in enumerate(zip(layout.image_index.tolist(), layout.cell_row.tolist(),
-                                             layout.cell_col.tolist(), layout.cell_size.tolist())):
+                                             layout.cell_col.tolist(), layout.block_side.tolist())):
         assert r % s == 0 and c % s == 0 and r + s <= rows and c + s <= cols
         coverage[b, r:r + s, c:c + s] += 1
         owner[b, r:r + s, c:c + s] = token
@@ -170,7 +170,7 @@ def test_share_then_unshare_is_identity_on_piecewise_constant_maps():
     sums = torch.zeros(layout.num_tokens, 3).index_add_(0, token_of_cell, cells)
     counts = torch.zeros(layout.num_tokens).index_add_(0, token_of_cell, torch.ones(len(cells)))
     torch.testing.assert_close(unshare(sums / counts[:, None], layout), piecewise)
-    torch.testing.assert_close(counts, (layout.cell_size ** 2).float())
+    torch.testing.assert_close(counts, (layout.block_side ** 2).float())
 
 
 @pytest.mark.parametrize("overrides", [dict(superpatch_sizes=[1]), dict(partition_source="dense"),
@@ -198,7 +198,7 @@ def test_supertoken_embedding_is_pooled_image_and_mean_position():
         tokens = encoder.embed_tokens(pixel_values, layout, [1, 2, 4, 8, 16])
         positions = encoder.position_grid((4, 6))
         for token in range(layout.num_tokens):
-            r, c, s = (int(x[token]) for x in (layout.cell_row, layout.cell_col, layout.cell_size))
+            r, c, s = (int(x[token]) for x in (layout.cell_row, layout.cell_col, layout.block_side))
             crop = pixel_values[:, :, r * 16:(r + s) * 16, c * 16:(c + s) * 16]
             pooled = torch.nn.functional.avg_pool2d(crop, s)  # 16x16 pixels
             expected = encoder.patch_embed.proj(pooled).flatten() + positions[r:r + s, c:c + s].mean((0, 1))
@@ -222,7 +222,7 @@ def test_model_with_partitions_packs_unshares_and_batches_consistently():
     # Every cell of a superpatch carries its token's logits.
     layout = output.token_layout
     for token in range(layout.num_tokens):
-        b, r, c, s = (int(x[token]) for x in (layout.image_index, layout.cell_row, layout.cell_col, layout.cell_size))
+        b, r, c, s = (int(x[token]) for x in (layout.image_index, layout.cell_row, layout.cell_col, layout.block_side))
         block = output.logits[b, :, r:r + s, c:c + s]
         assert (block == block[:, :1, :1]).all()
     # The same partition passed in by the caller gives the same logits.
