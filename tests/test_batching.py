@@ -25,18 +25,13 @@ def opinionated(**overrides) -> StepForSemanticSegmentation:
     return model
 
 
-def with_mode(model, mode):
-    model.config.attention_mode = mode
-    return model
-
-
 @pytest.mark.parametrize("halting", [False, True])
 def test_packed_padded_and_per_image_agree_on_mixed_batches(halting):
     model = opinionated(halting=halting)
     with torch.no_grad():
-        packed = with_mode(model, "packed")(PIXELS)
-        padded = with_mode(model, "padded")(PIXELS).logits
-        single = torch.cat([with_mode(model, "packed")(image[None]).logits for image in PIXELS])
+        packed = model(PIXELS, attention_mode="packed")
+        padded = model(PIXELS, attention_mode="padded").logits
+        single = torch.cat([model(image[None], attention_mode="packed").logits for image in PIXELS])
     counts = packed.token_counts.tolist()
     assert len(set(counts)) > 1, counts  # a mixed batch
     if halting:

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from step_hf import StepConfig
+from step_hf import StepConfig, StepForSemanticSegmentation
 from step_hf.configuration_step import VIT_PRESETS
 
 from .conftest import tiny_config
@@ -51,3 +52,32 @@ def test_preset_overrides_and_unknown():
 def test_invalid_configs_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_run_time_settings_are_checked_again_when_changed_and_nothing_changes_on_error():
+    config = tiny_config(superpatch_sizes=[2, 8], exit_layers=[1])
+    before = config.settings()
+    with pytest.raises(ValueError, match="consecutive powers of two"):
+        config.update_settings(partition_source="policy", token_budget=10)  # sizes 2, 8 cannot give a budget
+    with pytest.raises(ValueError, match="at least one exit"):
+        tiny_config(exit_layers=[], exit_thresholds=[]).update_settings(halting=True)
+    with pytest.raises(ValueError, match="cannot change on a built model"):
+        config.update_settings(hidden_size=64)
+    assert config.settings() == before
+    config.update_settings(halting=True, exit_thresholds=(0.5,))
+    assert config.halting and config.exit_thresholds == [0.5]
+
+
+def test_forward_settings_override_the_saved_ones_for_one_call_only():
+    model = StepForSemanticSegmentation(tiny_config(exit_layers=[1], exit_thresholds=[0.255], exit_keep_topk_per_class=0))
+    model.eval()
+    pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        halted = model(pixels, halting=True)
+        plain = model(pixels)
+    assert not model.config.halting and (plain.exit_map == 2).all()  # the saved default: no halting
+    assert halted.halted_share.sum() > 0 and (halted.exit_map == 1).any()
+    with pytest.raises(ValueError, match="attention_mode"):
+        model(pixels, attention_mode="sparse")
+    with pytest.raises(ValueError, match="at least one exit"):
+        StepForSemanticSegmentation(tiny_config(exit_layers=[], exit_thresholds=[]))(pixels, halting=True)
