@@ -226,8 +226,9 @@ class PatchEmbed(nn.Module):
         self.proj = PatchConv2d(config.num_channels, config.hidden_size, config.patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(batch, channels, H, W)` -> `(batch, H / patch, W / patch, hidden_size)`."""
-        return self.proj.patches_last(pixel_values)
+        """`(batch, channels, H, W)` -> `(batch, H / patch, W / patch, hidden_size)`. The convolution is called as a
+        module (never through its weights), so that Accelerate's offload hooks load its weights first."""
+        return self.proj(pixel_values).permute(0, 2, 3, 1)
 
 
 
@@ -381,6 +382,19 @@ class StepPreTrainedModel(PreTrainedModel):
 
 
 
+def check_direct_parameters_placed(module: nn.Module, name: str) -> None:
+    """Refuse a forward whose module's own (direct) parameters were offloaded to disk apart from the module:
+    Accelerate loads offloaded weights through hooks on the module that owns them, and a module left out of the
+    device map has none, so they would stay on the meta device."""
+    offloaded = [key for key, parameter in module.named_parameters(recurse=False) if parameter.is_meta]
+    if offloaded:
+        raise ValueError(
+            f"{', '.join(f'{name}.{key}' for key in offloaded)} were offloaded to disk on their own, apart from "
+            f"`{name}`; map `{name}` as a whole (e.g. `device_map={{'{name}': 'disk', ...}}`, as `device_map=\"auto\"` "
+            "does) or keep these parameters on a device."
+        )
+
+
 def warn_if_untrained(config: StepConfig, parts: list[str]) -> None:
     """Log (once) when an inference forward uses parts that `config.trained_components` does not list. The message
     names every untrained part of the model, so that the encoder's and the segmenter's checks log it once."""
@@ -494,6 +508,7 @@ class StepModel(StepPreTrainedModel):
                 model's forward.
         """
         grid_size = check_pixel_values(pixel_values, self.config)
+        check_direct_parameters_placed(self, self.base_model_prefix)
         partition_source, halting, attention_mode = self.run_settings(partition_source, halting, attention_mode)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -670,6 +685,7 @@ class MaskTransformerDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, tokens_batch: PackedBatch) -> torch.Tensor:
         """`tokens` `(num_tokens, hidden_size)`, packed as `tokens_batch` says -> per-token class scores
         `(num_tokens, num_labels)`."""
+        check_direct_parameters_placed(self, "decoder")
         batch_size, num_labels = tokens_batch.batch_size, self.cls_emb.shape[1]
         sequence, token_positions, class_positions, batch = insert_per_image(
             self.proj_dec(tokens), self.cls_emb.expand(batch_size, -1, -1), tokens_batch, at_start=False
