@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_step import TRAINABLE_COMPONENTS, StepConfig, check_run_settings
@@ -61,7 +62,7 @@ class StepModelOutput(ModelOutput):
         policy_logits (`torch.FloatTensor` of shape `(batch_size, len(config.shared_sizes), height / 16, width / 16)`,
             *optional*, returned when the policy ran): for each superpatch size above 1, the policy's logit that
             the aligned block containing each cell holds a single class (the block's value repeated on its cells;
-            `-inf` where no whole block fits).
+            the dtype's lowest finite value where no whole block fits).
         survivor_index (`torch.LongTensor` of shape `(num_survivors,)`):
             For each row of `last_hidden_state`, the index of its token in `token_layout`. With halting off every
             token survives and this is `arange(num_tokens)`.
@@ -203,8 +204,9 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """A pre-norm transformer block (timm names) on packed tokens."""
+class Block(GradientCheckpointingLayer):
+    """A pre-norm transformer block (timm names) on packed tokens. With gradient checkpointing on (the library's
+    `gradient_checkpointing_enable()`), its activations are recomputed in the backward pass instead of kept."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, config: StepConfig):
         super().__init__()
@@ -320,6 +322,12 @@ class StepPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["Block"]
+    supports_gradient_checkpointing = True
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding: the module every (super)token's embedding goes through (PEFT's
+        `enable_input_require_grads` hooks it)."""
+        return self.base_model.patch_embed
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -447,7 +455,7 @@ class StepModel(StepPreTrainedModel):
         grid = self.pos_embed[0, 1:].view(stored_rows, stored_cols, -1)
         return resize_grid_bicubic(grid, tuple(grid_size)) if (stored_rows, stored_cols) != tuple(grid_size) else grid
 
-    def embed_tokens(self, pixel_values: torch.Tensor, layout: TokenLayout, sides: list[int]) -> torch.Tensor:
+    def embed_superpatches(self, pixel_values: torch.Tensor, layout: TokenLayout, sides: list[int]) -> torch.Tensor:
         """
         Embed every token of `layout`: `(num_tokens, hidden_size)`. A superpatch of side s (in cells) is the image
         average-pooled by s, cut by the shared patch embedding; its position embedding is the mean of the ones it
@@ -530,7 +538,7 @@ class StepModel(StepPreTrainedModel):
         if policy_only:
             return output if return_dict else output.to_tuple()
 
-        tokens = self.embed_tokens(pixel_values, layout, sides)
+        tokens = self.embed_superpatches(pixel_values, layout, sides)
         run_exits = len(self.exit_heads) > 0 and (halting or self.training)
         state = self.encode(tokens, layout.batch, run_exits, halting, output_hidden_states)
         output.last_hidden_state, output.class_token_state = state.tokens, state.class_tokens
@@ -649,12 +657,14 @@ class StepModel(StepPreTrainedModel):
 
 
 def policy_logits_on_cells(block_logits: dict[int, torch.Tensor] | None, grid_size) -> torch.Tensor | None:
-    """The policy's block logits spread onto the cells of each block, one channel per size (`-inf` where no whole
-    block fits): the `policy_logits` output."""
+    """The policy's block logits spread onto the cells of each block, one channel per size: the `policy_logits`
+    output. Cells in no whole block of a size get the dtype's lowest finite value (a probability of 0 that batching
+    and NaN checks handle, which `-inf` would not)."""
     if block_logits is None:
         return None
+    fill = torch.finfo(next(iter(block_logits.values())).dtype).min
     return torch.stack(
-        [blocks_to_cells(block_logits[size], size, grid_size, float("-inf")) for size in sorted(block_logits)], dim=1
+        [blocks_to_cells(block_logits[size], size, grid_size, fill) for size in sorted(block_logits)], dim=1
     )
 
 

@@ -195,7 +195,7 @@ def test_supertoken_embedding_is_pooled_image_and_mean_position():
     superpatch_map[0, 2:4, 4:6] = 2
     layout = layout_from_superpatch_map(superpatch_map)
     with torch.no_grad():
-        tokens = encoder.embed_tokens(pixel_values, layout, [1, 2, 4, 8, 16])
+        tokens = encoder.embed_superpatches(pixel_values, layout, [1, 2, 4, 8, 16])
         positions = encoder.position_grid((4, 6))
         for token in range(layout.num_tokens):
             r, c, s = (int(x[token]) for x in (layout.cell_row, layout.cell_col, layout.block_side))
