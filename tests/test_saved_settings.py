@@ -14,12 +14,13 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
 
-from step_hf.evaluation import confusion_matrices, evaluate, segmentation_metrics
+from step_hf.evaluation import EvalTransform, confusion_matrices, evaluate, segmentation_metrics
 
 from .conftest import EXAMPLES
 
 import save_settings  # examples/ (conftest puts it on the path)
 import train
+from data import load_data
 
 TOY = ["--image_size", "64", "--policy_steps", "3", "--segmenter_steps", "4", "--prune_steps", "3",
        "--per_device_train_batch_size", "4", "--checkpointing_steps", "0"]
@@ -45,8 +46,8 @@ def runs(tmp_path_factory, scene_dataset):
 
 
 def eval_loader(scene_dataset, processor) -> DataLoader:
-    dataset, _ = train.load_data(train.parse_args(["--dataset_name", str(scene_dataset)]))
-    return DataLoader(train.EvalTransform(dataset["validation"], processor))
+    dataset, _ = load_data(dataset_name=str(scene_dataset))
+    return DataLoader(EvalTransform(dataset["validation"], processor))
 
 
 def pipeline_mean_iou(folder, loader) -> float:
