@@ -1,7 +1,9 @@
 """Write a copy of a saved STEP model that runs, by default, with the settings of one row of `examples/sweep.py`.
 
-    python examples/save_settings.py --model outputs/camvid-tiny --sweep sweep.json --output_dir outputs/tuned
-    python examples/save_settings.py --model outputs/camvid-tiny --sweep sweep.json --row 3 --output_dir ...
+    python examples/save_settings.py --model_name_or_path outputs/camvid-tiny --sweep sweep.json \
+        --output_dir outputs/tuned
+    python examples/save_settings.py --model_name_or_path outputs/camvid-tiny --sweep sweep.json --row 3 \
+        --output_dir ...
 
 `--row best` (the default) takes the row the sweep marked best. The copy has the same weights; its configuration
 holds the row's partition source, thresholds and halting, its processor the row's input size, and its model card and
@@ -30,7 +32,7 @@ def choose_row(rows: list[dict], row: str) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the saved model the sweep measured")
+    parser.add_argument("--model_name_or_path", required=True, help="the saved model the sweep measured")
     parser.add_argument("--sweep", required=True, help="the JSON rows written by examples/sweep.py")
     parser.add_argument("--row", default="best", help="'best' or a row number (from 0)")
     parser.add_argument("--output_dir", required=True)
@@ -41,21 +43,22 @@ def main(argv=None) -> None:
     if row["settings"]["partition_source"] == "oracle":
         raise SystemExit("This row used oracle partitions, which need ground truth at inference: a saved model cannot "
                          "run with them. Choose a 'policy' or 'dense' row.")
-    model = StepForSemanticSegmentation.from_pretrained(args.model)
-    processor = StepImageProcessor.from_pretrained(args.model)
+    model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+    processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
     model.config.update_settings(**row["settings"])
     processor.size = row["processor_size"]
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump({"final_eval": row, "settings": model.config.settings(), "source_model": args.model}, f, indent=1)
+        json.dump({"final_eval": row, "settings": model.config.settings(), "source_model": args.model_name_or_path},
+                  f, indent=1)
 
-    source_card = os.path.join(args.model, "README.md")
+    source_card = os.path.join(args.model_name_or_path, "README.md")
     found = re.search(r"```bash\n(.*?)\n```", open(source_card).read(), re.S) if os.path.isfile(source_card) else None
     dataset_name = row.get("dataset_name") or "built-in procedural scenes"
     if os.path.isdir(dataset_name):
         dataset_name = os.path.basename(os.path.normpath(dataset_name))
-    notes = (f"The weights of `{args.model}`, with run-time settings chosen by `examples/sweep.py` "
+    notes = (f"The weights of `{args.model_name_or_path}`, with run-time settings chosen by `examples/sweep.py` "
              f"(`{os.path.basename(args.sweep)}`: policy threshold {row['policy_threshold'] or '-'}, exit threshold "
              f"{row['exit_threshold'] or 'off'}).")
     model_card(os.path.basename(os.path.normpath(args.output_dir)), model.config, found.group(1) if found else None,

@@ -1,6 +1,6 @@
 """Segment an image with a saved STEP model and save a picture: image | prediction | where the tokens went.
 
-    python examples/segment.py --model outputs/demo --image photo.jpg --output segmentation.png
+    python examples/segment.py --model_name_or_path outputs/demo --image photo.jpg --output segmentation.png
 
 Without `--image`, a generated road scene is segmented (and its ground truth shown). The third panel outlines the
 superpatches the model used and shades each cell by the block after which its token halted (darker = earlier).
@@ -8,28 +8,26 @@ superpatches the model used and shades each cell by the block after which its to
 
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
+from scenes import make_scene
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scenes import make_scene  # noqa: E402
-
-from step_hf.analysis import colourise, draw_tokens, panel  # noqa: E402
+from step_hf.analysis import colourise, draw_tokens, panel
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a saved STEP model folder or Hub id")
+    parser.add_argument("--model_name_or_path", required=True, help="a saved STEP model folder or Hub id")
     parser.add_argument("--image", help="an image file; default: a generated scene")
     parser.add_argument("--output", default="segmentation.png")
     args = parser.parse_args()
 
-    model = AutoModelForSemanticSegmentation.from_pretrained(args.model)  # importing step_hf registered the type
-    processor = AutoImageProcessor.from_pretrained(args.model)
+    # importing step_hf (above) registered the model type with the Auto classes
+    model = AutoModelForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
     model.eval()
     truth = None
     if args.image:

@@ -28,26 +28,31 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
-from datasets import Dataset, DatasetDict, Image, load_dataset
+from data import load_data
 from PIL import Image as PILImage
 from PIL import ImageEnhance, ImageOps
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scenes import SCENE_CLASSES, make_scene  # noqa: E402
-
-from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights  # noqa: E402
-from step_hf.configuration_step import ATTENTION_MODES, PARTITION_SOURCES, TRAINABLE_COMPONENTS  # noqa: E402
-from step_hf.evaluation import evaluate  # noqa: E402
-from step_hf.image_processing_step import reduce_labels  # noqa: E402
-from step_hf.model_card import model_card  # noqa: E402
+from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights
+from step_hf.configuration_step import ATTENTION_MODES, PARTITION_SOURCES, TRAINABLE_COMPONENTS
+from step_hf.evaluation import EvalTransform, evaluate
+from step_hf.model_card import model_card
 
 STAGES = ("policy", "segmenter", "prune")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked: impossible numbers are refused before anything loads."""
+    p = argument_parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """Every flag of the script, in groups (a list of declarations: its length is that of the list)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", help="a Hub id or a local folder laid out like one; default: built-in scenes")
@@ -102,7 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--report_to", default="none", help="an Accelerate tracker ('tensorboard', 'all') or 'none'")
     run.add_argument("--push_to_hub", action="store_true")
     run.add_argument("--hub_model_id")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in `crop_size` and refuse impossible numbers through the parser (which exits, naming the flag)."""
     args.crop_size = args.crop_size or args.image_size
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id org/name")
@@ -123,105 +132,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.max_grad_norm}")
     if args.min_scale > args.max_scale:
         p.error(f"--min_scale ({args.min_scale}) is above --max_scale ({args.max_scale})")
-    return args
 
 
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def builtin_scenes(seed: int) -> tuple[DatasetDict, dict[int, str]]:
-    """A small procedural road-scene set: 160 training and 32 validation images of 192x256."""
-    splits = {}
-    for split, seeds in (("train", range(160)), ("validation", range(10_000, 10_032))):
-        rows = [make_scene(192, 256, seed=seed * 100_000 + s) for s in seeds]
-        splits[split] = Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[1] for r in rows]})
-    return DatasetDict(splits).cast_column("image", Image()).cast_column("label", Image()), dict(SCENE_CLASSES)
-
-
-def load_data(args) -> tuple[DatasetDict, dict[int, str]]:
-    """The train and eval splits with `image` and `label` columns, and `id2label`; bad input is refused here."""
-    if args.dataset_name is None:
-        dataset, id2label = builtin_scenes(args.seed)
-    else:
-        try:
-            dataset = load_dataset(args.dataset_name, args.dataset_config_name)
-        except ValueError as error:  # e.g. an empty split: datasets names it
-            raise ValueError(f"Cannot load {args.dataset_name}: {error}") from error
-        id2label = read_id2label(args)
-    for split in (args.train_split, args.eval_split):
-        if split not in dataset:
-            raise ValueError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set "
-                             "--train_split/--eval_split.")
-        columns = dataset[split].column_names
-        for column in (args.image_column_name, args.label_column_name):
-            if column not in columns:
-                raise ValueError(f"Split {split!r} has no column {column!r} (columns: {columns}); set "
-                                 "--image_column_name/--label_column_name.")
-        if len(dataset[split]) == 0:
-            raise ValueError(f"Split {split!r} is empty.")
-    dataset = DatasetDict({
-        "train": dataset[args.train_split], "validation": dataset[args.eval_split]
-    }).select_columns([args.image_column_name, args.label_column_name])
-    if args.image_column_name != "image":
-        dataset = dataset.rename_column(args.image_column_name, "image")
-    if args.label_column_name != "label":
-        dataset = dataset.rename_column(args.label_column_name, "label")
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if limit:
-            dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
-    check_labels(dataset, id2label, args.reduce_labels)
-    return dataset, id2label
-
-
-def read_id2label(args) -> dict[int, str]:
-    """`--id2label` (a JSON file or string), else the dataset's `id2label.json` (its folder or its Hub repo)."""
-    source = args.id2label
-    if source is None:
-        source = os.path.join(args.dataset_name, "id2label.json")
-        if os.path.isdir(args.dataset_name) and not os.path.isfile(source):
-            raise ValueError(f"The dataset folder {args.dataset_name} has no id2label.json, so the class names are "
-                             """missing: add that file ({"0": "road", "1": "sky", ...}) or pass --id2label with a """
-                             "JSON file or string.")
-        if not os.path.isdir(args.dataset_name):
-            from huggingface_hub import hf_hub_download
-
-            try:
-                source = hf_hub_download(args.dataset_name, "id2label.json", repo_type="dataset")
-            except Exception as error:  # offline, missing file, no access: say what was looked for
-                raise ValueError(f"Cannot get the class names: {args.dataset_name} is not a local folder, and its "
-                                 f"id2label.json could not be fetched from the Hub ({type(error).__name__}: "
-                                 f"{error}). Pass --id2label with a JSON file or string.") from None
-    text = open(source).read() if os.path.isfile(source) else source
-    try:
-        return {int(k): v for k, v in json.loads(text).items()}
-    except (json.JSONDecodeError, ValueError, AttributeError) as error:
-        raise ValueError(f"--id2label must be a JSON file or string mapping ids to names: {error}") from None
-
-
-def check_labels(dataset: DatasetDict, id2label: dict[int, str], reduce: bool, ignore: int = 255) -> None:
-    """Refuse label values that are neither a class nor void, naming the split, row and value; and corrupt or
-    unreadable images."""
-    valid = set(id2label) | {ignore}
-    for split in dataset:
-        for row in range(len(dataset[split])):
-            try:
-                example = dataset[split][row]
-                label = np.asarray(example["label"])
-                image = example["image"]
-            except Exception as error:  # a corrupt file surfaces on decoding
-                raise ValueError(f"Split {split!r}, row {row}: the image or label cannot be read ({error}).") from None
-            if label.ndim != 2:
-                raise ValueError(f"Split {split!r}, row {row}: the label map has shape {label.shape}; it must be a "
-                                 "single-channel class-id map.")
-            if image.size[::-1] != label.shape:
-                raise ValueError(f"Split {split!r}, row {row}: image {image.size[::-1]} and label {label.shape} differ "
-                                 "in size.")
-            values = np.unique(label)
-            values = set((reduce_labels(values, ignore) if reduce else values).tolist())
-            unknown = values - valid
-            if unknown:
-                raise ValueError(f"Split {split!r}, row {row}: label value(s) {sorted(unknown)} are not in id2label "
-                                 f"({len(id2label)} classes) nor the ignore index {ignore}.")
+def data_arguments(args) -> dict:
+    """`data.load_data`'s arguments from this script's flags."""
+    return {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
+            "train_split": args.train_split, "eval_split": args.eval_split,
+            "image_column_name": args.image_column_name, "label_column_name": args.label_column_name,
+            "id2label_source": args.id2label, "reduce_labels": args.reduce_labels,
+            "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples, "seed": args.seed}
 
 
 class TrainTransform:
@@ -258,23 +180,6 @@ class TrainTransform:
             image = enhance(image).enhance(rng.uniform(0.8, 1.2))
         inputs = self.processor(image, segmentation_maps=label, do_resize=False, return_tensors="pt")
         return {key: value[0] for key, value in inputs.items()}
-
-
-class EvalTransform:
-    def __init__(self, dataset, processor: StepImageProcessor):
-        self.dataset, self.processor = dataset, processor
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        example = self.dataset[index]
-        inputs = self.processor(example["image"], segmentation_maps=example["label"], return_tensors="pt")
-        original = np.asarray(example["label"]).astype(np.int64)
-        if self.processor.do_reduce_labels:
-            original = reduce_labels(original)
-        return {"pixel_values": inputs["pixel_values"][0], "superpatch_targets": inputs["superpatch_targets"][0],
-                "original_labels": torch.from_numpy(original)}
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -504,6 +409,37 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
     if stage == "prune" and not model.config.exit_layers:
         accelerator.print("no exit heads (exit_layers is empty): skipping the pruning stage")
         return model
+    model, optimizer, scheduler, train_loader, start = prepare_stage(stage, model, data, accelerator, args, num_steps,
+                                                                      resume)
+    progress = tqdm(range(num_steps), initial=start, desc=progress_label, disable=not accelerator.is_main_process)
+    losses, step = LossLog(stage, history, accelerator, progress), start
+    model.train()
+    for step, loss in optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, accelerator, args,
+                                      start, num_steps):
+        progress.update(1)
+        losses.add(step, accelerator.reduce(loss.detach(), reduction="mean"), scheduler.get_last_lr()[0])
+        evaluate_now = args.eval_steps and step % args.eval_steps == 0 and stage != "policy"
+        checkpoint_now = args.checkpointing_steps and step % args.checkpointing_steps == 0
+        if len(losses) >= args.logging_steps or evaluate_now or checkpoint_now or step == num_steps:
+            losses.read_back()
+        if evaluate_now:
+            log_eval(model, data, accelerator, args, history, stage, step)
+        if checkpoint_now:
+            save_checkpoint(accelerator, args, stage, step, history)
+    losses.read_back()
+    progress.close()
+    if args.checkpointing_steps and step % args.checkpointing_steps:  # the stage's end, unless just saved
+        save_checkpoint(accelerator, args, stage, step, history)
+    if stage != "policy":  # the segmenter is untrained after stage 1: nothing to measure yet
+        log_eval(model, data, accelerator, args, history, stage, step)
+    model = accelerator.unwrap_model(model)
+    accelerator.free_memory()
+    return model
+
+
+def prepare_stage(stage, model, data, accelerator, args, num_steps: int, resume: dict | None):
+    """What trains in `stage`, its optimiser, schedule and shuffled loader, all prepared by Accelerate (and restored
+    from `resume`); returns them with the step to start from."""
     configure_stage(model, stage)
     learning_rate = args.prune_learning_rate if stage == "prune" else args.learning_rate
     optimizer, scheduler = optimizer_and_scheduler(model, args, learning_rate, num_steps, accelerator.num_processes)
@@ -511,28 +447,22 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
                               generator=torch.Generator().manual_seed(args.seed), drop_last=True,
                               num_workers=args.num_workers)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if len(train_loader) == 0:
+        raise ValueError(f"The training split has fewer samples than one batch of {args.per_device_train_batch_size} "
+                         "per process.")
     start = 0
     if resume:
         accelerator.load_state(resume["path"])
         start = resume["step"]
-    batches_per_epoch = len(train_loader)
-    if batches_per_epoch == 0:
-        raise ValueError(f"The training split has fewer samples than one batch of {args.per_device_train_batch_size} "
-                         "per process.")
-    progress = tqdm(range(num_steps), initial=start, desc=progress_label, disable=not accelerator.is_main_process)
+    return model, optimizer, scheduler, train_loader, start
+
+
+def optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, accelerator, args, start: int,
+                    num_steps: int):
+    """Train from step `start` to `num_steps`, yielding `(step, loss)` after each optimiser step. Epochs follow from
+    the micro-batches done, so that a resumed run skips exactly the batches it already saw."""
     step, micro = start, start * args.gradient_accumulation_steps
-    pending = []  # (step, mean loss on the device, lr): read back together, not one device wait per step
-
-    def record_pending() -> None:
-        values = torch.stack([loss for _, loss, _ in pending]).tolist() if pending else []
-        for (done, _, lr), value in zip(pending, values):
-            history.append({"stage": stage, "step": done, "loss": value, "lr": lr})
-            accelerator.log({f"{stage}/loss": value, f"{stage}/lr": lr}, step=len(history))
-        if values:
-            progress.set_postfix(loss=f"{values[-1]:.4f}")
-        pending.clear()
-
-    model.train()
+    batches_per_epoch = len(train_loader)
     while step < num_steps:
         epoch, skip = divmod(micro, batches_per_epoch)
         data["train"].epoch = epoch
@@ -548,30 +478,35 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
                 scheduler.step()
                 optimizer.zero_grad()
             micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            pending.append((step, accelerator.reduce(loss.detach(), reduction="mean"), scheduler.get_last_lr()[0]))
-            evaluate_now = args.eval_steps and step % args.eval_steps == 0 and stage != "policy"
-            checkpoint_now = args.checkpointing_steps and step % args.checkpointing_steps == 0
-            if len(pending) >= args.logging_steps or evaluate_now or checkpoint_now or step == num_steps:
-                record_pending()
-            if evaluate_now:
-                log_eval(model, data, accelerator, args, history, stage, step)
-            if checkpoint_now:
-                save_checkpoint(accelerator, args, stage, step, history)
-            if step == num_steps:
-                break
-    record_pending()
-    progress.close()
-    if args.checkpointing_steps and step % args.checkpointing_steps:  # the stage's end, unless just saved
-        save_checkpoint(accelerator, args, stage, step, history)
-    if stage != "policy":  # the segmenter is untrained after stage 1: nothing to measure yet
-        log_eval(model, data, accelerator, args, history, stage, step)
-    model = accelerator.unwrap_model(model)
-    accelerator.free_memory()
-    return model
+            if accelerator.sync_gradients:
+                step += 1
+                yield step, loss
+                if step == num_steps:
+                    return
+
+
+class LossLog:
+    """Training losses kept on the device and read back together (each read waits for the device), then added to
+    the run's history, its trackers and the progress bar."""
+
+    def __init__(self, stage: str, history: list, accelerator, progress):
+        self.stage, self.history, self.accelerator, self.progress = stage, history, accelerator, progress
+        self.pending = []  # (step, mean loss on the device, learning rate)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, step: int, loss: torch.Tensor, learning_rate: float) -> None:
+        self.pending.append((step, loss, learning_rate))
+
+    def read_back(self) -> None:
+        values = torch.stack([loss for _, loss, _ in self.pending]).tolist() if self.pending else []
+        for (step, _, lr), value in zip(self.pending, values):
+            self.history.append({"stage": self.stage, "step": step, "loss": value, "lr": lr})
+            self.accelerator.log({f"{self.stage}/loss": value, f"{self.stage}/lr": lr}, step=len(self.history))
+        if values:
+            self.progress.set_postfix(loss=f"{values[-1]:.4f}")
+        self.pending.clear()
 
 
 def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
@@ -606,7 +541,7 @@ def main(argv=None) -> None:
     )
     if args.push_to_hub and accelerator.is_main_process:
         check_hub_repository(args)
-    dataset, id2label = load_data(args)
+    dataset, id2label = load_data(**data_arguments(args))
     model = build_model(args, id2label)
     processor = StepImageProcessor(
         size={"shortest_edge": args.image_size}, superpatch_sizes=model.config.superpatch_sizes,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The CamVid comparison of issue 6: one command per variant, the same backbone, recipe and segmenter steps.
+# The CamVid comparison of dense, dCTS and STEP: one command per variant, the same backbone, recipe and segmenter steps.
 #   bash scripts/camvid_recipe.sh dense OUTPUT_ROOT   # plain ViT + Segmenter, no token sharing
 #   bash scripts/camvid_recipe.sh dcts  OUTPUT_ROOT   # policy stage, then the segmenter on its partitions
 #   bash scripts/camvid_recipe.sh step  OUTPUT_ROOT   # dcts (reused if present), then the pruning fine-tune
 # Defaults: one H100/H200 GPU, ViT-S from scratch, CamVid resized to a shortest edge of 720 (frames 720x960, a 45x60
 # patch grid), 720x720 crops, batch 8, bf16; 200 policy, 1600 segmenter and 150 pruning steps (on an H200, dense and
-# dCTS -> STEP side by side: 4 and 5 minutes). The CPU scale-down of the issue (under an hour on 2 cores):
+# dCTS -> STEP side by side: 4 and 5 minutes). The CPU scale-down of the recipe (under an hour on 2 cores):
 #   PRESET=tiny SIZE=384 PRECISION=no WORKERS=0 SEGMENTER_STEPS=400 POLICY_STEPS=200 PRUNE_STEPS=100 bash ...
 # SEGMENTER_LR, SEGMENTER_HEAD_LR_MULTIPLIER and SEGMENTER_WARMUP set the segmenter stage's schedule (below).
 # Extra arguments go to every examples/train.py call; PYTHON chooses the interpreter (default python3).

@@ -8,4 +8,4 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/python examples/train.py --output_dir outputs/demo --preset tiny --image_size 128 \
     --policy_steps 150 --segmenter_steps 400 --prune_steps 100 --checkpointing_steps 100 "$@"
-.venv/bin/python examples/segment.py --model outputs/demo --output outputs/demo/segmentation.png
+.venv/bin/python examples/segment.py --model_name_or_path outputs/demo --output outputs/demo/segmentation.png

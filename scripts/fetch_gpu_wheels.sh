@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run HERE (with PyPI access) before a GPU session: the lent GPU machines reach no package registry and their image
+# Run HERE (with PyPI access) before a GPU session: the GPU machines reach no package registry and their image
 # has an older transformers and no `datasets`. Downloads the wheels step-hf needs there into .whl/, and CamVid into
 # .bench_data/camvid (both ignored by git, carried to the device; CamVid is never committed: research licence).
 # Everything carried must fit in 64 MiB, so the training frames are re-encoded as JPEG (quality 95: 22 MB instead of

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU checks of a session in one run (correctness first, then timings), for a lent H100/H200:
+# All GPU checks of a session in one run (correctness first, then timings), on an H100/H200:
 #   bash scripts/fetch_gpu_wheels.sh                 # here, first: wheels into .whl/, CamVid frames into .bench_data/
 #   device run: bash scripts/gpu_checks.sh $OUT      # with carry [".whl", ".bench_data"]
 # Prints Markdown tables and writes JSON to OUT_DIR. PRESET / SIZE / SMALL_SIZE override the models for a dry run on

@@ -1,4 +1,4 @@
-# Sourced by scripts/gpu_session.sh and scripts/gpu_checks.sh on a lent GPU machine, from the repository root. The
+# Sourced by scripts/gpu_session.sh and scripts/gpu_checks.sh on the GPU machine, from the repository root. The
 # machine reaches no registry: newer transformers / huggingface_hub and datasets come as the wheels carried in .whl/
 # (scripts/fetch_gpu_wheels.sh), installed once into /tmp/site. A CPU dry run (TINY=1) keeps this machine's packages.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf_home TOKENIZERS_PARALLELISM=false

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Everything a session with a lent H100/H200 does, in order of priority, inside one device call of < 10 minutes:
+# Everything a GPU session (an H100/H200) does, in order of priority, inside one device call of < 10 minutes:
 #   here first: bash scripts/fetch_gpu_wheels.sh      (wheels into .whl/, CamVid into .bench_data/: both ignored)
 #   device run: bash scripts/gpu_session.sh $OUT       (carry [".whl", ".bench_data"], timeout_s 600)
-# 1. issue 7: correctness of the batching modes on the GPU, then the ViT-L ladder (scripts/gpu_checks.sh);
-# 2. issue 6: the CamVid recipe (scripts/camvid_recipe.sh), dense and dCTS -> STEP trained side by side;
+# 1. the speed ladder: correctness of the batching modes on the GPU, then the ViT-L ladder (scripts/gpu_checks.sh);
+# 2. the CamVid recipe (scripts/camvid_recipe.sh), dense and dCTS -> STEP trained side by side;
 # 3. sweeps of policy / exit thresholds, throughput of the trained models at batch 8, the token analysis.
 # Results (JSON, logs, tables, pictures; no weights) are re-packed into OUT/results.tar.gz after every part, so a
 # part cut short by the deadline loses only itself. CPU dry run: TINY=1 bash scripts/gpu_session.sh /tmp/dry
@@ -61,25 +61,25 @@ echo "== part 3: sweeps, where the tokens go, throughput of the trained models (
 sweep() { timeout "$(left)" python3 examples/sweep.py --dataset_name "$data" "$@"; }
 jobs_started=()
 if [ -f "$res/camvid/step/config.json" ]; then  # on the CPU, beside the sweeps on the GPU
-    OMP_NUM_THREADS=8 timeout "$(left)" python3 -m step_hf.analysis --model "$res/camvid/step" \
+    OMP_NUM_THREADS=8 timeout "$(left)" python3 -m step_hf.analysis --model_name_or_path "$res/camvid/step" \
         --dataset_name "$data" --images 0 40 80 --without_dataset_pixels --output_dir "$res/analysis" \
         > "$res/analysis.log" 2>&1 &
     jobs_started+=($!)
 fi
 if [ -f "$res/camvid/dense/config.json" ]; then
-    sweep --model "$res/camvid/dense" --partition_source dense --output "$res/sweep_dense.json" \
+    sweep --model_name_or_path "$res/camvid/dense" --partition_source dense --output "$res/sweep_dense.json" \
         > "$res/sweep_dense.log" 2>&1 &
     jobs_started+=($!)
 fi
 if [ -f "$res/camvid/dcts/config.json" ]; then
-    sweep --model "$res/camvid/dcts" --policy_thresholds 0.8 0.65 0.5 0.35 0.2 --output "$res/sweep_dcts.json" \
-        > "$res/sweep_dcts.log" 2>&1 &
+    sweep --model_name_or_path "$res/camvid/dcts" --policy_thresholds 0.8 0.65 0.5 0.35 0.2 \
+        --output "$res/sweep_dcts.json" > "$res/sweep_dcts.log" 2>&1 &
     jobs_started+=($!)
 fi
 if [ -f "$res/camvid/step/config.json" ]; then
-    sweep --model "$res/camvid/step" --exit_thresholds 1.01 0.95 0.9 0.8 0.7 0.6 0.5 \
+    sweep --model_name_or_path "$res/camvid/step" --exit_thresholds 1.01 0.95 0.9 0.8 0.7 0.6 0.5 \
         --output "$res/sweep_step.json" > "$res/sweep_step.log" 2>&1
-    sweep --model "$res/camvid/step" --partition_source oracle --exit_thresholds 1.01 0.7 \
+    sweep --model_name_or_path "$res/camvid/step" --partition_source oracle --exit_thresholds 1.01 0.7 \
         --output "$res/sweep_step_oracle.json" > "$res/sweep_step_oracle.log" 2>&1
 fi
 [ ${#jobs_started[@]} -gt 0 ] && wait "${jobs_started[@]}"
@@ -88,9 +88,10 @@ pack
 if [ -f "$res/camvid/step/config.json" ]; then
     size=(720 960) && [ -n "${TINY:-}" ] && size=(64 96)
     for threshold in 0.9 0.7; do
-        timeout "$(left)" python3 -m step_hf.benchmark --model "$res/camvid/step" --image_size "${size[@]}" \
-            --batch_size 8 --num_batches 2 --dtype "$([ -n "${TINY:-}" ] && echo fp32 || echo bf16)" \
-            --partition policy --exit_thresholds $threshold $threshold --skip_vit --dataset_name "$data" \
+        timeout "$(left)" python3 -m step_hf.benchmark --model_name_or_path "$res/camvid/step" \
+            --image_size "${size[@]}" --batch_size 8 --num_batches 2 \
+            --dtype "$([ -n "${TINY:-}" ] && echo fp32 || echo bf16)" \
+            --partition_source policy --exit_thresholds $threshold $threshold --skip_vit --dataset_name "$data" \
             --output "$res/throughput_step_exit$threshold.json"
     done
     pack

@@ -80,63 +80,76 @@ def analytic_flops(
         exit_survivors: with halting, for each exit the tokens per image left after it.
         exits_ran: whether the exit heads ran (halting, or training).
     """
-    height, width = image_size
-    patch, channels, dim = config.patch_size, config.num_channels, config.hidden_size
-    rows, cols = height // patch, width // patch
-    batch = len(token_counts)
-
-    encoder = sum(
-        batch * (rows // size) * (cols // size) * dim * channels * patch * patch
-        for size in embedding_sizes
-        if size <= min(rows, cols)
-    )
-    stored_rows, stored_cols = config.image_grid_size
-    if (stored_rows, stored_cols) != (rows, cols):  # the position grid resized: rows first, then columns
-        encoder += rows * stored_rows * stored_cols * dim + rows * cols * stored_cols * dim
-    exits, alive, previous_layer = 0, list(token_counts), 0
-    exit_points = list(zip(config.exit_layers, exit_survivors or [None] * len(config.exit_layers)))
-    for layer, survivors in (exit_points if exits_ran else []):
-        encoder += transformer_macs(
-            [n + 1 for n in alive], dim, config.intermediate_size, layer - previous_layer, config.attention_mode
-        )
-        exits += sum(alive) * (dim * config.exit_hidden_size + config.exit_hidden_size * config.num_labels)
-        alive, previous_layer = survivors or alive, layer
-    encoder += transformer_macs(
-        [n + 1 for n in alive], dim, config.intermediate_size, config.num_hidden_layers - previous_layer,
-        config.attention_mode,
-    )
-
-    policy = 0
-    if policy_ran:
-        width_p = config.policy_hidden_size
-        quarter = (height // 4) * (width // 4)
-        policy += quarter * (width_p // 4) * channels * 16  # 4x4 stride-4 stem
-        policy += quarter * (width_p // 2) * (width_p // 4) * 9
-        policy += rows * cols * width_p * (width_p // 2) * (patch // 4) ** 2
-        policy += rows * cols * width_p * width_p * 9
-        level_rows, level_cols = rows, cols
-        for level in range(1, max(config.shared_sizes).bit_length()):
-            if min(level_rows, level_cols) < 2:
-                break
-            level_rows, level_cols = level_rows // 2, level_cols // 2
-            policy += level_rows * level_cols * width_p * width_p * (4 + 9)
-            if 2**level in config.shared_sizes:
-                policy += level_rows * level_cols * width_p
-        policy *= batch
-
-    decoder = 0
-    if with_decoder:
-        d, labels, tokens = config.decoder_hidden_size, config.num_labels, sum(alive)
-        decoder += tokens * dim * d  # proj_dec
-        decoder += transformer_macs(
-            [n + labels for n in alive], d, config.decoder_intermediate_size, config.decoder_num_hidden_layers,
-            config.attention_mode,
-        )
-        decoder += tokens * d * d + batch * labels * d * d  # proj_patch, proj_classes
-        decoder += tokens * batch * labels * d  # every token against every image's classes
-    flops = {"policy": 2 * policy, "exits": 2 * exits, "encoder": 2 * encoder, "decoder": 2 * decoder}
+    grid = (image_size[0] // config.patch_size, image_size[1] // config.patch_size)
+    encoder = embedding_macs(config, grid, len(token_counts), embedding_sizes)
+    blocks, exits, alive = encoder_block_macs(config, token_counts, exit_survivors, exits_ran)
+    policy = len(token_counts) * policy_macs(config, image_size) if policy_ran else 0
+    decoder = decoder_macs(config, alive) if with_decoder else 0
+    flops = {"policy": 2 * policy, "exits": 2 * exits, "encoder": 2 * (encoder + blocks), "decoder": 2 * decoder}
     flops["total"] = sum(flops.values())
     return flops
+
+
+def embedding_macs(config: StepConfig, grid: tuple[int, int], batch: int, embedding_sizes: list[int]) -> int:
+    """The patch embeddings of every size's table (the whole grid, as `embed_tokens` builds them), and the
+    position grid's bicubic resize when the input's grid is not the stored one (rows first, then columns)."""
+    rows, cols = grid
+    patch, channels, dim = config.patch_size, config.num_channels, config.hidden_size
+    macs = sum(batch * (rows // size) * (cols // size) * dim * channels * patch * patch
+               for size in embedding_sizes if size <= min(rows, cols))
+    stored_rows, stored_cols = config.image_grid_size
+    if (stored_rows, stored_cols) != (rows, cols):
+        macs += rows * stored_rows * stored_cols * dim + rows * cols * stored_cols * dim
+    return macs
+
+
+def encoder_block_macs(config: StepConfig, token_counts: list[int], exit_survivors: list[list[int]] | None,
+                       exits_ran: bool) -> tuple[int, int, list[int]]:
+    """The ViT blocks' and exit heads' multiply-adds, block by block as tokens halt, and the tokens per image left
+    for the decoder."""
+    dim, blocks, exits, alive, previous_layer = config.hidden_size, 0, 0, list(token_counts), 0
+    exit_points = list(zip(config.exit_layers, exit_survivors or [None] * len(config.exit_layers)))
+    for layer, survivors in (exit_points if exits_ran else []):
+        blocks += transformer_macs([n + 1 for n in alive], dim, config.intermediate_size, layer - previous_layer,
+                                   config.attention_mode)
+        exits += sum(alive) * (dim * config.exit_hidden_size + config.exit_hidden_size * config.num_labels)
+        alive, previous_layer = survivors or alive, layer
+    blocks += transformer_macs([n + 1 for n in alive], dim, config.intermediate_size,
+                               config.num_hidden_layers - previous_layer, config.attention_mode)
+    return blocks, exits, alive
+
+
+def policy_macs(config: StepConfig, image_size: tuple[int, int]) -> int:
+    """The policy network's multiply-adds on one image, layer by layer as `PolicyNetwork` is built: a stride-4 stem,
+    a convolution to the patch grid, then one stride-2 level per superpatch size with a head where a size is
+    shared."""
+    height, width = image_size
+    rows, cols = height // config.patch_size, width // config.patch_size
+    width_p, channels = config.policy_hidden_size, config.num_channels
+    quarter = (height // 4) * (width // 4)
+    macs = quarter * (width_p // 4) * channels * 16  # 4x4 stride-4 stem
+    macs += quarter * (width_p // 2) * (width_p // 4) * 9
+    macs += rows * cols * width_p * (width_p // 2) * (config.patch_size // 4) ** 2
+    macs += rows * cols * width_p * width_p * 9
+    level_rows, level_cols = rows, cols
+    for level in range(1, max(config.shared_sizes).bit_length()):
+        if min(level_rows, level_cols) < 2:
+            break
+        level_rows, level_cols = level_rows // 2, level_cols // 2
+        macs += level_rows * level_cols * width_p * width_p * (4 + 9)
+        if 2**level in config.shared_sizes:
+            macs += level_rows * level_cols * width_p
+    return macs
+
+
+def decoder_macs(config: StepConfig, alive: list[int]) -> int:
+    """The Segmenter decoder's multiply-adds on `alive` tokens per image, class embeddings included."""
+    d, labels, tokens, batch = config.decoder_hidden_size, config.num_labels, sum(alive), len(alive)
+    macs = tokens * config.hidden_size * d  # proj_dec
+    macs += transformer_macs([n + labels for n in alive], d, config.decoder_intermediate_size,
+                             config.decoder_num_hidden_layers, config.attention_mode)
+    macs += tokens * d * d + batch * labels * d * d  # proj_patch, proj_classes
+    return macs + tokens * batch * labels * d  # every token against every image's classes
 
 
 def flops_per_image(

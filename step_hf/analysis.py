@@ -1,7 +1,7 @@
 """Where do the tokens go: per class, the area each superpatch size covers, the share halted at each exit, and how
 accurate halted and surviving tokens are; plus pictures of the partition and the exit block of every cell.
 
-    python -m step_hf.analysis --model outputs/camvid-tiny --dataset_name ../shared/datasets/camvid \
+    python -m step_hf.analysis --model_name_or_path outputs/camvid-tiny --dataset_name ../shared/datasets/camvid \
         --images 0 10 20 --output_dir outputs/analysis
 
 Everything is counted in label pixels: a cell's superpatch size and exit block are spread over its pixels (nearest),
@@ -129,7 +129,8 @@ class TokenStats:
                 "pixels_by_fate": {name: int(n) for name, n in zip(fates, per_fate)}}
 
 
-def markdown(report: dict) -> str:
+def token_table(report: dict) -> str:
+    """`TokenStats.report` as a Markdown table: per class, area by superpatch size and fate; then accuracy by fate."""
     fates = list(report["accuracy_by_fate"])
     lines = ["| class | area in 1 / 2 / 4 / 8 / 16 | " + " | ".join(fates) + " |",
              "|---|---|" + "---|" * len(fates)]
@@ -141,15 +142,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-@torch.no_grad()
-def main(argv=None) -> None:
-    from datasets import load_dataset
-
-    from .image_processing_step import StepImageProcessor
-    from .modeling_step import StepForSemanticSegmentation
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model_name_or_path", required=True)
     parser.add_argument("--dataset_name", required=True)
     parser.add_argument("--split", default="validation")
     parser.add_argument("--image_column_name", default="image")
@@ -161,37 +156,62 @@ def main(argv=None) -> None:
                         help="draw the partition and exits on the prediction alone, leaving out the frame and the "
                              "ground truth: pictures of the model's own outputs, for data whose licence forbids "
                              "copying its images")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    model = StepForSemanticSegmentation.from_pretrained(args.model).eval()
-    processor = StepImageProcessor.from_pretrained(args.model)
-    config = model.config
+
+def read_split(args: argparse.Namespace):
+    """The split to analyse, with its image and label columns named `image` and `label` (as `EvalTransform` reads
+    them)."""
+    from datasets import load_dataset
+
     dataset = load_dataset(args.dataset_name, split=args.split)
     if args.max_samples:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    dataset = dataset.select_columns([args.image_column_name, args.label_column_name])
+    renames = {args.image_column_name: "image", args.label_column_name: "label"}
+    return dataset.rename_columns({old: new for old, new in renames.items() if old != new})
+
+
+def save_picture(path: str, image: Image.Image, labels: torch.Tensor, prediction: torch.Tensor, outputs, config,
+                 without_dataset_pixels: bool) -> None:
+    """tokens | prediction | ground truth of one image, or the tokens drawn on the prediction alone."""
+    predicted = colourise(prediction[0].cpu().numpy(), config.num_labels)
+    exit_map = outputs.exit_map[0].cpu().numpy() if config.halting else None
+    tokens = draw_tokens(predicted if without_dataset_pixels else image, outputs.superpatch_map[0].cpu().numpy(),
+                         exit_map, config.num_hidden_layers)
+    if not without_dataset_pixels:
+        tokens = panel([tokens, predicted, colourise(labels[0].cpu().numpy(), config.num_labels)])
+    tokens.save(path)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> None:
+    from torch.utils.data import DataLoader
+
+    from .evaluation import EvalTransform, predictions
+    from .image_processing_step import StepImageProcessor
+    from .modeling_step import StepForSemanticSegmentation
+
+    args = parse_args(argv)
+    model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path).eval()
+    processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
+    config, dataset = model.config, read_split(args)
     stats = TokenStats(config.num_labels, config.exit_layers if config.halting else [], config.num_hidden_layers,
                        config.semantic_loss_ignore_index)
     os.makedirs(args.output_dir, exist_ok=True)
-    for index, example in enumerate(dataset):
-        image, label = example[args.image_column_name].convert("RGB"), example[args.label_column_name]
-        outputs = model(**processor(image, return_tensors="pt"))
-        labels = torch.from_numpy(np.asarray(label).astype(np.int64))[None]
-        logits = F.interpolate(outputs.logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        prediction = logits.argmax(1)
-        exit_map = outputs.exit_map if config.halting else None
-        stats.add(labels, prediction, outputs.superpatch_map, exit_map)
+    # One image per batch: label maps keep their own sizes. Predictions are made as `evaluate` makes them.
+    loader = DataLoader(EvalTransform(dataset, processor))
+    for index, (batch, outputs, prediction) in enumerate(predictions(model, loader, model.device)):
+        labels = batch["original_labels"]
+        stats.add(labels.cpu(), prediction.cpu(), outputs.superpatch_map.cpu(),
+                  outputs.exit_map.cpu() if config.halting else None)
         if index in args.images:
-            predicted = colourise(prediction[0].numpy(), config.num_labels)
-            tokens = draw_tokens(predicted if args.without_dataset_pixels else image, outputs.superpatch_map[0].numpy(),
-                                 None if exit_map is None else exit_map[0].numpy(), config.num_hidden_layers)
-            picture = tokens if args.without_dataset_pixels else panel(
-                [tokens, predicted, colourise(labels[0].numpy(), config.num_labels)]
-            )
-            picture.save(os.path.join(args.output_dir, f"tokens_{index}.png"))
+            save_picture(os.path.join(args.output_dir, f"tokens_{index}.png"), dataset[index]["image"].convert("RGB"),
+                         labels, prediction, outputs, config, args.without_dataset_pixels)
     report = stats.report(config.id2label)
     with open(os.path.join(args.output_dir, "tokens_by_class.json"), "w") as f:
         json.dump(report, f, indent=1)
-    table = markdown(report)
+    table = token_table(report)
     with open(os.path.join(args.output_dir, "tokens_by_class.md"), "w") as f:
         f.write(table + "\n")
     print(table)

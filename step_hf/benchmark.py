@@ -7,7 +7,7 @@ Real, heterogeneous images (frames of a `datasets` folder, resized to the input 
 
 - `ViTModel + decoder`: `transformers`' ViT (SDPA) at the same size, with STEP's decoder on its patch tokens;
 - `dense`: STEP with no token sharing (a plain ViT + Segmenter);
-- `dCTS`: superpatch partitions (`--partition oracle` from ground truth, or `policy`), the policy network always
+- `dCTS`: superpatch partitions (`--partition_source oracle` from ground truth, or `policy`), the policy network always
   run and timed (its cost is included even when oracle partitions are used);
 - `dCTS + exits`: the same with halting, exit thresholds calibrated on the first batch so that `--halt_share` of
   the tokens halt at each exit (random weights do not halt by themselves);
@@ -17,8 +17,8 @@ Real, heterogeneous images (frames of a `datasets` folder, resized to the input 
 
 It reports ms per image, images per second, speed-up against `dense`, peak GPU memory, tokens per image, the share
 halted per exit, and FLOPs per image (analytic, checked against `FlopCounterMode` in the tests; 2 FLOPs per
-multiply-add), the policy's own share included and shown apart. Weights are random unless `--model` is given:
-speed does not depend on them.
+multiply-add), the policy's own share included and shown apart. Weights are random unless `--model_name_or_path` is
+given: speed does not depend on them.
 """
 
 import argparse
@@ -26,14 +26,18 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
 
 from .accounting import analytic_flops, flops_per_image, transformer_macs
 from .configuration_step import ATTENTION_MODES, StepConfig
+from .evaluation import temporary_settings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
+from .superpatch import budget_token_count
 from .token_layout import PackedBatch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,7 +46,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=["tiny", "small", "base", "large"])
-    parser.add_argument("--model", help="a saved STEP model instead of random weights of --preset")
+    parser.add_argument("--model_name_or_path", help="a saved STEP model instead of random weights of --preset")
     parser.add_argument("--image_size", type=int, nargs="+", default=[512],
                         help="input side, or height and width (e.g. 720 960)")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -54,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention_mode", default="packed", choices=ATTENTION_MODES)
     parser.add_argument("--dataset_name", default="../shared/datasets/camvid")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--partition", default="oracle", choices=["oracle", "policy"])
+    parser.add_argument("--partition_source", default="oracle", choices=["oracle", "policy"])
     parser.add_argument("--halt_share", type=float, nargs="+", default=[0.2, 0.25],
                         help="share of the tokens reaching each exit that halt there (0.2 then 0.25 of the rest: 40%%)")
     parser.add_argument("--exit_thresholds", type=float, nargs="+",
@@ -75,10 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
     """The first `count` images and label maps of a split: through `datasets`, or straight from the parquet files
-    of a local folder laid out like a Hub dataset where `datasets` is not installed (GPU machines)."""
+    of a local folder laid out like a Hub dataset."""
     try:
         from datasets import load_dataset
-    except ImportError:  # no datasets: read the parquet files
+    except ImportError:  # scripts/gpu_env.sh removes a `datasets` that cannot import on the GPU machine's image
         import glob
         import io
 
@@ -132,33 +136,31 @@ def timed(run, batches: list[dict], args) -> tuple[float, list]:
     return statistics.median(times), outputs
 
 
-def halted_share(model, batch: dict, thresholds: list[float], exit_index: int) -> float:
+def share_halted_at_exit(model, batch: dict, thresholds: list[float], exit_index: int) -> float:
     """The share of the tokens reaching exit `exit_index` that halt there under `thresholds` (halting on)."""
-    model.config.exit_thresholds, model.config.halting = thresholds, True
-    exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).token_exit_layer
+    with temporary_settings(model.config, exit_thresholds=thresholds, halting=True):
+        exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).token_exit_layer
     layer = model.config.exit_layers[exit_index]
     return float((exit_layer[exit_layer >= layer] == layer).float().mean())
 
 
 def calibrate_exits(model, batch: dict, shares: list[float], steps: int = 16) -> list[float]:
-    """Exit thresholds under which about `shares` of the tokens reaching each exit halt there on this batch (its
-    oracle partition), exit after exit. Halting keeps every image's top tokens per class, and those are the most
-    confident ones, so a confidence quantile halts too few: the threshold is bisected on the halted share itself."""
-    config, thresholds = model.config, []
-    num_exits = len(config.exit_layers)
+    """Exit thresholds, one per exit, under which about `shares` of the tokens reaching each exit halt there on this
+    batch (its oracle partition), exit after exit; exits without a share get 1 (never halt). Halting keeps every
+    image's top tokens per class, and those are the most confident ones, so a confidence quantile halts too few:
+    the threshold is bisected on the halted share itself."""
+    thresholds, num_exits = [], len(model.config.exit_layers)
     for index, share in enumerate(shares[:num_exits]):
         later = [1.0] * (num_exits - index - 1)  # 1 never halts
         low, high = 0.0, 1.0  # a token halts when its top class probability exceeds the threshold
         for _ in range(steps if share > 0 else 0):
             middle = (low + high) / 2
-            if halted_share(model, batch, [*thresholds, middle, *later], index) > share:
+            if share_halted_at_exit(model, batch, [*thresholds, middle, *later], index) > share:
                 low = middle
             else:
                 high = middle
         thresholds.append(high if share > 0 else 1.0)
-    config.exit_thresholds = thresholds + [1.0] * (num_exits - len(thresholds))
-    config.halting = False
-    return thresholds
+    return thresholds + [1.0] * (num_exits - len(thresholds))
 
 
 def where_time_goes(run, batch: dict, args) -> dict:
@@ -187,23 +189,25 @@ def where_time_goes(run, batch: dict, args) -> dict:
     return summary
 
 
+def batching_logits(model, pixels: torch.Tensor, maps: torch.Tensor, mode: str) -> torch.Tensor:
+    """The fp32 logits of a batch in attention mode `mode`, or, for `"one image at a time"`, of its images run
+    alone (a reference loop, off any timed path)."""
+    if mode != "one image at a time":
+        with temporary_settings(model.config, attention_mode=mode):
+            return model(pixels, superpatch_map=maps).logits.float()
+    with temporary_settings(model.config, attention_mode="packed"):
+        return torch.cat([model(image[None], superpatch_map=superpatch_map[None]).logits.float()
+                          for image, superpatch_map in zip(pixels, maps)])
+
+
 def check_batching(model, batch: dict, args) -> float:
     """Correctness before speed: on this device and dtype, packed and padded attention and one image at a time give
     the same logits for a mixed batch (oracle partitions); raises if not. In fp32 they must agree to 1e-3. In half
     precision every mode rounds differently through every block, and a deep random model amplifies rounding, so each
     is compared with the same model in fp32 instead: no mode may be more than 3x as far from it as the closest one
     (a mode that mixed images or dropped tokens would be off by the logits' whole spread)."""
-    config, pixels, maps = model.config, batch["pixel_values"], batch["oracle_map"]
-
-    def logits(mode: str, network=model, images=pixels) -> torch.Tensor:
-        config.attention_mode = mode
-        if mode != "one image at a time":
-            return network(images, superpatch_map=maps).logits.float()
-        config.attention_mode = "packed"
-        return torch.cat([network(image[None], superpatch_map=superpatch_map[None]).logits.float()
-                          for image, superpatch_map in zip(images, maps)])
-
-    results = {mode: logits(mode) for mode in (*ATTENTION_MODES, "one image at a time")}
+    pixels, maps = batch["pixel_values"], batch["oracle_map"]
+    results = {mode: batching_logits(model, pixels, maps, mode) for mode in (*ATTENTION_MODES, "one image at a time")}
     packed, others = results["packed"], [results["padded"], results["one image at a time"]]
     difference = max(float((packed - other).abs().max()) for other in others)
     mean_difference = max(float((packed - other).abs().mean()) for other in others)
@@ -215,125 +219,158 @@ def check_batching(model, batch: dict, args) -> float:
         ok = difference <= 1e-3
     else:
         reference_model = copy.deepcopy(model).float()
-        reference = logits("one image at a time", reference_model, pixels.float())
+        reference = batching_logits(reference_model, pixels.float(), maps, "one image at a time")
         del reference_model
         errors = {mode: float((result - reference).abs().mean()) for mode, result in results.items()}
         print("check: mean |logit error| against fp32: " + ", ".join(f"{m} {e:.2e}" for m, e in errors.items()))
         ok = max(errors.values()) <= 3 * min(errors.values())
-    config.attention_mode = args.attention_mode
     if not ok:
         raise RuntimeError(f"Batching modes disagree on {args.device} in {args.dtype} (see the check lines).")
     return difference
 
 
-def row_for(name, ms_per_batch, outputs, args, config, dense_ms, policy_ran, sharing, halting):
+@dataclass
+class Variant:
+    """One rung of the ladder: how a batch runs, the run-time settings it runs under, and what its FLOPs count."""
+
+    name: str
+    run: Callable[[dict], object]
+    settings: dict = field(default_factory=dict)
+    policy_ran: bool = False
+    sharing: bool = False
+
+    @property
+    def halting(self) -> bool:
+        return self.settings.get("halting", False)
+
+
+def row_for(variant: Variant, ms_per_batch: float, outputs: list, args, config: StepConfig, dense_ms: float) -> dict:
     """One result row: time, throughput, tokens, halting and FLOPs per image."""
     tokens = torch.cat([o.token_counts.float().cpu() for o in outputs])
-    halted = torch.cat([o.halted_share.float().cpu() for o in outputs]) if halting else None
-    image_size = tuple(args.image_size)
-    counts = tokens.long().tolist()
-    flops = flops_per_image(config, image_size, counts, halted.tolist() if halting else None, sharing, policy_ran)
+    halted = torch.cat([o.halted_share.float().cpu() for o in outputs]) if variant.halting else None
+    image_size, policy_ran = tuple(args.image_size), variant.policy_ran
+    flops = flops_per_image(config, image_size, tokens.long().tolist(), halted.tolist() if variant.halting else None,
+                            variant.sharing, policy_ran)
     policy_flops = analytic_flops(config, image_size, [1], [1], policy_ran=policy_ran)["policy"] if policy_ran else 0
     ms_per_image = ms_per_batch / args.batch_size
     return {
-        "variant": name, "ms_per_image": ms_per_image, "images_per_second": 1000 / ms_per_image,
+        "variant": variant.name, "ms_per_image": ms_per_image, "images_per_second": 1000 / ms_per_image,
         "speedup": dense_ms / ms_per_batch if dense_ms else 1.0,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
         "tokens_mean": float(tokens.mean()), "tokens_min": int(tokens.min()), "tokens_max": int(tokens.max()),
-        "halted_share": halted.mean(0).tolist() if halting else [],
+        "halted_share": halted.mean(0).tolist() if variant.halting else [],
         "gflops_per_image": statistics.mean(flops) / 1e9, "policy_gflops_per_image": policy_flops / 1e9,
     }
 
 
+def measure(variant: Variant, model, batches: list[dict], rows: list[dict], args) -> dict:
+    """Time `variant` under its settings (the model's own settings come back afterwards) and return its row."""
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with temporary_settings(model.config, **variant.settings):
+        ms, outputs = timed(variant.run, batches, args)
+        dense_ms = rows[0]["ms_per_image"] * args.batch_size if rows else ms
+        row = row_for(variant, ms, outputs, args, model.config, dense_ms)
+        if args.profile:
+            row["profile"] = where_time_goes(variant.run, batches[0], args)
+    return row
+
+
+def vit_variant(model, args) -> Variant:
+    """`transformers`' ViTModel (SDPA) of the same size, with STEP's decoder on its patch tokens."""
+    from transformers import ViTConfig, ViTModel
+
+    config = model.config
+    vit_config = ViTConfig(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                           num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+                           image_size=tuple(args.image_size), patch_size=config.patch_size,
+                           layer_norm_eps=config.layer_norm_eps)
+    vit_config._attn_implementation = "sdpa"
+    vit = ViTModel(vit_config, add_pooling_layer=False).to(args.device, DTYPES[args.dtype]).eval()
+
+    def run(batch):
+        features = vit(batch["pixel_values"]).last_hidden_state[:, 1:]
+        images, tokens, dim = features.shape
+        model.decoder(features.reshape(images * tokens, dim), PackedBatch.of([tokens] * images, args.device))
+        return SimpleNamespace(token_counts=torch.full((images,), tokens), halted_share=None)
+
+    return Variant("transformers ViTModel + decoder", run)
+
+
+def dcts_run(model, partition_source: str) -> Callable[[dict], object]:
+    """A dCTS forward: policy partitions, or oracle ones with the policy still run and timed (a deployed model always
+    runs its policy)."""
+    if partition_source == "policy":
+        return lambda batch: model(batch["pixel_values"], partition_source="policy")
+
+    def run(batch):
+        model.step.policy(batch["pixel_values"])
+        return model(batch["pixel_values"], superpatch_map=batch["oracle_map"])
+
+    return run
+
+
+def budget_run(model, args) -> Callable[[dict], object]:
+    """A forward under a token budget (static shapes), optionally `torch.compile`d; its outputs are copied out
+    because CUDA graphs (reduce-overhead) reuse their output buffers."""
+    budget_model = torch.compile(model, fullgraph=True, mode=args.compile_mode) if args.compile else model
+
+    def run(batch):
+        torch.compiler.cudagraph_mark_step_begin()
+        outputs = budget_model(batch["pixel_values"], partition_source="policy")
+        halted = outputs.halted_share.clone() if outputs.halted_share is not None else None
+        return SimpleNamespace(token_counts=outputs.token_counts.clone(), halted_share=halted)
+
+    return run
+
+
+def ladder(model, batches: list[dict], args):
+    """The variants in the order they are measured. A generator: each is built when its turn comes (the exits are
+    calibrated after the dCTS row, and the ViT is freed before the next variant runs)."""
+    config = model.config
+    yield Variant("dense", lambda batch: model(batch["pixel_values"], partition_source="dense"))
+    if not args.skip_vit:
+        yield vit_variant(model, args)
+    dcts = dcts_run(model, args.partition_source)
+    yield Variant("dCTS", dcts, policy_ran=True, sharing=True)
+    if config.exit_layers:
+        thresholds = args.exit_thresholds or calibrate_exits(model, batches[0], args.halt_share)
+        yield Variant(f"dCTS + exits (thresholds {[round(t, 3) for t in thresholds]})", dcts,
+                      {"halting": True, "exit_thresholds": thresholds}, policy_ran=True, sharing=True)
+    budget = int(torch.cat([batch["oracle_counts"] for batch in batches]).float().mean())
+    compiled = f" (compiled, {args.compile_mode})" if args.compile else ""
+    run = budget_run(model, args)
+    yield Variant(f"dCTS budget {budget}{compiled}", run, {"token_budget": budget}, policy_ran=True, sharing=True)
+    if config.exit_layers:  # the same with exits keeping fixed counts: static shapes all through
+        kept, count = [], budget_token_count(batches[0]["oracle_map"][0].numel(), budget)
+        for share in args.halt_share[: len(config.exit_layers)]:
+            count = max(1, round(count * (1 - share)))
+            kept.append(count)
+        kept += kept[-1:] * (len(config.exit_layers) - len(kept))
+        settings = {"token_budget": budget, "exit_keep_tokens": kept, "halting": True}
+        yield Variant(f"dCTS budget {budget} + exits keeping {kept}{compiled}", run, settings, True, True)
+
+
 @torch.no_grad()
-def run_ladder(args) -> list[dict]:
-    device, dtype = args.device, DTYPES[args.dtype]
-    if args.model:
-        model = StepForSemanticSegmentation.from_pretrained(args.model)
+def run_ladder(args) -> tuple[list[dict], dict]:
+    """Every variant's row, and the encoder's FLOP rates on packed unequal images against equal ones."""
+    if args.model_name_or_path:
+        model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
     else:
         model = StepForSemanticSegmentation(StepConfig.from_preset(args.preset, image_size=max(args.image_size),
                                                                    num_labels=11))
-    model = model.to(device, dtype).eval()
-    config = model.config
-    config.attention_mode, config.halting = args.attention_mode, False
-    batches = load_batches(args, config)
+    model = model.to(args.device, DTYPES[args.dtype]).eval()
+    model.config.update_settings(attention_mode=args.attention_mode, halting=False)
+    batches = load_batches(args, model.config)
     for batch in batches:  # the ground-truth partition, as the model's "oracle" source builds it
         oracle = model.step(batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
                             partition_source="oracle", policy_only=True)
         batch["oracle_map"], batch["oracle_counts"] = oracle.superpatch_map, oracle.token_counts
     check_batching(model, batches[0], args)
     rows = []
-
-    def measure(name, run, policy_ran=False, sharing=False, halting=False):
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        ms, outputs = timed(run, batches, args)
-        dense_ms = rows[0]["ms_per_image"] * args.batch_size if rows else ms
-        rows.append(row_for(name, ms, outputs, args, config, dense_ms, policy_ran, sharing, halting))
-        if args.profile:
-            rows[-1]["profile"] = where_time_goes(run, batches[0], args)
-
-    measure("dense", lambda b: model(b["pixel_values"], partition_source="dense"))
-
-    if not args.skip_vit:
-        from transformers import ViTConfig, ViTModel
-
-        vit_config = ViTConfig(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                               num_attention_heads=config.num_attention_heads,
-                               intermediate_size=config.intermediate_size, image_size=tuple(args.image_size),
-                               patch_size=config.patch_size, layer_norm_eps=config.layer_norm_eps)
-        vit_config._attn_implementation = "sdpa"
-        vit = ViTModel(vit_config, add_pooling_layer=False).to(device, dtype).eval()
-
-        def vit_and_decoder(batch):
-            features = vit(batch["pixel_values"]).last_hidden_state[:, 1:]
-            images, tokens, dim = features.shape
-            model.decoder(features.reshape(images * tokens, dim), PackedBatch.of([tokens] * images, device))
-            return SimpleNamespace(token_counts=torch.full((images,), tokens), halted_share=None)
-
-        measure("transformers ViTModel + decoder", vit_and_decoder)
-        del vit
-
-    if args.partition == "oracle":
-        def dcts(batch):
-            model.step.policy(batch["pixel_values"])  # timed: a deployed model always runs its policy
-            return model(batch["pixel_values"], superpatch_map=batch["oracle_map"])
-    else:
-        def dcts(batch):
-            return model(batch["pixel_values"], partition_source="policy")
-    measure("dCTS", dcts, policy_ran=True, sharing=True)
-
-    if config.exit_layers:
-        if args.exit_thresholds:
-            thresholds = config.exit_thresholds = args.exit_thresholds
-        else:
-            thresholds = calibrate_exits(model, batches[0], args.halt_share)
-        config.halting = True
-        measure(f"dCTS + exits (thresholds {[round(t, 3) for t in thresholds]})", dcts, True, True, True)
-        config.halting = False
-
+    for variant in ladder(model, batches, args):
+        rows.append(measure(variant, model, batches, rows, args))
     oracle_counts = torch.cat([batch["oracle_counts"] for batch in batches])
-    config.token_budget = int(oracle_counts.float().mean())
-    budget_model = torch.compile(model, fullgraph=True, mode=args.compile_mode) if args.compile else model
-
-    def budget(batch):
-        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) reuse their output buffers
-        outputs = budget_model(batch["pixel_values"], partition_source="policy")
-        halted = outputs.halted_share.clone() if outputs.halted_share is not None else None
-        return SimpleNamespace(token_counts=outputs.token_counts.clone(), halted_share=halted)
-
-    compiled = f" (compiled, {args.compile_mode})" if args.compile else ""
-    measure(f"dCTS budget {config.token_budget}{compiled}", budget, policy_ran=True, sharing=True)
-
-    if config.exit_layers:  # the same with exits keeping fixed counts: static shapes all through
-        kept, count = [], rows[-1]["tokens_mean"]
-        for share in args.halt_share[: len(config.exit_layers)]:
-            count = max(1, round(count * (1 - share)))
-            kept.append(count)
-        kept += kept[-1:] * (len(config.exit_layers) - len(kept))
-        config.exit_keep_tokens, config.halting = kept, True
-        measure(f"dCTS budget {config.token_budget} + exits keeping {kept}{compiled}", budget, True, True, True)
-        config.exit_keep_tokens, config.halting = None, False
     return rows, encoder_flop_rates(model, oracle_counts[: args.batch_size].tolist(), args)
 
 
@@ -361,10 +398,11 @@ def encoder_flop_rates(model, lengths: list[int], args) -> dict:
     return rates
 
 
-def markdown(rows: list[dict], args) -> str:
-    header = (f"{args.preset if not args.model else args.model}, {args.image_size[0]}x{args.image_size[1]}, batch "
-              f"{args.batch_size}, {args.dtype}, {args.device}, attention {args.attention_mode}, {args.partition} "
-              f"partitions")
+def ladder_table(rows: list[dict], args) -> str:
+    """The rows as a Markdown table under a line saying what ran."""
+    header = (f"{args.model_name_or_path or args.preset}, {args.image_size[0]}x{args.image_size[1]}, batch "
+              f"{args.batch_size}, {args.dtype}, {args.device}, attention {args.attention_mode}, "
+              f"{args.partition_source} partitions")
     lines = [header, "",
              "| variant | ms/image | images/s | speed-up vs dense | peak GiB | tokens/image (min..max) | halted per "
              "exit | GFLOPs/image (policy) |",
@@ -381,7 +419,7 @@ def markdown(rows: list[dict], args) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows, rates = run_ladder(args)
-    print(markdown(rows, args))
+    print(ladder_table(rows, args))
     packed, equal = rates["packed, unequal"], rates["equal lengths"]
     print(f"\nencoder FLOP rate: packed unequal images ({min(packed['tokens'])}..{max(packed['tokens'])} tokens) "
           f"{packed['tflops_per_second']:.3f} TFLOP/s in {packed['ms']:.2f} ms; equal images of "

@@ -1,9 +1,13 @@
 """Evaluation of a STEP segmenter over a dataset: mIoU as the Hub's `mean_iou` computes it, per-class IoU, pixel
 accuracy, tokens per image, share halted per exit and FLOPs per image; correct across Accelerate processes.
 
-The one prediction loop that `examples/train.py`, `examples/sweep.py` and the tests share, so that a saved model is
-measured exactly as its training run measured it.
+The one prediction loop over a dataset (`predictions`), which `evaluate`, `step_hf.analysis` and the examples share,
+so that a saved model is measured exactly as its training run measured it; `EvalTransform` makes the batches it
+reads, and `temporary_settings` runs it under other run-time settings.
 """
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -11,14 +15,69 @@ import torch.nn.functional as F
 
 from .accounting import flops_per_image
 from .configuration_step import StepConfig
+from .image_processing_step import StepImageProcessor, reduce_labels
+
+
+class EvalTransform:
+    """A dataset with `image` and `label` columns as the batches `predictions` reads: the processor's `pixel_values`
+    and `superpatch_targets`, and the label map at its original size (`original_labels`, reduced as the processor
+    reduces labels)."""
+
+    def __init__(self, dataset, processor: StepImageProcessor):
+        self.dataset, self.processor = dataset, processor
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        example = self.dataset[index]
+        inputs = self.processor(example["image"], segmentation_maps=example["label"], return_tensors="pt")
+        original = np.asarray(example["label"]).astype(np.int64)
+        if self.processor.do_reduce_labels:
+            original = reduce_labels(original)
+        return {"pixel_values": inputs["pixel_values"][0], "superpatch_targets": inputs["superpatch_targets"][0],
+                "original_labels": torch.from_numpy(original)}
+
+
+@contextmanager
+def temporary_settings(config: StepConfig, **settings) -> Iterator[StepConfig]:
+    """Run-time settings (`config.update_settings`, which checks them) for the body of a `with` only: the previous
+    ones come back afterwards, also on an error."""
+    previous = config.settings()
+    config.update_settings(**settings)
+    try:
+        yield config
+    finally:
+        config.update_settings(**previous)
+
+
+@torch.no_grad()
+def predictions(model, loader, device: torch.device, partition_source: str | None = None,
+                policy_only: bool = False) -> Iterator[tuple[dict, object, torch.Tensor | None]]:
+    """
+    Run `model` on every batch of `loader` (batches as `EvalTransform` makes them) and yield `(batch, outputs,
+    prediction)`: the batch moved to `device`, the model's outputs, and the class-id map `(batch, H, W)` at the size
+    of `original_labels` (the logits bilinearly upsampled, then the arg-max). With `policy_only` only the policy and
+    the partition run, and `prediction` is `None`. `partition_source` overrides the configuration's.
+    """
+    for batch in loader:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
+                        partition_source=partition_source, policy_only=policy_only)
+        if policy_only:
+            yield batch, outputs, None
+            continue
+        size = batch["original_labels"].shape[-2:]
+        logits = F.interpolate(outputs.logits.float(), size=size, mode="bilinear", align_corners=False)
+        yield batch, outputs, logits.argmax(1)
 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator=None, partition_source: str | None = None) -> dict:
     """
     Evaluate `model` (a `StepForSemanticSegmentation`, possibly wrapped by Accelerate) on `loader`, whose batches
-    hold `pixel_values`, `superpatch_targets` and `original_labels` (the label maps at their original size; the
-    logits are bilinearly upsampled to them). `partition_source` overrides the model's for this evaluation only;
+    are `EvalTransform`'s (predictions are made at the size of the original label maps: see `predictions`).
+    `partition_source` overrides the model's for this evaluation only;
     `None` measures the model as it would run when loaded: with its configuration's saved settings.
 
     FLOPs count each image as if run alone, policy included (2 FLOPs per multiply-add).
@@ -33,13 +92,9 @@ def evaluate(model, loader, accelerator=None, partition_source: str | None = Non
     model.eval()
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long, device=device)
     tokens, halted, flops = [], [], []
-    for batch in loader:
-        outputs = model(pixel_values=batch["pixel_values"].to(device),
-                        superpatch_targets=batch["superpatch_targets"].to(device), partition_source=source)
-        labels = batch["original_labels"].to(device)
-        logits = F.interpolate(outputs.logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    for batch, outputs, prediction in predictions(model, loader, device, source):
         # Per-image matrices, so that gather_for_metrics can drop the duplicates even batches add at the end.
-        confusion += gather(confusion_matrices(labels, logits.argmax(1), num_labels, ignore)).sum(0)
+        confusion += gather(confusion_matrices(batch["original_labels"], prediction, num_labels, ignore)).sum(0)
         tokens.append(gather(outputs.token_counts.float()))
         if outputs.halted_share is not None:
             halted.append(gather(outputs.halted_share.float()))
@@ -88,4 +143,7 @@ def image_flops(config: StepConfig, image_size, outputs, partition_source: str) 
     return torch.tensor(flops, dtype=torch.float64, device=outputs.token_counts.device)
 
 
-__all__ = ["confusion_matrices", "evaluate", "image_flops", "segmentation_metrics"]
+__all__ = [
+    "EvalTransform", "confusion_matrices", "evaluate", "image_flops", "predictions", "segmentation_metrics",
+    "temporary_settings",
+]

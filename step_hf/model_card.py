@@ -19,23 +19,7 @@ def model_card(
     `tokens_per_image`, ...), measured with the settings saved in `config` (the card says so, naming them, and
     `input_size` when given); without them the card says "not trained yet".
     """
-    eval_results = None
-    if results and dataset_name:
-        eval_results = [
-            EvalResult(
-                task_type="image-segmentation", dataset_type=dataset_name, dataset_name=dataset_name,
-                metric_type=metric, metric_name=name, metric_value=round(float(results[metric]) * 100, 2),
-                dataset_split=results.get("split", "validation"),
-            )
-            for metric, name in (("mean_iou", "mIoU"), ("overall_accuracy", "Pixel accuracy"))
-            if metric in results
-        ]
-    data = ModelCardData(
-        library_name="transformers", pipeline_tag="image-segmentation", license="apache-2.0",
-        tags=["step", "vision-transformer", "semantic-segmentation", "token-reduction"],
-        datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
-        model_name=model_name, eval_results=eval_results,
-    )
+    data = card_data(model_name, dataset_name, results)
     encoder = (f"ViT with {config.num_hidden_layers} blocks of width {config.hidden_size}, "
                f"{config.num_attention_heads} heads, patch {config.patch_size}")
     rule = (f"keeping {config.exit_keep_tokens} tokens per image" if config.exit_keep_tokens
@@ -63,22 +47,7 @@ def model_card(
         lines += ["Trained with:", "", "```bash", training_command, "```", ""]
     else:
         lines += ["Not trained yet.", ""]
-    lines += ["## Results", ""]
-    if results:
-        split = results.get("split", "validation")
-        lines += [
-            f"Measured on the {split} split of `{dataset_name}`"
-            f"{f' ({input_size})' if input_size else ''}, with the settings this model loads with: "
-            f"{settings_text(config)}.", "",
-            "| mIoU | pixel accuracy | tokens / image | share halted per exit |",
-            "|---|---|---|---|",
-            f"| {100 * results['mean_iou']:.2f} | {100 * results['overall_accuracy']:.2f} | "
-            f"{results.get('tokens_per_image', float('nan')):.1f} | "
-            f"{', '.join(f'{100 * s:.1f}%' for s in results.get('halted_share', [])) or '-'} |",
-            "",
-        ]
-    else:
-        lines += ["Not trained yet: no measured results.", ""]
+    lines += ["## Results", "", *results_lines(config, results, dataset_name, input_size)]
     lines += [
         "## Intended use and limits",
         "",
@@ -89,6 +58,46 @@ def model_card(
     if notes:
         lines += ["", notes]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def card_data(model_name: str, dataset_name: str | None, results: dict | None) -> ModelCardData:
+    """The card's YAML metadata: pipeline tag, tags, and the measured results as `model-index` entries."""
+    eval_results = None
+    if results and dataset_name:
+        eval_results = [
+            EvalResult(
+                task_type="image-segmentation", dataset_type=dataset_name, dataset_name=dataset_name,
+                metric_type=metric, metric_name=name, metric_value=round(float(results[metric]) * 100, 2),
+                dataset_split=results.get("split", "validation"),
+            )
+            for metric, name in (("mean_iou", "mIoU"), ("overall_accuracy", "Pixel accuracy"))
+            if metric in results
+        ]
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-segmentation", license="apache-2.0",
+        tags=["step", "vision-transformer", "semantic-segmentation", "token-reduction"],
+        datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
+        model_name=model_name, eval_results=eval_results,
+    )
+    return data
+
+
+def results_lines(config: StepConfig, results: dict | None, dataset_name: str | None,
+                  input_size: str | None) -> list[str]:
+    """The card's results: where and with which settings they were measured, then one table row."""
+    if not results:
+        return ["Not trained yet: no measured results.", ""]
+    split = results.get("split", "validation")
+    halted = ", ".join(f"{100 * s:.1f}%" for s in results.get("halted_share", [])) or "-"
+    return [
+        f"Measured on the {split} split of `{dataset_name}`{f' ({input_size})' if input_size else ''}, with the "
+        f"settings this model loads with: {settings_text(config)}.", "",
+        "| mIoU | pixel accuracy | tokens / image | share halted per exit |",
+        "|---|---|---|---|",
+        f"| {100 * results['mean_iou']:.2f} | {100 * results['overall_accuracy']:.2f} | "
+        f"{results.get('tokens_per_image', float('nan')):.1f} | {halted} |",
+        "",
+    ]
 
 
 def settings_text(config: StepConfig) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from step_hf.analysis import TokenStats, colourise, draw_tokens, label_palette, markdown
+from step_hf.analysis import TokenStats, colourise, draw_tokens, label_palette, token_table
 
 
 def test_token_stats_on_a_hand_made_case():
@@ -30,7 +30,7 @@ def test_token_stats_on_a_hand_made_case():
     assert report["per_class"]["car"]["fate"] == pytest.approx(
         {"halted after block 2": 0.0, "halted after block 4": 1 / 3, "survived": 2 / 3})
     assert report["accuracy_by_fate"] == {"halted after block 2": 1.0, "halted after block 4": 1.0, "survived": 0.5}
-    table = markdown(report)
+    table = token_table(report)
     assert "| car | 100% / 0% / 0% / 0% / 0% | 0.0% | 33.3% | 66.7% |" in table
 
 
@@ -67,7 +67,7 @@ def test_cli_writes_tables_and_pictures(tmp_path, scene_dataset):
     config = tiny_config(id2label=SCENE_CLASSES, label2id={v: k for k, v in SCENE_CLASSES.items()}, halting=True)
     StepForSemanticSegmentation(config).save_pretrained(tmp_path / "model")  # exits after block 1 of the 2
     StepImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
-    main(["--model", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--images", "1",
+    main(["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--images", "1",
           "--output_dir", str(tmp_path / "out")])
     assert (tmp_path / "out" / "tokens_1.png").is_file()
     report = json.loads((tmp_path / "out" / "tokens_by_class.json").read_text())
@@ -75,7 +75,7 @@ def test_cli_writes_tables_and_pictures(tmp_path, scene_dataset):
     assert sum(report["pixels_by_fate"].values()) == 4 * 96 * 128  # every pixel of the 4 validation scenes
     # Without the dataset's pixels: one picture the size of the frame, holding no pixel of it (only the
     # prediction's palette colours, darkened where tokens halted, and the yellow outlines).
-    main(["--model", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--images", "1",
+    main(["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--images", "1",
           "--output_dir", str(tmp_path / "bare"), "--without_dataset_pixels"])
     picture = Image.open(tmp_path / "bare" / "tokens_1.png")
     assert picture.size == (128, 96)

@@ -31,6 +31,7 @@ from .conftest import EXAMPLES, tiny_config
 from .hub_server import HubServer
 
 import train  # examples/train.py (conftest puts examples/ on the path)
+from data import load_data
 
 
 @dataclass
@@ -478,7 +479,7 @@ TRAINING_CASES = [
           lambda result: (assert_equal(result[1], []), holds(
               "No space left", "saving the final model")(str(result[0])))),
     refused("a dataset folder without id2label.json",
-            lambda: train.load_data(train.parse_args(["--dataset_name", dataset_without_id2label()])),
+            lambda: load_data(dataset_name=dataset_without_id2label()),
             ValueError, "has no id2label.json", "class names are missing", "--id2label"),
 ]
 

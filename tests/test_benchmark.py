@@ -37,7 +37,7 @@ def test_exit_calibration_halts_the_asked_share_despite_the_top_k_rule():
     batch = {"pixel_values": torch.randn(3, 3, 128, 128), "oracle_map": torch.ones(3, 8, 8, dtype=torch.long)}
     with torch.no_grad():
         thresholds = benchmark.calibrate_exits(model, batch, [0.3, 0.5])
-        config.halting = True
+        config.update_settings(halting=True, exit_thresholds=thresholds)
         exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).token_exit_layer
     first, second = ((exit_layer[exit_layer >= layer] == layer).float().mean() for layer in (1, 2))
     assert len(thresholds) == 2 and not config.exit_thresholds[0] == config.exit_thresholds[1] == 1.0

@@ -23,8 +23,9 @@ def run_example(script, *args, cwd):
 
 def test_dcts_tokens_trains_the_policy_and_sweeps_thresholds(tmp_path, scene_dataset):
     out = run_example(
-        "dcts_tokens.py", "--dataset_name", scene_dataset, "--image_size", 64, "--train_steps", 4,
-        "--batch_size", 2, "--thresholds", 0.9, 0.5, 0.1, "--output_dir", tmp_path / "dcts", cwd=tmp_path,
+        "dcts_tokens.py", "--dataset_name", scene_dataset, "--image_size", 64, "--policy_steps", 4,
+        "--per_device_train_batch_size", 2, "--thresholds", 0.9, 0.5, 0.1, "--output_dir", tmp_path / "dcts",
+        cwd=tmp_path,
     )
     results = json.loads((tmp_path / "dcts" / "results.json").read_text())
     assert results["grid_cells"] == 16 and results["train_steps"] == 4
@@ -37,13 +38,15 @@ def test_dcts_tokens_trains_the_policy_and_sweeps_thresholds(tmp_path, scene_dat
 def test_segment_saves_a_picture(tmp_path):
     StepForSemanticSegmentation(tiny_config(partition_source="policy", halting=True)).save_pretrained(tmp_path / "m")
     StepImageProcessor(size={"height": 64, "width": 96}).save_pretrained(tmp_path / "m")
-    out = run_example("segment.py", "--model", tmp_path / "m", "--output", tmp_path / "seg.png", cwd=tmp_path)
+    out = run_example("segment.py", "--model_name_or_path", tmp_path / "m", "--output", tmp_path / "seg.png",
+                      cwd=tmp_path)
     picture = Image.open(tmp_path / "seg.png")
     assert picture.size == (4 * 480, 360)  # image | ground truth | prediction | tokens
     assert "tokens:" in out and "classes found:" in out
     with pytest.raises(AssertionError, match="Cannot read"):
         (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-        run_example("segment.py", "--model", tmp_path / "m", "--image", tmp_path / "bad.jpg", cwd=tmp_path)
+        run_example("segment.py", "--model_name_or_path", tmp_path / "m", "--image", tmp_path / "bad.jpg",
+                    cwd=tmp_path)
 
 
 def test_plot_sweep_draws_the_curve_and_writes_its_data(tmp_path):

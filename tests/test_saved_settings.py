@@ -14,12 +14,13 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
 
-from step_hf.evaluation import confusion_matrices, evaluate, segmentation_metrics
+from step_hf.evaluation import EvalTransform, confusion_matrices, evaluate, segmentation_metrics
 
 from .conftest import EXAMPLES
 
 import save_settings  # examples/ (conftest puts it on the path)
 import train
+from data import load_data
 
 TOY = ["--image_size", "64", "--policy_steps", "3", "--segmenter_steps", "4", "--prune_steps", "3",
        "--per_device_train_batch_size", "4", "--checkpointing_steps", "0"]
@@ -45,8 +46,8 @@ def runs(tmp_path_factory, scene_dataset):
 
 
 def eval_loader(scene_dataset, processor) -> DataLoader:
-    dataset, _ = train.load_data(train.parse_args(["--dataset_name", str(scene_dataset)]))
-    return DataLoader(train.EvalTransform(dataset["validation"], processor))
+    dataset, _ = load_data(dataset_name=str(scene_dataset))
+    return DataLoader(EvalTransform(dataset["validation"], processor))
 
 
 def pipeline_mean_iou(folder, loader) -> float:
@@ -114,17 +115,17 @@ def test_a_segmenter_is_not_trained_on_an_untrained_policy(tmp_path, scene_datas
 def test_the_best_sweep_row_saved_into_a_model_reproduces_the_row(runs, scene_dataset, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "sweep.py"), "--model", str(runs / "all-policy"), "--dataset_name",
-         str(scene_dataset), "--policy_thresholds", "0.9", "0.5", "--exit_thresholds", "1.01", "0.3",
+        [sys.executable, str(EXAMPLES / "sweep.py"), "--model_name_or_path", str(runs / "all-policy"),
+         "--dataset_name", str(scene_dataset), "--policy_thresholds", "0.9", "0.5", "--exit_thresholds", "1.01", "0.3",
          "--max_miou_drop", "100", "--output", str(tmp_path / "sweep.json")],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "examples/save_settings.py --model" in result.stdout
+    assert "examples/save_settings.py --model_name_or_path" in result.stdout
     rows = json.loads((tmp_path / "sweep.json").read_text())
     best = next(row for row in rows if row.get("best"))
     assert best["gflops_per_image"] == min(row["gflops_per_image"] for row in rows)  # any drop allowed: cheapest
 
-    save_settings.main(["--model", str(runs / "all-policy"), "--sweep", str(tmp_path / "sweep.json"),
+    save_settings.main(["--model_name_or_path", str(runs / "all-policy"), "--sweep", str(tmp_path / "sweep.json"),
                         "--output_dir", str(tmp_path / "tuned")])
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "tuned")
     assert model.config.settings() == best["settings"]

@@ -16,6 +16,7 @@ from step_hf.evaluation import confusion_matrices, segmentation_metrics
 from .conftest import EXAMPLES
 
 import train  # examples/train.py (conftest puts examples/ on the path)
+from data import check_dataset_labels, load_data
 
 TINY = ["--image_size", "64", "--policy_steps", "2", "--segmenter_steps", "4", "--prune_steps", "2",
         "--max_train_samples", "16", "--max_eval_samples", "3"]
@@ -120,7 +121,7 @@ def test_bad_input_is_refused_before_training(tmp_path, make, extra, message):
     folder = make(tmp_path / "data")
     args = train.parse_args(["--dataset_name", str(folder), "--image_size", "64", *extra])
     with pytest.raises(ValueError, match=message):
-        dataset, id2label = train.load_data(args)
+        dataset, id2label = load_data(**train.data_arguments(args))
         train.build_model(args, id2label)
 
 
@@ -131,7 +132,7 @@ def test_empty_split_is_refused(tmp_path):
     empty = Dataset.from_dict({"image": [], "label": []}).cast_column("image", Image()).cast_column("label", Image())
     empty.to_parquet(str(folder / "data" / "validation-00000-of-00001.parquet"))
     with pytest.raises(ValueError, match='Cannot load .*"validation" corresponds to no data'):
-        train.load_data(train.parse_args(["--dataset_name", str(folder)]))
+        load_data(dataset_name=str(folder))
 
 
 def test_corrupt_image_is_refused(tmp_path):
@@ -144,7 +145,7 @@ def test_corrupt_image_is_refused(tmp_path):
     broken = broken.map(lambda row: {"image": {"bytes": b"not an image", "path": None}})
     broken.cast_column("image", Image()).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
     with pytest.raises(ValueError, match="cannot be read"):
-        train.load_data(train.parse_args(["--dataset_name", str(folder)]))
+        load_data(dataset_name=str(folder))
 
 
 def test_metrics_match_a_brute_force_mean_iou():
@@ -182,6 +183,6 @@ def test_label_check_reduces_labels_as_the_processor_does():
         image = Image.new("RGB", label.size)
         return DatasetDict({"train": Dataset.from_dict({"image": [image], "label": [label]})})
 
-    train.check_labels(dataset([0, 1, 2, 255]), {0: "a", 1: "b"}, reduce=True)
+    check_dataset_labels(dataset([0, 1, 2, 255]), {0: "a", 1: "b"}, reduce=True)
     with pytest.raises(ValueError, match=r"label value\(s\) \[2\]"):
-        train.check_labels(dataset([0, 1, 3]), {0: "a", 1: "b"}, reduce=True)
+        check_dataset_labels(dataset([0, 1, 3]), {0: "a", 1: "b"}, reduce=True)
