@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
 from step_hf.accounting import superpatch_area_shares
 from step_hf.configuration_step import SUPERPATCH_SIZES
-from step_hf.evaluation import EvalTransform, predictions, temporary_settings
+from step_hf.evaluation import EvalTransform, predictions
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,7 +89,7 @@ def token_statistics(model, loader, thresholds: list[float]) -> dict:
     results = {"oracle": partition_statistics(model, loader, "oracle"), "policy": {}}
     for threshold in thresholds:
         settings = {"policy_thresholds": [threshold] * len(model.config.shared_sizes), "token_budget": None}
-        with temporary_settings(model.config, **settings):
+        with model.config.temporary_settings(**settings):
             results["policy"][str(threshold)] = partition_statistics(model, loader, "policy")
     return results
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
 from step_hf.configuration_step import PARTITION_SOURCES
-from step_hf.evaluation import EvalTransform, evaluate, temporary_settings
+from step_hf.evaluation import EvalTransform, evaluate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def sweep(model, loader, accelerator, processor, args) -> list[dict]:
             settings["policy_thresholds"] = [policy_threshold] * len(config.shared_sizes)
         if halting:
             settings["exit_thresholds"] = [exit_threshold] * len(config.exit_layers)
-        with temporary_settings(config, **settings):
+        with config.temporary_settings(**settings):
             results = evaluate(model, loader, accelerator)
             rows.append({"partition_source": args.partition_source, "policy_threshold": policy_threshold,
                          "exit_threshold": exit_threshold if halting else None, **results,

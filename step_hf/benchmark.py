@@ -34,7 +34,6 @@ import torch
 
 from .accounting import analytic_flops, flops_per_image, transformer_macs
 from .configuration_step import ATTENTION_MODES, StepConfig
-from .evaluation import temporary_settings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
 from .superpatch import budget_token_count
@@ -138,7 +137,7 @@ def timed(run, batches: list[dict], args) -> tuple[float, list]:
 
 def share_halted_at_exit(model, batch: dict, thresholds: list[float], exit_index: int) -> float:
     """The share of the tokens reaching exit `exit_index` that halt there under `thresholds` (halting on)."""
-    with temporary_settings(model.config, exit_thresholds=thresholds, halting=True):
+    with model.config.temporary_settings(exit_thresholds=thresholds, halting=True):
         exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).token_exit_layer
     layer = model.config.exit_layers[exit_index]
     return float((exit_layer[exit_layer >= layer] == layer).float().mean())
@@ -193,9 +192,9 @@ def batching_logits(model, pixels: torch.Tensor, maps: torch.Tensor, mode: str) 
     """The fp32 logits of a batch in attention mode `mode`, or, for `"one image at a time"`, of its images run
     alone (a reference loop, off any timed path)."""
     if mode != "one image at a time":
-        with temporary_settings(model.config, attention_mode=mode):
+        with model.config.temporary_settings(attention_mode=mode):
             return model(pixels, superpatch_map=maps).logits.float()
-    with temporary_settings(model.config, attention_mode="packed"):
+    with model.config.temporary_settings(attention_mode="packed"):
         return torch.cat([model(image[None], superpatch_map=superpatch_map[None]).logits.float()
                           for image, superpatch_map in zip(pixels, maps)])
 
@@ -267,7 +266,7 @@ def measure(variant: Variant, model, batches: list[dict], rows: list[dict], args
     """Time `variant` under its settings (the model's own settings come back afterwards) and return its row."""
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with temporary_settings(model.config, **variant.settings):
+    with model.config.temporary_settings(**variant.settings):
         ms, outputs = timed(variant.run, batches, args)
         dense_ms = rows[0]["ms_per_image"] * args.batch_size if rows else ms
         row = row_for(variant, ms, outputs, args, model.config, dense_ms)

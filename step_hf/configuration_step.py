@@ -4,6 +4,8 @@ Shipped as Hub code next to saved weights: imports only from `transformers` and 
 """
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -366,6 +368,17 @@ class StepConfig(PreTrainedConfig):
             for name, value in previous.items():
                 setattr(self, name, value)
             raise
+
+    @contextmanager
+    def temporary_settings(self, **settings) -> Iterator["StepConfig"]:
+        """Run-time settings (as `update_settings`, which checks them) for the body of a `with` only: the previous
+        ones come back afterwards, also on an error. For sweeps and benchmarks."""
+        previous = self.settings()
+        self.update_settings(**settings)
+        try:
+            yield self
+        finally:
+            self.update_settings(**previous)
 
     def settings(self) -> dict:
         """The run-time settings in force, by name (`RUN_SETTINGS`)."""

@@ -3,11 +3,10 @@ accuracy, tokens per image, share halted per exit and FLOPs per image; correct a
 
 The one prediction loop over a dataset (`predictions`), which `evaluate`, `step_hf.analysis` and the examples share,
 so that a saved model is measured exactly as its training run measured it; `EvalTransform` makes the batches it
-reads, and `temporary_settings` runs it under other run-time settings.
+reads.
 """
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -37,18 +36,6 @@ class EvalTransform:
             original = reduce_labels(original)
         return {"pixel_values": inputs["pixel_values"][0], "superpatch_targets": inputs["superpatch_targets"][0],
                 "original_labels": torch.from_numpy(original)}
-
-
-@contextmanager
-def temporary_settings(config: StepConfig, **settings) -> Iterator[StepConfig]:
-    """Run-time settings (`config.update_settings`, which checks them) for the body of a `with` only: the previous
-    ones come back afterwards, also on an error."""
-    previous = config.settings()
-    config.update_settings(**settings)
-    try:
-        yield config
-    finally:
-        config.update_settings(**previous)
 
 
 @torch.no_grad()
@@ -145,5 +132,4 @@ def image_flops(config: StepConfig, image_size, outputs, partition_source: str) 
 
 __all__ = [
     "EvalTransform", "confusion_matrices", "evaluate", "image_flops", "predictions", "segmentation_metrics",
-    "temporary_settings",
 ]

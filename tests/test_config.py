@@ -69,8 +69,8 @@ def test_run_time_settings_are_checked_again_when_changed_and_nothing_changes_on
 
 
 def test_forward_settings_override_the_saved_ones_for_one_call_only():
-    model = StepForSemanticSegmentation(tiny_config(exit_layers=[1], exit_thresholds=[0.255], exit_keep_topk_per_class=0))
-    model.eval()
+    config = tiny_config(exit_layers=[1], exit_thresholds=[0.255], exit_keep_topk_per_class=0)
+    model = StepForSemanticSegmentation(config).eval()
     pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         halted = model(pixels, halting=True)
