@@ -138,7 +138,7 @@ def timed(run, batches: list[dict], args) -> tuple[float, list]:
 def share_halted_at_exit(model, batch: dict, thresholds: list[float], exit_index: int) -> float:
     """The share of the tokens reaching exit `exit_index` that halt there under `thresholds` (halting on)."""
     with model.config.temporary_settings(exit_thresholds=thresholds, halting=True):
-        exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).token_exit_layer
+        exit_layer = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"]).encoder_state.survivors.exit_layer
     layer = model.config.exit_layers[exit_index]
     return float((exit_layer[exit_layer >= layer] == layer).float().mean())
 
@@ -386,7 +386,7 @@ def encoder_flop_rates(model, lengths: list[int], args) -> dict:
         def blocks(inputs):
             x, packed = inputs
             for block in model.step.blocks:
-                x = block(x, packed)
+                x = block(x, packed)[0]
             return x
 
         ms, _ = timed(blocks, [(tokens, batch)], args)

@@ -33,7 +33,17 @@ from .superpatch import (
     partition_from_decisions,
     partition_from_policy,
 )
-from .token_layout import PackedBatch, TokenLayout, dense_token_layout, insert_per_image, packed_attention, unshare
+from .token_layout import (
+    PackedBatch,
+    TokenLayout,
+    attention_by_layout,
+    dense_token_layout,
+    eager_attention,
+    insert_per_image,
+    packed_attention,
+    padded_by_layout,
+    unshare,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -41,20 +51,52 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
+@dataclass(frozen=True)
+class EncoderState:
+    """
+    The encoder's packed token state, the wiring between `StepModel` and the segmentation head.
+
+    Attributes:
+        layout (`TokenLayout`): which image and which block of grid cells each token covers.
+        tokens (`torch.FloatTensor` of shape `(num_survivors, hidden_size)`): the final (layer-normed) features of the
+            tokens that reached the end, packed image after image (`survivors` says which).
+        class_tokens (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): the final class tokens.
+        survivors (`Survivors`): which tokens of the layout reached the end, their lengths per image, and the block
+            after which every token halted.
+        exit_logits (`tuple(torch.FloatTensor)` or `None`): one `(num_tokens, num_labels)` tensor per exit that ran,
+            the exit head's logits for every token of the layout still in at that exit (zeros for the others).
+    """
+
+    layout: TokenLayout
+    tokens: torch.Tensor
+    class_tokens: torch.Tensor
+    survivors: Survivors
+    exit_logits: tuple[torch.Tensor, ...] | None
+
+
 @dataclass
 class StepModelOutput(ModelOutput):
     """
     Output of [`StepModel`].
 
+    Sequences are laid out as `transformers` users expect, `(batch_size, sequence_length, ...)`: for each image its
+    class token at position 0, then its (super)tokens in the order of the token layout (raster order of their
+    top-left cells), padded to the image with the most tokens. Position p >= 1 of image b is token
+    `encoder_state.layout.batch.offsets[b] + p - 1` of the layout, whose cells are `layout.cell_row`, `cell_col` and
+    `block_side` at that index. Padding, and tokens that halted at an exit, hold zeros.
+
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(num_tokens, hidden_size)`):
-            The encoder's final (layer-normed) features of every (super)token of every image, packed image after
-            image; `token_layout` says where each sits. Class tokens are not included. With one token per cell (the
-            dense model) this is `(batch_size * rows * cols, hidden_size)` in raster order.
-        class_token_state (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
-            The final features of each image's class token.
-        token_layout (`TokenLayout`):
-            Which image and which square block of grid cells each token covers, and the cell-to-token map.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + max_tokens, hidden_size)`):
+            The encoder's final (layer-normed) features. With one token per cell (the dense model) this is exactly a
+            ViT's `(batch_size, 1 + rows * cols, hidden_size)`.
+        sequence_mask (`torch.BoolTensor` of shape `(batch_size, 1 + max_tokens)`):
+            Where `last_hidden_state` holds a token that reached the end (class tokens included).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The features after the embedding and after each block, each `(batch_size, 1 + max_tokens, hidden_size)`;
+            a token that halted is zero from the block after its exit on.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+            Each block's attention weights, `(batch_size, num_heads, 1 + max_tokens, 1 + max_tokens)` (rows: queries,
+            columns: keys), zero where a token is absent.
         superpatch_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`):
             The partition used: the side, in cells, of the superpatch covering each cell (1 = a plain patch).
         token_counts (`torch.LongTensor` of shape `(batch_size,)`):
@@ -63,35 +105,18 @@ class StepModelOutput(ModelOutput):
             *optional*, returned when the policy ran): for each superpatch size above 1, the policy's logit that
             the aligned block containing each cell holds a single class (the block's value repeated on its cells;
             the dtype's lowest finite value where no whole block fits).
-        survivor_index (`torch.LongTensor` of shape `(num_survivors,)`):
-            For each row of `last_hidden_state`, the index of its token in `token_layout`. With halting off every
-            token survives and this is `arange(num_tokens)`.
-        survivor_batch (`PackedBatch`):
-            Tokens per image that reached the last block.
-        token_exit_layer (`torch.LongTensor` of shape `(num_tokens,)`):
-            For each token of `token_layout`, the block after which it halted; `num_hidden_layers` if it never did.
-        exit_logits (`tuple(torch.FloatTensor)`, *optional*, returned when the exit heads ran):
-            One `(num_tokens, num_labels)` tensor per exit: the exit head's class logits for every token of
-            `token_layout` that was still in the sequence at that exit (zeros for the others).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The packed (super)token features after the embedding and after each block (only the tokens still in the
-            sequence), each `(tokens, dim)`.
-
-    `last_hidden_state` holds the tokens that reached the end of the encoder: all of them unless `config.halting` is
-    on, in which case halted tokens have left (see `survivor_index`).
+        encoder_state (`EncoderState`):
+            The packed token state the segmentation head reads (layout, packed final tokens, survivors, exit logits).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    class_token_state: torch.FloatTensor | None = None
-    token_layout: TokenLayout | None = None
+    sequence_mask: torch.BoolTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     superpatch_map: torch.LongTensor | None = None
     token_counts: torch.LongTensor | None = None
     policy_logits: torch.FloatTensor | None = None
-    survivor_index: torch.LongTensor | None = None
-    survivor_batch: PackedBatch | None = None
-    token_exit_layer: torch.LongTensor | None = None
-    exit_logits: tuple[torch.FloatTensor, ...] | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_state: EncoderState | None = None
 
 
 @dataclass
@@ -101,7 +126,8 @@ class StepSemanticSegmenterOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` or `superpatch_targets` are
-            given): the segmentation loss plus `config.policy_loss_weight` times the policy loss.
+            given): the segmentation loss plus `config.policy_loss_weight` times the policy loss (and, in training,
+            `config.exit_loss_weight` times the exit loss).
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height / 16, width / 16)`):
             Per-cell class scores on the patch grid; a supertoken's scores are copied onto every cell it covers.
             Upsample them (or use the image processor's `post_process_semantic_segmentation`) to get
@@ -109,22 +135,18 @@ class StepSemanticSegmenterOutput(ModelOutput):
         segmentation_loss (`torch.FloatTensor`, *optional*): cross-entropy between the logits, bilinearly upsampled
             to the label resolution, and `labels`, averaged over each image's pixels, then over images; pixels equal
             to `config.semantic_loss_ignore_index` are ignored.
+        policy_loss (`torch.FloatTensor`, *optional*): binary cross-entropy of the policy against
+            `superpatch_targets` (targets 255 ignored), averaged per size, then over sizes.
         exit_loss (`torch.FloatTensor`, *optional*, in training with `labels` and exit heads): the sum over exits of
             each head's cross-entropy on the cells whose token it saw (deep supervision), before
             `config.exit_loss_weight`.
-        policy_loss (`torch.FloatTensor`, *optional*): binary cross-entropy of the policy against
-            `superpatch_targets` (targets 255 ignored), averaged per size, then over sizes.
-        token_layout (`TokenLayout`):
-            The token layout the encoder and decoder used.
-        superpatch_map, token_counts, policy_logits:
+        hidden_states, attentions, superpatch_map, token_counts, policy_logits, encoder_state:
             As in [`StepModelOutput`].
         exit_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`):
             The block after which each cell's token halted; `num_hidden_layers` where it never halted. A halted
             cell's logits are its exit head's; the others' are the decoder's.
         halted_share (`torch.FloatTensor` of shape `(batch_size, len(config.exit_layers))`):
             The share of each image's tokens halted at each exit.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            As in [`StepModelOutput`].
         window_offsets (`torch.LongTensor` of shape `(num_windows, 5)`, *optional*):
             Passed through from the image processor when it cut images into sliding windows, so that
             `post_process_semantic_segmentation` can stitch the windows back together.
@@ -135,15 +157,15 @@ class StepSemanticSegmenterOutput(ModelOutput):
     segmentation_loss: torch.FloatTensor | None = None
     policy_loss: torch.FloatTensor | None = None
     exit_loss: torch.FloatTensor | None = None
-    token_layout: TokenLayout | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     superpatch_map: torch.LongTensor | None = None
     token_counts: torch.LongTensor | None = None
     policy_logits: torch.FloatTensor | None = None
     exit_map: torch.LongTensor | None = None
     halted_share: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
     window_offsets: torch.LongTensor | None = None
-
+    encoder_state: EncoderState | None = None
 
 
 @dataclass(frozen=True)
@@ -157,40 +179,35 @@ class Partition:
     tokens_per_image: int | None = None
 
 
-@dataclass(frozen=True)
-class EncoderState:
-    """
-    What the encoder's blocks leave: `tokens` `(num_survivors, hidden_size)`, the final (layer-normed) features of
-    the tokens that reached the end; `class_tokens` `(batch_size, hidden_size)`; `survivors` (which tokens those
-    are, per image, and where the others halted); `exit_logits`, one `(num_tokens, num_labels)` tensor per exit that
-    ran (zeros for tokens already gone), or `None`; `hidden_states`, the packed tokens after the embedding and after
-    every block, or `None`.
-    """
-
-    tokens: torch.Tensor
-    class_tokens: torch.Tensor
-    survivors: Survivors
-    exit_logits: tuple[torch.Tensor, ...] | None
-    hidden_states: tuple[torch.Tensor, ...] | None
-
-
 # ---------------------------------------------------------------------------------------------------- layers
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a packed sequence, each image attending only to itself."""
+    """
+    Multi-head self-attention over a packed sequence, each image attending only to itself. The kernel follows
+    `config._attn_implementation` (`from_pretrained(..., attn_implementation=...)`): `"sdpa"` (the default) runs
+    `packed_attention` (PyTorch's SDPA, and its variable-length flash kernel on GPU in half precision), `"eager"`
+    computes the softmax explicitly and can return the weights; a call that asks for the weights runs eagerly.
+    """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, dropout: float):
+    def __init__(self, dim: int, num_heads: int, config: StepConfig):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, batch: PackedBatch, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query, key, value = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
-        out = packed_attention(query, key, value, batch, self.dropout if self.training else 0.0)
-        return self.proj(out.flatten(1))
+        dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
+        weights = None
+        if output_attentions or self.config._attn_implementation == "eager":
+            out, weights = eager_attention(query, key, value, batch, dropout)
+        else:
+            out = packed_attention(query, key, value, batch, dropout)
+        return self.proj(out.flatten(1)), weights if output_attentions else None
 
 
 class Mlp(nn.Module):
@@ -211,14 +228,18 @@ class Block(GradientCheckpointingLayer):
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, config: StepConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.attn = Attention(dim, num_heads, config.qkv_bias, config.attention_probs_dropout_prob)
+        self.attn = Attention(dim, num_heads, config)
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = Mlp(dim, mlp_dim, config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), batch))
-        return x + self.dropout(self.mlp(self.norm2(x)))
+    def forward(
+        self, x: torch.Tensor, batch: PackedBatch, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new tokens and, with `output_attentions`, the attention weights (see `eager_attention`)."""
+        attended, weights = self.attn(self.norm1(x), batch, output_attentions)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.mlp(self.norm2(x))), weights
 
 
 
@@ -323,6 +344,7 @@ class StepPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     _no_split_modules = ["Block"]
     supports_gradient_checkpointing = True
+    _supports_sdpa = True
 
     def get_input_embeddings(self) -> nn.Module:
         """The patch embedding: the module every (super)token's embedding goes through (PEFT's
@@ -493,6 +515,7 @@ class StepModel(StepPreTrainedModel):
         halting: bool | None = None,
         attention_mode: str | None = None,
         policy_only: bool = False,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -514,14 +537,16 @@ class StepModel(StepPreTrainedModel):
                 token-count analysis); the ViT does not run and `last_hidden_state` is `None`. It is a forward
                 argument, not a call to `model.policy`, because data-parallel training must go through the wrapped
                 model's forward.
+            output_attentions, output_hidden_states, return_dict: as for every `transformers` model (attention
+                weights are computed eagerly for the call that asks for them).
         """
         grid_size = check_pixel_values(pixel_values, self.config)
         check_direct_parameters_placed(self, self.base_model_prefix)
         partition_source, halting, attention_mode = self.run_settings(partition_source, halting, attention_mode)
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = return_dict if return_dict is not None else config.return_dict
         if not self.training:  # a training forward is how a part gets trained
             warn_if_untrained(self.config, self.parts_in_use(partition_source, superpatch_map, halting, policy_only))
 
@@ -529,22 +554,27 @@ class StepModel(StepPreTrainedModel):
             pixel_values, grid_size, superpatch_map, superpatch_targets, partition_source, policy_only
         )
         layout, superpatch_map, sides = self.lay_out_tokens(partition, pixel_values, grid_size, attention_mode)
+        policy_logits = policy_logits_on_cells(partition.block_logits, grid_size)
+        last_hidden_state = sequence_mask = hidden_states = attentions = state = None
+        if not policy_only:
+            tokens = self.embed_superpatches(pixel_values, layout, sides)
+            run_exits = len(self.exit_heads) > 0 and (halting or self.training)
+            state, hidden_states, attentions = self.encode(
+                tokens, layout, run_exits, halting, output_hidden_states, output_attentions
+            )
+            last_hidden_state, sequence_mask = padded_by_layout(
+                state.tokens, state.survivors.index, state.class_tokens, layout
+            )
         output = StepModelOutput(
-            token_layout=layout,
+            last_hidden_state=last_hidden_state,
+            sequence_mask=sequence_mask,
+            hidden_states=hidden_states,
+            attentions=attentions,
             superpatch_map=superpatch_map,
             token_counts=layout.batch.lengths,
-            policy_logits=policy_logits_on_cells(partition.block_logits, grid_size),
+            policy_logits=policy_logits,
+            encoder_state=state,
         )
-        if policy_only:
-            return output if return_dict else output.to_tuple()
-
-        tokens = self.embed_superpatches(pixel_values, layout, sides)
-        run_exits = len(self.exit_heads) > 0 and (halting or self.training)
-        state = self.encode(tokens, layout.batch, run_exits, halting, output_hidden_states)
-        output.last_hidden_state, output.class_token_state = state.tokens, state.class_tokens
-        output.survivor_index, output.survivor_batch = state.survivors.index, state.survivors.batch
-        output.token_exit_layer, output.exit_logits = state.survivors.exit_layer, state.exit_logits
-        output.hidden_states = state.hidden_states
         return output if return_dict else output.to_tuple()
 
     def run_settings(self, partition_source: str | None, halting: bool | None, attention_mode: str | None):
@@ -611,23 +641,34 @@ class StepModel(StepPreTrainedModel):
         return layout, partition.superpatch_map, [1, *self.config.shared_sizes]
 
     def encode(
-        self, tokens: torch.Tensor, batch: PackedBatch, run_exits: bool, halting: bool, output_hidden_states: bool
-    ) -> EncoderState:
+        self, tokens: torch.Tensor, layout: TokenLayout, run_exits: bool, halting: bool, output_hidden_states: bool,
+        output_attentions: bool,
+    ) -> tuple[EncoderState, tuple | None, tuple | None]:
         """
-        Run the blocks on the packed tokens, with one class token per image in front. After each exit block (when
-        `run_exits`) its head classifies the tokens still in; with `halting`, confident ones leave the sequence
-        (`exits.halt`: one host sync per exit, none with `config.exit_keep_tokens`) and the rest are re-packed.
+        Run the blocks on the packed tokens of `layout`, with one class token per image in front. After each exit
+        block (when `run_exits`) its head classifies the tokens still in; with `halting`, confident ones leave the
+        sequence (`exits.halt`: one host sync per exit, none with `config.exit_keep_tokens`) and the rest are
+        re-packed. Returns the state and, when asked, the hidden states and attention weights laid out as
+        `StepModelOutput` documents them.
         """
-        config = self.config
+        config, batch = self.config, layout.batch
         class_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(batch.batch_size, -1, -1)
         survivors = Survivors.all_of(batch, tokens.shape[0], config.num_hidden_layers, tokens.device)
         packed = insert_per_image(tokens, class_tokens, batch, at_start=True)
         exits = self.exits() if run_exits else {}
-        exit_logits, hidden_states = [], (tokens,) if output_hidden_states else None
-        for layer, block in enumerate(self.blocks, start=1):
-            packed = packed._replace(sequence=block(packed.sequence, packed.batch))
+        exit_logits, hidden_states, attentions = [], [], []
+
+        def record_hidden_state() -> None:
             if output_hidden_states:
-                hidden_states += (packed.tokens,)
+                hidden_states.append(padded_by_layout(packed.tokens, survivors.index, packed.extras[:, 0], layout)[0])
+
+        record_hidden_state()
+        for layer, block in enumerate(self.blocks, start=1):
+            sequence, weights = block(packed.sequence, packed.batch, output_attentions)
+            packed = packed._replace(sequence=sequence)
+            record_hidden_state()
+            if output_attentions:
+                attentions.append(attention_by_layout(weights, survivors.index, survivors.batch, layout))
             if layer not in exits:
                 continue
             head, rule = exits[layer]
@@ -639,13 +680,14 @@ class StepModel(StepPreTrainedModel):
                 survivors, order = halt(survivors, logits, layer, rule)
                 packed = insert_per_image(tokens[order], packed.extras, survivors.batch, at_start=True)
         sequence = self.norm(packed.sequence)
-        return EncoderState(
+        state = EncoderState(
+            layout=layout,
             tokens=sequence[packed.token_positions],
             class_tokens=sequence[packed.extra_positions[:, 0]],
             survivors=survivors,
             exit_logits=tuple(exit_logits) if exit_logits else None,
-            hidden_states=hidden_states,
         )
+        return state, tuple(hidden_states) or None, tuple(attentions) or None
 
     def exits(self) -> dict[int, tuple[ExitHead, ExitRule]]:
         """Each exit block's head and keep rule, by block (1-based)."""
@@ -701,7 +743,7 @@ class MaskTransformerDecoder(nn.Module):
             self.proj_dec(tokens), self.cls_emb.expand(batch_size, -1, -1), tokens_batch, at_start=False
         )
         for block in self.blocks:
-            sequence = block(sequence, batch)
+            sequence = block(sequence, batch)[0]
         sequence = self.decoder_norm(sequence)
 
         token_features = F.normalize(sequence[token_positions] @ self.proj_patch, dim=-1)
@@ -736,6 +778,7 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         halting: bool | None = None,
         attention_mode: str | None = None,
         policy_only: bool = False,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         window_offsets: torch.LongTensor | None = None,
@@ -748,7 +791,8 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
                 Class id per pixel, `config.semantic_loss_ignore_index` for void. Any resolution: the logits are
                 upsampled to it for the loss.
-            superpatch_targets, superpatch_map, partition_source, halting, attention_mode, policy_only:
+            superpatch_targets, superpatch_map, partition_source, halting, attention_mode, policy_only,
+            output_attentions, output_hidden_states:
                 As in [`StepModel.forward`]. With `superpatch_targets` and a policy that ran, the policy loss is
                 added to the loss.
             window_offsets (`torch.LongTensor`, *optional*):
@@ -758,18 +802,18 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         encoded = self.step(
             pixel_values, superpatch_map=superpatch_map, superpatch_targets=superpatch_targets,
             partition_source=partition_source, halting=halting, attention_mode=attention_mode,
-            policy_only=policy_only, output_hidden_states=output_hidden_states, return_dict=True,
+            policy_only=policy_only, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = exit_map = halted_share = None
-        if not policy_only:
+        state = encoded.encoder_state
+        if state is not None:  # not `policy_only`
             if not self.training:
                 warn_if_untrained(self.config, ["decoder"])
-            survivors = Survivors(encoded.survivor_index, encoded.survivor_batch, encoded.token_exit_layer)
-            token_logits = merge_exit_logits(self.decoder(encoded.last_hidden_state, survivors.batch), survivors,
-                                             encoded.exit_logits, self.config.exit_layers)
-            logits = unshare(token_logits, encoded.token_layout)
-            exit_map, halted_share = exit_statistics(survivors.exit_layer, encoded.token_layout,
-                                                     self.config.exit_layers)
+            token_logits = merge_exit_logits(self.decoder(state.tokens, state.survivors.batch), state.survivors,
+                                             state.exit_logits, self.config.exit_layers)
+            logits = unshare(token_logits, state.layout)
+            exit_map, halted_share = exit_statistics(state.survivors.exit_layer, state.layout, self.config.exit_layers)
         losses = self.compute_losses(logits, encoded, labels, superpatch_targets)
         output = StepSemanticSegmenterOutput(
             loss=losses.total,
@@ -777,14 +821,15 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             segmentation_loss=losses.segmentation,
             policy_loss=losses.policy,
             exit_loss=losses.exit,
-            token_layout=encoded.token_layout,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
             superpatch_map=encoded.superpatch_map,
             token_counts=encoded.token_counts,
             policy_logits=encoded.policy_logits,
             exit_map=exit_map,
             halted_share=halted_share,
-            hidden_states=encoded.hidden_states,
             window_offsets=window_offsets,
+            encoder_state=state,
         )
         return output if return_dict else output.to_tuple()
 
@@ -795,17 +840,18 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         """The segmentation loss (with `labels`), the exit heads' deep supervision (with `labels`, in training, when
         the exits ran) and the policy loss (with `superpatch_targets`, when the policy ran), and their weighted sum
         (`None` when there is nothing to learn from)."""
-        config, layout = self.config, encoded.token_layout
+        config, state = self.config, encoded.encoder_state
         segmentation = policy = exits = None
         if logits is not None and labels is not None:
             check_labels(labels, logits.shape[0], config)  # once: the exit losses reuse the labels
             segmentation = self.loss_function(logits, labels)
-            if self.training and encoded.exit_logits is not None:
-                exits = exit_loss(encoded.exit_logits, encoded.token_exit_layer, layout, labels, config.exit_layers,
-                                  self.loss_function, config.semantic_loss_ignore_index)
+            if self.training and state.exit_logits is not None:
+                exits = exit_loss(state.exit_logits, state.survivors.exit_layer, state.layout, labels,
+                                  config.exit_layers, self.loss_function, config.semantic_loss_ignore_index)
         if superpatch_targets is not None and encoded.policy_logits is not None:
-            check_superpatch_targets(superpatch_targets, layout.batch.batch_size, len(config.shared_sizes),
-                                     layout.grid_size)
+            superpatch_map = encoded.superpatch_map
+            check_superpatch_targets(superpatch_targets, superpatch_map.shape[0], len(config.shared_sizes),
+                                     tuple(superpatch_map.shape[1:]))
             policy = policy_loss(encoded.policy_logits, superpatch_targets, config.shared_sizes)
         terms = [term for term in (segmentation, policy if policy is None else config.policy_loss_weight * policy,
                                    exits if exits is None else config.exit_loss_weight * exits) if term is not None]

@@ -220,6 +220,76 @@ def packed_attention(
     return out.transpose(1, 2)[image, position]
 
 
+def eager_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Attention computed explicitly, softmax of the scaled scores, for when its weights are wanted. Returns the output
+    `(num_tokens, num_heads, head_dim)`, as `packed_attention`, and the weights `(batch_size, num_heads, max_length,
+    max_length)`: each image's segment padded to the longest, zero at padding.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    batch_size, length = batch.batch_size, batch.max_length
+    image = batch.image_index(num_tokens)
+    position = torch.arange(num_tokens, device=query.device) - batch.offsets[image]
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(batch_size, length, num_heads, head_dim)
+        padded[image, position] = x
+        return padded.transpose(1, 2)
+
+    real = torch.arange(length, device=query.device) < batch.lengths[:, None]  # (batch, length)
+    scores = (pad(query) @ pad(key).transpose(-1, -2)).float() * head_dim**-0.5
+    weights = scores.masked_fill(~real[:, None, None, :], float("-inf")).softmax(-1)
+    weights = (weights * real[:, None, :, None]).to(query.dtype)  # padding queries attend to nothing
+    out = F.dropout(weights, dropout_p) @ pad(value)
+    return out.transpose(1, 2)[image, position], weights
+
+
+def padded_by_layout(
+    token_values: torch.Tensor, token_index: torch.Tensor, class_values: torch.Tensor, layout: TokenLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    `(batch_size, 1 + max_tokens, dim)`: each image's class token at position 0, then its layout tokens in layout
+    order, position 1 + i holding its i-th token (so position p of image b is token `layout.batch.offsets[b] + p - 1`
+    of the layout). Only the tokens of `token_index` (indices into the layout, with their `token_values`) are
+    filled; the others (halted) and the padding are zero. Also returns the mask of filled positions.
+    """
+    batch_size, length = layout.batch.batch_size, 1 + layout.batch.max_length
+    image = layout.image_index[token_index]
+    position = 1 + token_index - layout.batch.offsets[image]
+    padded = token_values.new_zeros(batch_size, length, token_values.shape[-1])
+    padded[:, 0] = class_values
+    padded[image, position] = token_values
+    filled = torch.zeros(batch_size, length, dtype=torch.bool, device=token_values.device)
+    filled[:, 0] = True
+    filled[image, position] = True
+    return padded, filled
+
+
+def attention_by_layout(
+    weights: torch.Tensor, token_index: torch.Tensor, batch: PackedBatch, layout: TokenLayout
+) -> torch.Tensor:
+    """
+    Move attention weights `(batch_size, heads, length, length)` of a sequence holding, per image, its class token and
+    then the tokens of `token_index` (indices into the layout, `batch` their lengths; as `eager_attention` returns
+    them) to the positions of `padded_by_layout`: `(batch_size, heads, 1 + max_tokens, 1 + max_tokens)`, zero where
+    a token is absent.
+    """
+    batch_size, heads, length, _ = weights.shape
+    size = 1 + layout.batch.max_length
+    image = batch.image_index(token_index.shape[0])
+    current = 1 + torch.arange(token_index.shape[0], device=weights.device) - batch.offsets[image]
+    aligned = torch.full((batch_size, length), size, dtype=torch.long, device=weights.device)  # padding: a spare slot
+    aligned[:, 0] = 0
+    aligned[image, current] = 1 + token_index - layout.batch.offsets[image]
+    by_key = weights.new_zeros(batch_size, heads, length, size + 1).scatter_(
+        3, aligned[:, None, None, :].expand(-1, heads, length, -1), weights)
+    by_both = weights.new_zeros(batch_size, heads, size + 1, size + 1).scatter_(
+        2, aligned[:, None, :, None].expand(-1, heads, -1, size + 1), by_key)
+    return by_both[:, :, :size, :size]
+
+
 def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Copy each token's values `(num_tokens, channels)` onto every cell it covers: `(batch, channels, rows, cols)`."""
     return token_values[layout.cell_to_token].permute(0, 3, 1, 2)
@@ -227,10 +297,13 @@ def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 __all__ = [
     "PackedBatch",
+    "attention_by_layout",
     "PackedSequence",
     "TokenLayout",
     "dense_token_layout",
+    "eager_attention",
     "insert_per_image",
     "packed_attention",
+    "padded_by_layout",
     "unshare",
 ]

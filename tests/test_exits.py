@@ -38,17 +38,17 @@ def test_halted_cells_carry_exit_logits_and_survivors_decoder_logits():
     model = exit_model()
     with torch.no_grad():
         output = model(PIXELS)
-        encoded = model.step(PIXELS)
-        decoder_logits = model.decoder(encoded.last_hidden_state, encoded.survivor_batch)
+        encoded = model.step(PIXELS).encoder_state
+        decoder_logits = model.decoder(encoded.tokens, encoded.survivors.batch)
     shares = output.halted_share
     assert (shares.sum(1) > 0).all() and (shares.sum(1) < 1).all()  # some, not all, tokens halt
-    layout = output.token_layout
+    layout = output.encoder_state.layout
     for exit_number, layer in enumerate(model.config.exit_layers):
         halted = output.exit_map == layer
         expected = unshare(encoded.exit_logits[exit_number], layout)
         assert torch.equal(output.logits.permute(0, 2, 3, 1)[halted], expected.permute(0, 2, 3, 1)[halted])
     survivors = torch.zeros(layout.num_tokens, decoder_logits.shape[1]).index_copy(
-        0, encoded.survivor_index, decoder_logits)
+        0, encoded.survivors.index, decoder_logits)
     alive = output.exit_map == 4
     expected = unshare(survivors, layout).permute(0, 2, 3, 1)[alive]
     torch.testing.assert_close(output.logits.permute(0, 2, 3, 1)[alive], expected)
@@ -63,7 +63,7 @@ def test_later_blocks_process_exactly_the_surviving_tokens():
         output = model(PIXELS)
     for hook in hooks:
         hook.remove()
-    exit_layer = model.step(PIXELS).token_exit_layer
+    exit_layer = output.encoder_state.survivors.exit_layer
     total = output.token_counts.sum().item()
     after_first = total - int((exit_layer == 1).sum())
     after_second = after_first - int((exit_layer == 2).sum())
@@ -90,14 +90,14 @@ def test_keep_topk_per_class_against_brute_force():
 def test_topk_per_class_tokens_stay_in():
     model = exit_model(exit_keep_topk_per_class=2, exit_thresholds=[0.3, 0.3])
     with torch.no_grad():
-        encoded = model.step(PIXELS)
-    layout = encoded.token_layout
+        encoded = model.step(PIXELS).encoder_state
+    layout = encoded.layout
     probabilities = encoded.exit_logits[0].softmax(-1)  # the first exit saw every token
     for image in range(3):
         tokens = (layout.image_index == image).nonzero()[:, 0]
         for label in range(4):
             top = tokens[probabilities[tokens, label].topk(2).indices]
-            assert (encoded.token_exit_layer[top] > 1).all()
+            assert (encoded.survivors.exit_layer[top] > 1).all()
 
 
 def test_gradients_reach_exit_heads_and_modes_agree():
@@ -124,8 +124,8 @@ def test_exits_with_supertokens_and_batching():
         output = model(PIXELS)
         singles = [model(image[None]) for image in PIXELS]
     assert (output.token_counts < 24).all()  # supertokens present
-    layout = output.token_layout
-    halted_sizes = layout.block_side[model.step(PIXELS).token_exit_layer < 4]
+    layout = output.encoder_state.layout
+    halted_sizes = layout.block_side[output.encoder_state.survivors.exit_layer < 4]
     assert (halted_sizes > 1).any()  # supertokens halt too
     for token in range(layout.num_tokens):  # one exit block per superpatch
         b, r, c, s = (int(x[token]) for x in (layout.image_index, layout.cell_row, layout.cell_col, layout.block_side))
@@ -133,7 +133,7 @@ def test_exits_with_supertokens_and_batching():
         assert (block == block[0, 0]).all()
     torch.testing.assert_close(output.logits, torch.cat([s.logits for s in singles]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(output.halted_share, torch.cat([s.halted_share for s in singles]))
-    exit_layer = model.step(PIXELS).token_exit_layer
+    exit_layer = output.encoder_state.survivors.exit_layer
     for image in range(3):
         mine = exit_layer[layout.image_index == image]
         expected = [float((mine == layer).float().mean()) for layer in (1, 2)]
@@ -144,11 +144,11 @@ def test_exit_flops_match_the_analytic_formula():
     model = exit_model()
     with torch.no_grad():
         encoded = model.step(PIXELS)
-    exit_layer = encoded.token_exit_layer
+    exit_layer = encoded.encoder_state.survivors.exit_layer
     counts = encoded.token_counts.tolist()
     survivors, alive = [], list(counts)
     for layer in (1, 2):
-        alive = [alive[i] - int(((exit_layer == layer) & (encoded.token_layout.image_index == i)).sum())
+        alive = [alive[i] - int(((exit_layer == layer) & (encoded.encoder_state.layout.image_index == i)).sum())
                  for i in range(3)]
         survivors.append(alive)
     counted = count_flops(model, pixel_values=PIXELS)
@@ -190,7 +190,7 @@ def test_fixed_exit_counts_equal_the_thresholds_that_keep_as_many():
     by_threshold = exit_model()
     with torch.no_grad():
         reference = by_threshold(PIXELS[:1])
-        exit_layer = by_threshold.step(PIXELS[:1]).token_exit_layer
+        exit_layer = by_threshold.step(PIXELS[:1]).encoder_state.survivors.exit_layer
     kept = [int((exit_layer > layer).sum()) for layer in (1, 2)]
     assert kept[0] < len(exit_layer) and kept[1] < kept[0]  # both exits halt something
     by_count = exit_model(exit_keep_tokens=kept)

@@ -165,9 +165,11 @@ def test_save_load_identical_logits(model, tmp_path):
 def test_return_tuple_and_hidden_states(model):
     output = model(torch.randn(1, 3, 32, 32), output_hidden_states=True)
     assert len(output.hidden_states) == 1 + model.config.num_hidden_layers
-    assert all(state.shape == (4, 32) for state in output.hidden_states)
+    assert all(state.shape == (1, 1 + 4, 32) for state in output.hidden_states)  # class token, then the 2x2 cells
     logits = model(torch.randn(1, 3, 32, 32), return_dict=False)[0]
     assert logits.shape == (1, 4, 2, 2)
+    encoder_tuple = model.step(torch.randn(1, 3, 32, 32), return_dict=False)
+    assert encoder_tuple[0].shape == (1, 5, 32) and encoder_tuple[1].shape == (1, 5)  # last_hidden_state first
 
 
 def test_non_square_stored_grid():
