@@ -78,6 +78,8 @@ def argument_parser() -> argparse.ArgumentParser:
     model.add_argument("--exit_thresholds", type=float, nargs="+")
     model.add_argument("--attention_mode", choices=ATTENTION_MODES,
                        help="how images of unequal token counts share a batch (default: the config's, packed)")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass: less memory, same gradients")
     train = p.add_argument_group("training")
     train.add_argument("--stage", default="all", choices=[*STAGES, "all"])
     train.add_argument("--policy_steps", type=int, default=200)
@@ -543,6 +545,8 @@ def main(argv=None) -> None:
         check_hub_repository(args)
     dataset, id2label = load_data(**data_arguments(args))
     model = build_model(args, id2label)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     processor = StepImageProcessor(
         size={"shortest_edge": args.image_size}, superpatch_sizes=model.config.superpatch_sizes,
         num_labels=model.config.num_labels, do_reduce_labels=args.reduce_labels,

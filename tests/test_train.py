@@ -186,3 +186,15 @@ def test_label_check_reduces_labels_as_the_processor_does():
     check_dataset_labels(dataset([0, 1, 2, 255]), {0: "a", 1: "b"}, reduce=True)
     with pytest.raises(ValueError, match=r"label value\(s\) \[2\]"):
         check_dataset_labels(dataset([0, 1, 3]), {0: "a", 1: "b"}, reduce=True)
+
+
+def test_gradient_checkpointing_trains_exactly_like_the_plain_run(tmp_path, scene_dataset):
+    args = ["--dataset_name", str(scene_dataset), "--image_size", "64", "--stage", "segmenter",
+            "--partition_source", "dense", "--segmenter_steps", "3", "--logging_steps", "1", "--checkpointing_steps",
+            "0", "--per_device_train_batch_size", "4", "--max_eval_samples", "1"]
+    train.main([*args, "--output_dir", str(tmp_path / "plain")])
+    train.main([*args, "--output_dir", str(tmp_path / "checkpointed"), "--gradient_checkpointing"])
+    plain, checkpointed = losses(tmp_path / "plain"), losses(tmp_path / "checkpointed")
+    assert [x[:2] for x in plain] == [x[:2] for x in checkpointed] and len(plain) > 3
+    np.testing.assert_allclose([x[2] for x in plain if x[2] is not None],
+                               [x[2] for x in checkpointed if x[2] is not None], rtol=1e-5)

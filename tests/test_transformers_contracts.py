@@ -90,3 +90,86 @@ def test_policy_logits_are_finite_where_no_block_fits():
     with torch.no_grad():
         policy_logits = model(torch.randn(1, 3, 80, 48)).policy_logits  # a 5x3 grid: no whole 4x4 or larger block
     assert torch.isfinite(policy_logits).all() and (policy_logits[:, 1:] == torch.finfo(torch.float32).min).all()
+
+
+def halting_model(**overrides) -> StepForSemanticSegmentation:
+    """Policy partitions of unequal sizes and tokens halting at the first exit: padding and absent tokens matter."""
+    torch.manual_seed(0)
+    fields = dict(partition_source="policy", policy_thresholds=[0.75] * 4, exit_layers=[1], halting=True,
+                  exit_thresholds=[0.255], exit_keep_topk_per_class=0)
+    model = StepForSemanticSegmentation(tiny_config(**{**fields, **overrides})).eval()
+    for head in model.step.policy.heads.values():
+        head.weight.data.normal_(0, 1.5)
+    return model
+
+
+def test_encoder_outputs_are_batch_first_with_the_class_token_first_and_padding_masked():
+    model = halting_model()
+    pixels = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        output = model.step(pixels, output_hidden_states=True, output_attentions=True)
+        as_tuple = model.step(pixels, return_dict=False)
+    state, counts = output.encoder_state, output.token_counts.tolist()
+    assert len(set(counts)) > 1 and state.survivors.batch.host_lengths != tuple(counts)  # unequal, some halted
+    size = 1 + max(counts)
+    assert output.last_hidden_state.shape == (3, size, 32)
+    torch.testing.assert_close(as_tuple[0], output.last_hidden_state)  # (eager weights above, SDPA here)
+    assert output.sequence_mask.sum(1).tolist() == [1 + n for n in state.survivors.batch.host_lengths]
+    # Position p >= 1 of image b is layout token offsets[b] + p - 1: the packed final features land there.
+    for token, row in zip(state.survivors.index.tolist(), state.tokens):
+        image = int(state.layout.image_index[token])
+        position = 1 + token - int(state.layout.batch.offsets[image])
+        assert output.sequence_mask[image, position] and torch.equal(output.last_hidden_state[image, position], row)
+    assert torch.equal(output.last_hidden_state[:, 0], state.class_tokens)
+    assert (output.last_hidden_state[~output.sequence_mask] == 0).all()
+    assert len(output.hidden_states) == 3 and len(output.attentions) == 2
+    for weights, present in zip(output.attentions, (torch.arange(size) <= torch.tensor(counts)[:, None],
+                                                    output.sequence_mask)):
+        assert weights.shape == (3, 2, size, size)
+        torch.testing.assert_close(weights.sum(-1), present[:, None, :].float().expand(-1, 2, -1))  # rows sum to 1
+        assert (weights[~present[:, None, None, :].expand_as(weights)] == 0).all()  # nothing attends to absent keys
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_attention_implementations_load_and_agree(tmp_path, implementation):
+    model = halting_model(attention_mode="padded")
+    model.save_pretrained(tmp_path)
+    loaded = StepForSemanticSegmentation.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+    assert loaded.config._attn_implementation == implementation
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=1e-5, atol=1e-5)
+        with_weights = loaded(pixels, output_attentions=True)
+    torch.testing.assert_close(with_weights.logits, model(pixels).logits, rtol=1e-5, atol=1e-5)
+    assert with_weights.attentions[0].shape[:2] == (2, 2)
+
+
+def test_transformers_trainer_fine_tunes_saves_and_reloads(tmp_path, scene_dataset):
+    from datasets import load_dataset
+    from transformers import Trainer, TrainingArguments
+
+    from step_hf import StepImageProcessor
+
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(tiny_config(partition_source="oracle", num_labels=6,
+                                                    id2label={i: str(i) for i in range(6)}))
+    processor = StepImageProcessor(size={"height": 64, "width": 64}, superpatch_sizes=model.config.superpatch_sizes)
+    dataset = load_dataset(str(scene_dataset), split="train")
+
+    def transform(batch):  # the processor's labels and superpatch targets, as with SegFormer
+        return dict(processor(batch["image"], segmentation_maps=batch["label"], return_tensors="pt"))
+
+    dataset.set_transform(transform)
+    arguments = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4,
+                                  learning_rate=2e-3, logging_steps=1, report_to=[], save_strategy="no",
+                                  remove_unused_columns=False, use_cpu=True, seed=0)
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])  # the loss falls
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = StepForSemanticSegmentation.from_pretrained(tmp_path / "saved").eval()
+    inputs = processor(dataset.with_format(None)[0]["image"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs, partition_source="dense").logits,
+                                   model.eval()(**inputs, partition_source="dense").logits)
