@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .token_layout import PackedBatch, TokenLayout, unshare
+from .token_layout import PackedBatch, TokenLayout, refuse_in_export, state_pytree, unshare
 
 
 class ExitHead(nn.Module):
@@ -48,6 +48,7 @@ class ExitRule:
     topk_per_class: int
 
 
+@state_pytree
 @dataclass(frozen=True)
 class Survivors:
     """
@@ -82,8 +83,7 @@ def keep_topk_per_class(scores: torch.Tensor, batch: PackedBatch, k: int) -> tor
     keep = torch.zeros(num_tokens + 1, dtype=torch.bool, device=scores.device)
     if k == 0 or num_tokens == 0:
         return keep[:num_tokens]
-    image = batch.image_index(num_tokens)
-    position = torch.arange(num_tokens, device=scores.device) - batch.offsets[image]
+    image, position = batch.image_positions(num_tokens)
     padded = scores.new_full((batch.batch_size, batch.max_length, num_columns), float("-inf"))
     padded[image, position] = scores
     top = padded.topk(k, dim=1).indices  # (batch, k, columns), positions within each image
@@ -101,6 +101,7 @@ def tokens_to_keep(probabilities: torch.Tensor, batch: PackedBatch, rule: ExitRu
     protected = keep_topk_per_class(probabilities, batch, rule.topk_per_class)
     confidence = probabilities.amax(-1)
     if rule.keep_tokens is None:
+        refuse_in_export("the number of tokens an exit keeps by threshold")
         keep = (confidence <= rule.threshold) | protected
         image = batch.image_index(keep.shape[0])
         lengths = torch.zeros_like(batch.lengths).index_add_(0, image, keep.long())

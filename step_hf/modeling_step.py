@@ -42,6 +42,7 @@ from .token_layout import (
     insert_per_image,
     packed_attention,
     padded_by_layout,
+    state_pytree,
     unshare,
 )
 
@@ -51,6 +52,7 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
+@state_pytree
 @dataclass(frozen=True)
 class EncoderState:
     """

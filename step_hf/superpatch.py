@@ -13,7 +13,7 @@ Shipped as Hub code next to saved weights: imports only torch and its siblings.
 import torch
 import torch.nn.functional as F
 
-from .token_layout import PackedBatch, TokenLayout
+from .token_layout import PackedBatch, TokenLayout, refuse_in_export
 
 TARGET_MIXED, TARGET_UNIFORM, TARGET_IGNORE = 0, 1, 255
 
@@ -205,6 +205,8 @@ def layout_from_superpatch_map(
     origin_row, origin_col = row - row % superpatch_map, col - col % superpatch_map
     is_origin = (origin_row == row) & (origin_col == col)
     lengths = is_origin.flatten(1).sum(1)
+    if tokens_per_image is None:
+        refuse_in_export("the number of tokens of a partition without a token budget")
     host_lengths = tuple(lengths.tolist()) if tokens_per_image is None else (tokens_per_image,) * batch
     origins = torch.nonzero_static(is_origin.flatten(), size=sum(host_lengths))[:, 0]
     image_index, cell = origins // (rows * cols), origins % (rows * cols)

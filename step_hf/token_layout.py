@@ -8,11 +8,43 @@ cell is its own token; supertokens (dCTS) and halted tokens (early exits) only c
 Shipped as Hub code next to saved weights: imports only torch.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+def state_pytree(cls: type) -> type:
+    """
+    Register a frozen state dataclass as a pytree node, so that `torch.export` (and other pytree users) can carry it
+    through a forward: its tensors (and nested states) are the node's children, its plain Python values (lengths
+    known on the host, the attention mode) the node's fixed context.
+    """
+    names = [item.name for item in fields(cls)]
+
+    def is_context(value) -> bool:
+        plain = (int, float, str, bool)
+        return isinstance(value, plain) or (isinstance(value, tuple) and all(isinstance(v, plain) for v in value))
+
+    def flatten(state):
+        values = {name: getattr(state, name) for name in names}
+        children = [name for name in names if not is_context(values[name])]
+        return [values[name] for name in children], (children, {n: v for n, v in values.items() if n not in children})
+
+    def unflatten(children_values, context):
+        children, constants = context
+        state = object.__new__(cls)
+        for name, value in [*zip(children, children_values), *constants.items()]:
+            object.__setattr__(state, name, value)
+        return state
+
+    try:
+        pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__name__}")
+    except ValueError:  # already registered: the module was imported again
+        pass
+    return cls
+
 
 try:  # a variable-length flash-attention kernel (CUDA builds of recent torch)
     from torch.nn.attention.varlen import varlen_attn
@@ -20,6 +52,7 @@ except ImportError:
     varlen_attn = None
 
 
+@state_pytree
 @dataclass(frozen=True)
 class PackedBatch:
     """
@@ -71,6 +104,17 @@ class PackedBatch:
         images = torch.arange(self.batch_size, device=self.lengths.device)
         return images.repeat_interleave(self.lengths, output_size=num_tokens)
 
+    def image_positions(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each of the `num_tokens` packed tokens, its image and its position within that image's segment."""
+        image = self.image_index(num_tokens)
+        return image, torch.arange(num_tokens, device=self.lengths.device) - self.offsets[image]
+
+    def pad(self, values: torch.Tensor, image: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Packed `(num_tokens, ...)` values padded per image with zeros: `(batch_size, max_length, ...)`."""
+        padded = values.new_zeros(self.batch_size, self.max_length, *values.shape[1:])
+        padded[image, position] = values
+        return padded
+
     def grow(self, extra_per_image: int) -> "PackedBatch":
         """The batch after `extra_per_image` tokens are added to every image."""
         return PackedBatch(
@@ -80,6 +124,7 @@ class PackedBatch:
         )
 
 
+@state_pytree
 @dataclass(frozen=True)
 class TokenLayout:
     """
@@ -109,6 +154,17 @@ class TokenLayout:
     @property
     def num_tokens(self) -> int:
         return self.image_index.shape[0]
+
+
+def refuse_in_export(what: str) -> None:
+    """`torch.export` needs shapes known without the data; say which settings give them instead of failing deep in
+    the tracer on a data-dependent size."""
+    if torch.compiler.is_exporting():
+        raise ValueError(
+            f"torch.export needs static shapes, but {what} depends on the image. Export a model whose token counts "
+            "are fixed: `partition_source=\"dense\"` or a `token_budget` (policy partitions), and for halting "
+            "`exit_keep_tokens` instead of thresholds (set them with `config.update_settings`)."
+        )
 
 
 def dense_token_layout(
@@ -205,18 +261,10 @@ def packed_attention(
             for q, k, v in pieces
         ])
 
-    image = batch.image_index(num_tokens)
-    position = torch.arange(num_tokens, device=query.device) - batch.offsets[image]
-
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        padded = x.new_zeros(batch_size, length, num_heads, head_dim)
-        padded[image, position] = x
-        return padded.transpose(1, 2)
-
+    image, position = batch.image_positions(num_tokens)
+    query, key, value = (batch.pad(x, image, position).transpose(1, 2) for x in (query, key, value))
     key_mask = torch.arange(length, device=query.device) < batch.lengths[:, None]
-    out = F.scaled_dot_product_attention(
-        pad(query), pad(key), pad(value), attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p
-    )
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p)
     return out.transpose(1, 2)[image, position]
 
 
@@ -228,21 +276,13 @@ def eager_attention(
     `(num_tokens, num_heads, head_dim)`, as `packed_attention`, and the weights `(batch_size, num_heads, max_length,
     max_length)`: each image's segment padded to the longest, zero at padding.
     """
-    num_tokens, num_heads, head_dim = query.shape
-    batch_size, length = batch.batch_size, batch.max_length
-    image = batch.image_index(num_tokens)
-    position = torch.arange(num_tokens, device=query.device) - batch.offsets[image]
-
-    def pad(x: torch.Tensor) -> torch.Tensor:
-        padded = x.new_zeros(batch_size, length, num_heads, head_dim)
-        padded[image, position] = x
-        return padded.transpose(1, 2)
-
-    real = torch.arange(length, device=query.device) < batch.lengths[:, None]  # (batch, length)
-    scores = (pad(query) @ pad(key).transpose(-1, -2)).float() * head_dim**-0.5
+    image, position = batch.image_positions(query.shape[0])
+    query, key, value = (batch.pad(x, image, position).transpose(1, 2) for x in (query, key, value))
+    real = torch.arange(batch.max_length, device=query.device) < batch.lengths[:, None]  # (batch, length)
+    scores = (query @ key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5
     weights = scores.masked_fill(~real[:, None, None, :], float("-inf")).softmax(-1)
     weights = (weights * real[:, None, :, None]).to(query.dtype)  # padding queries attend to nothing
-    out = F.dropout(weights, dropout_p) @ pad(value)
+    out = F.dropout(weights, dropout_p) @ value
     return out.transpose(1, 2)[image, position], weights
 
 
@@ -278,8 +318,8 @@ def attention_by_layout(
     """
     batch_size, heads, length, _ = weights.shape
     size = 1 + layout.batch.max_length
-    image = batch.image_index(token_index.shape[0])
-    current = 1 + torch.arange(token_index.shape[0], device=weights.device) - batch.offsets[image]
+    image, current = batch.image_positions(token_index.shape[0])
+    current = 1 + current  # after the class token
     aligned = torch.full((batch_size, length), size, dtype=torch.long, device=weights.device)  # padding: a spare slot
     aligned[:, 0] = 0
     aligned[image, current] = 1 + token_index - layout.batch.offsets[image]
@@ -305,5 +345,7 @@ __all__ = [
     "insert_per_image",
     "packed_attention",
     "padded_by_layout",
+    "refuse_in_export",
+    "state_pytree",
     "unshare",
 ]

@@ -1,4 +1,6 @@
-"""The contracts of a `transformers` model that STEP keeps: big-model inference with offloading, ..."""
+"""The contracts of a `transformers` model that STEP keeps: big-model inference with offloading, gradient
+checkpointing, input embeddings for PEFT, batch-first outputs with attentions, attention implementations,
+`torch.export` of the static configurations, `transformers.Trainer` and LoRA adapters."""
 
 import tempfile
 
@@ -173,3 +175,58 @@ def test_transformers_trainer_fine_tunes_saves_and_reloads(tmp_path, scene_datas
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs, partition_source="dense").logits,
                                    model.eval()(**inputs, partition_source="dense").logits)
+
+
+STATIC = {
+    "dense": dict(),
+    "token budget and fixed exit counts": dict(partition_source="policy", token_budget=12, exit_layers=[1],
+                                               halting=True, exit_keep_tokens=[6]),
+}
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_static_configurations_export_and_match_eager(name):
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(tiny_config(**STATIC[name])).eval()
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    program = torch.export.export(model, (pixels,))
+    other = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(6))  # not the traced values
+    with torch.no_grad():
+        exported, eager = program.module()(other), model(other)
+    torch.testing.assert_close(exported.logits, eager.logits)
+    assert torch.equal(exported.superpatch_map, eager.superpatch_map)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(partition_source="policy"), "number of tokens of a partition without a token budget"),
+    (dict(exit_layers=[1], halting=True), "number of tokens an exit keeps by threshold"),
+])
+def test_data_dependent_configurations_refuse_to_export_naming_the_static_settings(fields, words):
+    model = StepForSemanticSegmentation(tiny_config(**fields)).eval()
+    with pytest.raises(Exception, match=words) as raised:
+        torch.export.export(model, (torch.randn(1, 3, 64, 96),))
+    assert "token_budget" in str(raised.value) and "exit_keep_tokens" in str(raised.value)
+
+
+def test_lora_adapters_on_the_attention_projections_train_with_peft():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(tiny_config()).train()
+    frozen = {name: value.clone() for name, value in model.state_dict().items()}
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*blocks\.\d+\.attn\.(qkv|proj)")
+    model = peft.get_peft_model(model, lora)
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    labels = torch.randint(0, 4, (2, 64, 64), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(10):
+        loss = model(pixel_values=PIXELS, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    merged = model.merge_and_unload().state_dict()
+    changed = [name for name in frozen if not torch.equal(merged[name], frozen[name])]
+    assert changed and all(".attn." in name for name in changed)  # only the adapted projections moved
