@@ -542,6 +542,7 @@ class StepModel(StepPreTrainedModel):
             output_attentions, output_hidden_states, return_dict: as for every `transformers` model (attention
                 weights are computed eagerly for the call that asks for them).
         """
+        # Over 60 lines only through its documented arguments: the body is the list of steps, one call each.
         grid_size = check_pixel_values(pixel_values, self.config)
         check_direct_parameters_placed(self, self.base_model_prefix)
         partition_source, halting, attention_mode = self.run_settings(partition_source, halting, attention_mode)
@@ -800,6 +801,7 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             window_offsets (`torch.LongTensor`, *optional*):
                 Sliding-window bookkeeping from `StepImageProcessor`, returned unchanged in the output.
         """
+        # Over 60 lines only through its documented arguments: encode -> decode and merge exits -> losses -> outputs.
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.step(
             pixel_values, superpatch_map=superpatch_map, superpatch_targets=superpatch_targets,
