@@ -26,6 +26,11 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -
 _CUSTOM_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
+def flop_counter() -> FlopCounterMode:
+    """A `FlopCounterMode` that also counts the CPU flash-attention operator."""
+    return FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOP_FORMULAS)
+
+
 @torch.no_grad()
 def count_flops(model: StepForSemanticSegmentation | StepModel, **inputs) -> dict[str, int]:
     """
@@ -33,7 +38,7 @@ def count_flops(model: StepForSemanticSegmentation | StepModel, **inputs) -> dic
     the parts: `policy`, `exits` (the exit heads), `encoder` (the ViT without policy and exit heads) and `decoder`
     (zero for a bare `StepModel`).
     """
-    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOP_FORMULAS)
+    counter = flop_counter()
     with counter:
         model(**inputs)
     by_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}

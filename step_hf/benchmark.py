@@ -13,7 +13,9 @@ Real, heterogeneous images (frames of a `datasets` folder, resized to the input 
   the tokens halt at each exit (random weights do not halt by themselves);
 - `dCTS budget`: a fixed token budget (the mean oracle count): static shapes, optionally `--compile`d;
 - `dCTS budget + exits keeping [k, ...]`: the same with exits that keep fixed counts (`exit_keep_tokens`, from
-  `--halt_share`): static shapes all through, exits included.
+  `--halt_share`): static shapes all through, exits included;
+- `--peers segformer-b5 eomt-large`: the `transformers` segmenters users would pick instead (random weights, the
+  same images, batch and dtype), their FLOPs counted by `FlopCounterMode`.
 
 It reports ms per image, images per second, speed-up against `dense`, peak GPU memory, tokens per image, the share
 halted per exit, and FLOPs per image (analytic, checked against `FlopCounterMode` in the tests; 2 FLOPs per
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", default="../shared/datasets/camvid")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--partition_source", default="oracle", choices=["oracle", "policy"])
+    parser.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS),
+                        help="also time these transformers segmenters (random weights) on the same batches; EoMT "
+                             "needs scipy")
     parser.add_argument("--halt_share", type=float, nargs="+", default=[0.2, 0.25],
                         help="share of the tokens reaching each exit that halt there (0.2 then 0.25 of the rest: 40%%)")
     parser.add_argument("--exit_thresholds", type=float, nargs="+",
@@ -237,6 +242,7 @@ class Variant:
     settings: dict = field(default_factory=dict)
     policy_ran: bool = False
     sharing: bool = False
+    counted_flops: float | None = None  # per image, counted by `FlopCounterMode` (models other than STEP)
 
     @property
     def halting(self) -> bool:
@@ -248,8 +254,9 @@ def row_for(variant: Variant, ms_per_batch: float, outputs: list, args, config: 
     tokens = torch.cat([o.token_counts.float().cpu() for o in outputs])
     halted = torch.cat([o.halted_share.float().cpu() for o in outputs]) if variant.halting else None
     image_size, policy_ran = tuple(args.image_size), variant.policy_ran
-    flops = flops_per_image(config, image_size, tokens.long().tolist(), halted.tolist() if variant.halting else None,
-                            variant.sharing, policy_ran)
+    flops = [variant.counted_flops] if variant.counted_flops is not None else flops_per_image(
+        config, image_size, tokens.long().tolist(), halted.tolist() if variant.halting else None, variant.sharing,
+        policy_ran)
     policy_flops = analytic_flops(config, image_size, [1], [1], policy_ran=policy_ran)["policy"] if policy_ran else 0
     ms_per_image = ms_per_batch / args.batch_size
     return {
@@ -296,6 +303,49 @@ def vit_variant(model, args) -> Variant:
     return Variant("transformers ViTModel + decoder", run)
 
 
+def segformer_b5(num_labels: int, image_size: tuple[int, int]):
+    """SegFormer-B5 (MiT-B5 encoder, 768-wide all-MLP decoder), random weights."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    config = SegformerConfig(hidden_sizes=[64, 128, 320, 512], depths=[3, 6, 40, 3], decoder_hidden_size=768,
+                             num_labels=num_labels)
+    return SegformerForSemanticSegmentation(config), lambda height, width: (height // 4) * (width // 4)
+
+
+def eomt_large(num_labels: int, image_size: tuple[int, int]):
+    """EoMT-L (ViT-L/16 with 200 queries in its last 4 blocks), random weights, position grid for the input."""
+    from transformers import EomtConfig, EomtForUniversalSegmentation
+
+    if image_size[0] != image_size[1]:
+        raise ValueError("EoMT runs square inputs (it slides square windows over larger frames): give a square "
+                         "--image_size for the eomt-large peer.")
+    config = EomtConfig(num_labels=num_labels, image_size=image_size[0])
+    return EomtForUniversalSegmentation(config), lambda height, width: (height // 16) * (width // 16)
+
+
+PEERS = {"segformer-b5": segformer_b5, "eomt-large": eomt_large}
+
+
+def peer_variant(name: str, batches: list[dict], num_labels: int, args) -> Variant:
+    """A `transformers` segmenter that users would pick instead, on the same images, batch and dtype; its FLOPs
+    counted on the first batch, its tokens those of its first stage."""
+    from .accounting import flop_counter
+
+    peer, tokens_per_image = PEERS[name](num_labels, tuple(args.image_size))
+    peer = peer.to(args.device, DTYPES[args.dtype]).eval()
+    pixels = batches[0]["pixel_values"]
+    counter = flop_counter()
+    with counter:
+        peer(pixel_values=pixels)
+    tokens = tokens_per_image(*pixels.shape[-2:])
+
+    def run(batch):
+        peer(pixel_values=batch["pixel_values"])
+        return SimpleNamespace(token_counts=torch.full((len(batch["pixel_values"]),), tokens), halted_share=None)
+
+    return Variant(f"{name} (transformers)", run, counted_flops=counter.get_total_flops() / len(pixels))
+
+
 def dcts_run(model, partition_source: str) -> Callable[[dict], object]:
     """A dCTS forward: policy partitions, or oracle ones with the policy still run and timed (a deployed model always
     runs its policy)."""
@@ -330,6 +380,8 @@ def ladder(model, batches: list[dict], args):
     yield Variant("dense", lambda batch: model(batch["pixel_values"], partition_source="dense"))
     if not args.skip_vit:
         yield vit_variant(model, args)
+    for name in args.peers:
+        yield peer_variant(name, batches, config.num_labels, args)
     dcts = dcts_run(model, args.partition_source)
     yield Variant("dCTS", dcts, policy_ran=True, sharing=True)
     if config.exit_layers:

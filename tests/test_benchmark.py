@@ -42,3 +42,16 @@ def test_exit_calibration_halts_the_asked_share_despite_the_top_k_rule():
     first, second = ((exit_layer[exit_layer >= layer] == layer).float().mean() for layer in (1, 2))
     assert len(thresholds) == 2 and not config.exit_thresholds[0] == config.exit_thresholds[1] == 1.0
     assert abs(float(first) - 0.3) < 0.02 and abs(float(second) - 0.5) < 0.03
+
+
+def test_peer_segmenters_are_timed_in_the_same_run(tmp_path, scene_dataset):
+    output = tmp_path / "bench.json"
+    benchmark.main(["--preset", "tiny", "--image_size", "64", "--batch_size", "2", "--num_batches", "1",
+                    "--repeats", "1", "--warmup", "0", "--dataset_name", str(scene_dataset), "--skip_vit",
+                    "--peers", "segformer-b5", "eomt-large", "--output", str(output)])
+    rows = {row["variant"]: row for row in json.loads(output.read_text())["rows"]}
+    segformer, eomt = rows["segformer-b5 (transformers)"], rows["eomt-large (transformers)"]
+    assert segformer["tokens_mean"] == 16 * 16 and eomt["tokens_mean"] == 4 * 4  # first-stage tokens at 64x64
+    # Counted FLOPs: EoMT-L is a ViT-L, far heavier than the STEP ViT-Tiny at the same input
+    assert eomt["gflops_per_image"] > 10 * rows["dense"]["gflops_per_image"] > 0
+    assert segformer["ms_per_image"] > 0 and segformer["speedup"] > 0
