@@ -20,8 +20,8 @@ timeout 90 python3 -m step_hf.benchmark --preset small --image_size $small_size 
 # 2. the ladder: ViT-L at 1024, bf16, batch 8 (eager, profiled); batch 1 and batch 8 with the static variants
 # (token budget, then also fixed exit counts) compiled with CUDA graphs (each compilation takes a minute or two);
 # the padded attention mode last (a fallback: the least needed number)
-timeout 150 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 \
-    --dtype bf16 --dataset_name $data --profile --output "$out/vitl_1024_b8.json"
+timeout 180 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 \
+    --dtype bf16 --dataset_name $data --profile --peers segformer-b5 eomt-large --output "$out/vitl_1024_b8.json"
 for batch in 1 8; do
     timeout 300 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size $batch \
         --num_batches $(( 8 / batch > 2 ? 4 : 2 )) --dtype bf16 --dataset_name $data --compile \
