@@ -134,7 +134,15 @@ def plot(rows: list[dict], path: str) -> None:
                       if (row["preset"], row["variant"]) == (preset, variant) and row["square"])
         draw.line([at(x, y) for x, y in line], fill=colours[variant], width=2 if preset == "large" else 1)
         draw.text((margin + 10, margin + 10 + 14 * key_index), f"ViT-{preset} {variant}", fill=colours[variant])
-    draw.text((width // 2 - 120, height - margin + 25), "pixels per image (log), square inputs", fill="black")
+    for pixels in sorted({row["pixels"] for row in rows if row["square"]}):  # x ticks: the square sizes
+        x, _ = at(pixels, math.exp(low_y))
+        draw.line([(x, height - margin), (x, height - margin + 5)], fill="black")
+        draw.text((x - 25, height - margin + 8), f"{math.isqrt(pixels)}x{math.isqrt(pixels)}", fill="black")
+    for power in range(math.ceil(low_y / math.log(10)), math.floor(high_y / math.log(10)) + 1):  # y ticks: decades
+        _, y = at(math.exp(low_x), 10.0**power)
+        draw.line([(margin - 5, y), (margin, y)], fill="black")
+        draw.text((margin - 55, y - 6), f"{10.0**power:g}", fill="black")
+    draw.text((width // 2 - 120, height - margin + 30), "pixels per image (log), square inputs", fill="black")
     draw.text((10, margin - 30), "GFLOPs per image (log)", fill="black")
     picture.save(path)
 
