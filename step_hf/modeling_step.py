@@ -35,13 +35,14 @@ from .superpatch import (
 )
 from .token_layout import (
     PackedBatch,
+    PackedSequence,
+    PaddedPlaces,
     TokenLayout,
-    attention_by_layout,
     dense_token_layout,
     eager_attention,
     insert_per_image,
     packed_attention,
-    padded_by_layout,
+    places_by_layout,
     state_pytree,
     unshare,
 )
@@ -91,8 +92,9 @@ class StepModelOutput(ModelOutput):
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + max_tokens, hidden_size)`):
             The encoder's final (layer-normed) features. With one token per cell (the dense model) this is exactly a
             ViT's `(batch_size, 1 + rows * cols, hidden_size)`.
-        sequence_mask (`torch.BoolTensor` of shape `(batch_size, 1 + max_tokens)`):
-            Where `last_hidden_state` holds a token that reached the end (class tokens included).
+        sequence_mask (`torch.LongTensor` of shape `(batch_size, 1 + max_tokens)`):
+            1 where `last_hidden_state` holds a token that reached the end (class tokens included), 0 elsewhere, as
+            an `attention_mask` is.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             The features after the embedding and after each block, each `(batch_size, 1 + max_tokens, hidden_size)`;
             a token that halted is zero from the block after its exit on.
@@ -112,7 +114,7 @@ class StepModelOutput(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    sequence_mask: torch.BoolTensor | None = None
+    sequence_mask: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     superpatch_map: torch.LongTensor | None = None
@@ -200,13 +202,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, batch: PackedBatch, output_attentions: bool = False
+        self, x: torch.Tensor, batch: PackedBatch, output_attentions: bool = False, places: PaddedPlaces | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`places` lays the rows out for the weights returned with `output_attentions` (default: each image's
+        segment, padded to the longest)."""
         query, key, value = self.qkv(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
         dropout = self.config.attention_probs_dropout_prob if self.training else 0.0
         weights = None
         if output_attentions or self.config._attn_implementation == "eager":
-            out, weights = eager_attention(query, key, value, batch, dropout)
+            places = places if places is not None else batch.places(x.shape[0])
+            out, weights = eager_attention(query, key, value, places, dropout)
         else:
             out = packed_attention(query, key, value, batch, dropout)
         return self.proj(out.flatten(1)), weights if output_attentions else None
@@ -236,10 +241,10 @@ class Block(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, x: torch.Tensor, batch: PackedBatch, output_attentions: bool = False
+        self, x: torch.Tensor, batch: PackedBatch, output_attentions: bool = False, places: PaddedPlaces | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new tokens and, with `output_attentions`, the attention weights (see `eager_attention`)."""
-        attended, weights = self.attn(self.norm1(x), batch, output_attentions)
+        """Returns the new tokens and, with `output_attentions`, the attention weights (see `Attention`)."""
+        attended, weights = self.attn(self.norm1(x), batch, output_attentions, places)
         x = x + self.dropout(attended)
         return x + self.dropout(self.mlp(self.norm2(x))), weights
 
@@ -347,6 +352,12 @@ class StepPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # `transformers` looks for its attention-function registry in the source to decide whether the kernel may
+        # change after loading; `Attention` reads `config._attn_implementation` at every call, so it may.
+        return True
 
     def get_input_embeddings(self) -> nn.Module:
         """The patch embedding: the module every (super)token's embedding goes through (PEFT's
@@ -558,21 +569,13 @@ class StepModel(StepPreTrainedModel):
         )
         layout, superpatch_map, sides = self.lay_out_tokens(partition, pixel_values, grid_size, attention_mode)
         policy_logits = policy_logits_on_cells(partition.block_logits, grid_size)
-        last_hidden_state = sequence_mask = hidden_states = attentions = state = None
+        state, laid_out = None, {}
         if not policy_only:
             tokens = self.embed_superpatches(pixel_values, layout, sides)
             run_exits = len(self.exit_heads) > 0 and (halting or self.training)
-            state, hidden_states, attentions = self.encode(
-                tokens, layout, run_exits, halting, output_hidden_states, output_attentions
-            )
-            last_hidden_state, sequence_mask = padded_by_layout(
-                state.tokens, state.survivors.index, state.class_tokens, layout
-            )
+            state, laid_out = self.encode(tokens, layout, run_exits, halting, output_hidden_states, output_attentions)
         output = StepModelOutput(
-            last_hidden_state=last_hidden_state,
-            sequence_mask=sequence_mask,
-            hidden_states=hidden_states,
-            attentions=attentions,
+            **laid_out,
             superpatch_map=superpatch_map,
             token_counts=layout.batch.lengths,
             policy_logits=policy_logits,
@@ -646,32 +649,37 @@ class StepModel(StepPreTrainedModel):
     def encode(
         self, tokens: torch.Tensor, layout: TokenLayout, run_exits: bool, halting: bool, output_hidden_states: bool,
         output_attentions: bool,
-    ) -> tuple[EncoderState, tuple | None, tuple | None]:
+    ) -> tuple[EncoderState, dict]:
         """
         Run the blocks on the packed tokens of `layout`, with one class token per image in front. After each exit
         block (when `run_exits`) its head classifies the tokens still in; with `halting`, confident ones leave the
         sequence (`exits.halt`: one host sync per exit, none with `config.exit_keep_tokens`) and the rest are
-        re-packed. Returns the state and, when asked, the hidden states and attention weights laid out as
-        `StepModelOutput` documents them.
+        re-packed. Returns the state and the outputs laid out as `StepModelOutput` documents them: the last hidden
+        state and its mask, and, when asked, the hidden states and attention weights, which lie on the computation's
+        path (a gradient reaches them).
         """
         config, batch = self.config, layout.batch
         class_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(batch.batch_size, -1, -1)
         survivors = Survivors.all_of(batch, tokens.shape[0], config.num_hidden_layers, tokens.device)
         packed = insert_per_image(tokens, class_tokens, batch, at_start=True)
+        laid_out = output_hidden_states or output_attentions
+        places = places_by_layout(packed, survivors.index, layout) if laid_out else None
         exits = self.exits() if run_exits else {}
         exit_logits, hidden_states, attentions = [], [], []
 
-        def record_hidden_state() -> None:
-            if output_hidden_states:
-                hidden_states.append(padded_by_layout(packed.tokens, survivors.index, packed.extras[:, 0], layout)[0])
+        def recorded(packed: PackedSequence) -> PackedSequence:
+            """Record the hidden state in its padded layout and go on from it (so that it is on the path)."""
+            if not output_hidden_states:
+                return packed
+            hidden_states.append(places.pad(packed.sequence))
+            return packed._replace(sequence=places.unpad(hidden_states[-1]))
 
-        record_hidden_state()
+        packed = recorded(packed)
         for layer, block in enumerate(self.blocks, start=1):
-            sequence, weights = block(packed.sequence, packed.batch, output_attentions)
-            packed = packed._replace(sequence=sequence)
-            record_hidden_state()
+            sequence, weights = block(packed.sequence, packed.batch, output_attentions, places)
+            packed = recorded(packed._replace(sequence=sequence))
             if output_attentions:
-                attentions.append(attention_by_layout(weights, survivors.index, survivors.batch, layout))
+                attentions.append(weights)
             if layer not in exits:
                 continue
             head, rule = exits[layer]
@@ -682,7 +690,9 @@ class StepModel(StepPreTrainedModel):
             if halting:
                 survivors, order = halt(survivors, logits, layer, rule)
                 packed = insert_per_image(tokens[order], packed.extras, survivors.batch, at_start=True)
+                places = places_by_layout(packed, survivors.index, layout) if laid_out else None
         sequence = self.norm(packed.sequence)
+        final_places = places if places is not None else places_by_layout(packed, survivors.index, layout)
         state = EncoderState(
             layout=layout,
             tokens=sequence[packed.token_positions],
@@ -690,7 +700,12 @@ class StepModel(StepPreTrainedModel):
             survivors=survivors,
             exit_logits=tuple(exit_logits) if exit_logits else None,
         )
-        return state, tuple(hidden_states) or None, tuple(attentions) or None
+        return state, {
+            "last_hidden_state": final_places.pad(sequence),
+            "sequence_mask": final_places.filled.long(),
+            "hidden_states": tuple(hidden_states) or None,
+            "attentions": tuple(attentions) or None,
+        }
 
     def exits(self) -> dict[int, tuple[ExitHead, ExitRule]]:
         """Each exit block's head and keep rule, by block (1-based)."""

@@ -109,11 +109,11 @@ class PackedBatch:
         image = self.image_index(num_tokens)
         return image, torch.arange(num_tokens, device=self.lengths.device) - self.offsets[image]
 
-    def pad(self, values: torch.Tensor, image: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Packed `(num_tokens, ...)` values padded per image with zeros: `(batch_size, max_length, ...)`."""
-        padded = values.new_zeros(self.batch_size, self.max_length, *values.shape[1:])
-        padded[image, position] = values
-        return padded
+    def places(self, num_tokens: int) -> "PaddedPlaces":
+        """The places of the packed tokens in a grid padded to the longest image, segment order kept."""
+        image, position = self.image_positions(num_tokens)
+        filled = torch.arange(self.max_length, device=self.lengths.device) < self.lengths[:, None]
+        return PaddedPlaces(image, position, filled)
 
     def grow(self, extra_per_image: int) -> "PackedBatch":
         """The batch after `extra_per_image` tokens are added to every image."""
@@ -207,6 +207,43 @@ class PackedSequence(NamedTuple):
         return self.sequence[self.extra_positions]
 
 
+class PaddedPlaces(NamedTuple):
+    """Where each row of a packed sequence goes in a padded `(batch_size, length)` grid (`image`, `position`, each
+    `(num_rows,)`), and which places of the grid are filled (`filled`, `(batch_size, length)` bool)."""
+
+    image: torch.Tensor
+    position: torch.Tensor
+    filled: torch.Tensor
+
+    def pad(self, values: torch.Tensor) -> torch.Tensor:
+        """Packed `(num_rows, ...)` values in the grid, zeros elsewhere: `(batch_size, length, ...)`."""
+        padded = values.new_zeros(*self.filled.shape, *values.shape[1:])
+        padded[self.image, self.position] = values
+        return padded
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """The packed rows back out of the grid (differentiable: gradients reach `padded`)."""
+        return padded[self.image, self.position]
+
+
+def places_by_layout(sequence: "PackedSequence", token_index: torch.Tensor, layout: TokenLayout) -> PaddedPlaces:
+    """The places of a sequence holding, per image, its class token (the one extra token) and the layout tokens
+    `token_index`: the class token at position 0, token i of an image's layout at position 1 + i, in a grid of
+    `1 + max_tokens` positions (so halted tokens leave their places empty)."""
+    rows, batch_size = sequence.sequence.shape[0], layout.batch.batch_size
+    image = torch.empty(rows, dtype=torch.long, device=token_index.device)
+    position = torch.empty_like(image)
+    token_image = layout.image_index[token_index]
+    image[sequence.token_positions] = token_image
+    position[sequence.token_positions] = 1 + token_index - layout.batch.offsets[token_image]
+    class_rows = sequence.extra_positions[:, 0]
+    image[class_rows] = torch.arange(batch_size, device=image.device)
+    position[class_rows] = 0
+    filled = torch.zeros(batch_size, 1 + layout.batch.max_length, dtype=torch.bool, device=image.device)
+    filled[image, position] = True
+    return PaddedPlaces(image, position, filled)
+
+
 def insert_per_image(tokens: torch.Tensor, extra: torch.Tensor, batch: PackedBatch, at_start: bool) -> PackedSequence:
     """
     Add `extra` tokens to every image of a packed sequence, before or after its own tokens.
@@ -261,73 +298,29 @@ def packed_attention(
             for q, k, v in pieces
         ])
 
-    image, position = batch.image_positions(num_tokens)
-    query, key, value = (batch.pad(x, image, position).transpose(1, 2) for x in (query, key, value))
-    key_mask = torch.arange(length, device=query.device) < batch.lengths[:, None]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p)
-    return out.transpose(1, 2)[image, position]
+    places = batch.places(num_tokens)
+    query, key, value = (places.pad(x).transpose(1, 2) for x in (query, key, value))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=places.filled[:, None, None, :],
+                                         dropout_p=dropout_p)
+    return places.unpad(out.transpose(1, 2))
 
 
 def eager_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: PackedBatch, dropout_p: float = 0.0
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, places: PaddedPlaces, dropout_p: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Attention computed explicitly, softmax of the scaled scores, for when its weights are wanted. Returns the output
-    `(num_tokens, num_heads, head_dim)`, as `packed_attention`, and the weights `(batch_size, num_heads, max_length,
-    max_length)`: each image's segment padded to the longest, zero at padding.
+    Attention computed explicitly, softmax of the scaled scores, for when its weights are wanted. The packed rows
+    `(num_rows, num_heads, head_dim)` are laid in the padded grid of `places` (each image attends to its own filled
+    places only). Returns the output, packed as the input, and the weights `(batch_size, num_heads, length, length)`
+    that computed it, zero at empty places.
     """
-    image, position = batch.image_positions(query.shape[0])
-    query, key, value = (batch.pad(x, image, position).transpose(1, 2) for x in (query, key, value))
-    real = torch.arange(batch.max_length, device=query.device) < batch.lengths[:, None]  # (batch, length)
+    query, key, value = (places.pad(x).transpose(1, 2) for x in (query, key, value))
+    filled = places.filled
     scores = (query @ key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5
-    weights = scores.masked_fill(~real[:, None, None, :], float("-inf")).softmax(-1)
-    weights = (weights * real[:, None, :, None]).to(query.dtype)  # padding queries attend to nothing
+    weights = scores.masked_fill(~filled[:, None, None, :], float("-inf")).softmax(-1)
+    weights = (weights * filled[:, None, :, None]).to(query.dtype)  # empty places attend to nothing
     out = F.dropout(weights, dropout_p) @ value
-    return out.transpose(1, 2)[image, position], weights
-
-
-def padded_by_layout(
-    token_values: torch.Tensor, token_index: torch.Tensor, class_values: torch.Tensor, layout: TokenLayout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    `(batch_size, 1 + max_tokens, dim)`: each image's class token at position 0, then its layout tokens in layout
-    order, position 1 + i holding its i-th token (so position p of image b is token `layout.batch.offsets[b] + p - 1`
-    of the layout). Only the tokens of `token_index` (indices into the layout, with their `token_values`) are
-    filled; the others (halted) and the padding are zero. Also returns the mask of filled positions.
-    """
-    batch_size, length = layout.batch.batch_size, 1 + layout.batch.max_length
-    image = layout.image_index[token_index]
-    position = 1 + token_index - layout.batch.offsets[image]
-    padded = token_values.new_zeros(batch_size, length, token_values.shape[-1])
-    padded[:, 0] = class_values
-    padded[image, position] = token_values
-    filled = torch.zeros(batch_size, length, dtype=torch.bool, device=token_values.device)
-    filled[:, 0] = True
-    filled[image, position] = True
-    return padded, filled
-
-
-def attention_by_layout(
-    weights: torch.Tensor, token_index: torch.Tensor, batch: PackedBatch, layout: TokenLayout
-) -> torch.Tensor:
-    """
-    Move attention weights `(batch_size, heads, length, length)` of a sequence holding, per image, its class token and
-    then the tokens of `token_index` (indices into the layout, `batch` their lengths; as `eager_attention` returns
-    them) to the positions of `padded_by_layout`: `(batch_size, heads, 1 + max_tokens, 1 + max_tokens)`, zero where
-    a token is absent.
-    """
-    batch_size, heads, length, _ = weights.shape
-    size = 1 + layout.batch.max_length
-    image, current = batch.image_positions(token_index.shape[0])
-    current = 1 + current  # after the class token
-    aligned = torch.full((batch_size, length), size, dtype=torch.long, device=weights.device)  # padding: a spare slot
-    aligned[:, 0] = 0
-    aligned[image, current] = 1 + token_index - layout.batch.offsets[image]
-    by_key = weights.new_zeros(batch_size, heads, length, size + 1).scatter_(
-        3, aligned[:, None, None, :].expand(-1, heads, length, -1), weights)
-    by_both = weights.new_zeros(batch_size, heads, size + 1, size + 1).scatter_(
-        2, aligned[:, None, :, None].expand(-1, heads, -1, size + 1), by_key)
-    return by_both[:, :, :size, :size]
+    return places.unpad(out.transpose(1, 2)), weights
 
 
 def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -337,14 +330,14 @@ def unshare(token_values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
 __all__ = [
     "PackedBatch",
-    "attention_by_layout",
     "PackedSequence",
+    "PaddedPlaces",
     "TokenLayout",
     "dense_token_layout",
     "eager_attention",
     "insert_per_image",
     "packed_attention",
-    "padded_by_layout",
+    "places_by_layout",
     "refuse_in_export",
     "state_pytree",
     "unshare",

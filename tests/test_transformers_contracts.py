@@ -123,13 +123,27 @@ def test_encoder_outputs_are_batch_first_with_the_class_token_first_and_padding_
         position = 1 + token - int(state.layout.batch.offsets[image])
         assert output.sequence_mask[image, position] and torch.equal(output.last_hidden_state[image, position], row)
     assert torch.equal(output.last_hidden_state[:, 0], state.class_tokens)
-    assert (output.last_hidden_state[~output.sequence_mask] == 0).all()
+    assert (output.last_hidden_state[output.sequence_mask == 0] == 0).all()
     assert len(output.hidden_states) == 3 and len(output.attentions) == 2
     for weights, present in zip(output.attentions, (torch.arange(size) <= torch.tensor(counts)[:, None],
-                                                    output.sequence_mask)):
+                                                    output.sequence_mask.bool())):
         assert weights.shape == (3, 2, size, size)
         torch.testing.assert_close(weights.sum(-1), present[:, None, :].float().expand(-1, 2, -1))  # rows sum to 1
         assert (weights[~present[:, None, None, :].expand_as(weights)] == 0).all()  # nothing attends to absent keys
+
+
+def test_hidden_states_and_attentions_are_on_the_computation_path():
+    """As the library's common tests require: a gradient from the output reaches the returned hidden states and
+    attention weights (they are the tensors the model computes with, not copies)."""
+    model = halting_model()
+    output = model.step(torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(7)),
+                        output_hidden_states=True, output_attentions=True)
+    hidden, weights = output.hidden_states[0], output.attentions[0]
+    hidden.retain_grad()
+    weights.retain_grad()
+    output.last_hidden_state[output.sequence_mask.bool()].sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -144,6 +158,11 @@ def test_attention_implementations_load_and_agree(tmp_path, implementation):
         with_weights = loaded(pixels, output_attentions=True)
     torch.testing.assert_close(with_weights.logits, model(pixels).logits, rtol=1e-5, atol=1e-5)
     assert with_weights.attentions[0].shape[:2] == (2, 2)
+    other = "eager" if implementation == "sdpa" else "sdpa"
+    loaded.set_attn_implementation(other)  # after loading, too
+    assert loaded.config._attn_implementation == other
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixels).logits, model(pixels).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_transformers_trainer_fine_tunes_saves_and_reloads(tmp_path, scene_dataset):
