@@ -359,3 +359,35 @@ def test_refusals(tmp_path):
     linear["decoder.head.weight"] = torch.zeros(CLASSES, WIDTH)
     with pytest.raises(ValueError, match="not the mask transformer"):
         convert_segmenter(linear)
+
+
+def test_add_step_recipe_on_a_converted_model(tmp_path, scene_dataset):
+    """scripts/add_step.sh at toy size: converted dense model -> policy -> segmenter fine-tune -> pruning fine-tune,
+    each stage saved and evaluated, the converted model's normalisation kept throughout."""
+    from scenes import SCENE_CLASSES
+
+    id2label = {int(index): name for index, name in SCENE_CLASSES.items()}
+    sd = segmenter_state_dict()
+    sd["decoder.cls_emb"] = torch.randn(1, len(id2label), WIDTH)
+    sd["decoder.mask_norm.weight"], sd["decoder.mask_norm.bias"] = torch.ones(len(id2label)), torch.zeros(len(id2label))
+    model, processor = convert_segmenter(sd)
+    model.config.id2label, model.config.label2id = id2label, {name: index for index, name in id2label.items()}
+    model.save_pretrained(tmp_path / "dense")
+    # A DeiT-normalised model's statistics: unlike 0.5 they differ from a new processor's defaults.
+    processor.image_mean, processor.image_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    processor.save_pretrained(tmp_path / "dense")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "SIZE": "64", "POLICY_STEPS": "2",
+           "SEGMENTER_STEPS": "2", "PRUNE_STEPS": "2", "BATCH": "2", "PRECISION": "no", "WORKERS": "0"}
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "add_step.sh")
+    result = subprocess.run(["bash", script, str(tmp_path / "dense"), str(scene_dataset), str(tmp_path / "run"),
+                             "--max_train_samples", "4", "--max_eval_samples", "2"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for stage in ("policy", "segmenter", "step"):
+        metrics = json.loads((tmp_path / "run" / stage / "metrics.json").read_text())
+        if stage != "policy":  # the policy stage measures its tokens only
+            assert 0 <= metrics["final_eval"]["mean_iou"] <= 1
+        saved = json.loads((tmp_path / "run" / stage / "preprocessor_config.json").read_text())
+        assert saved["image_mean"] == [0.485, 0.456, 0.406]  # the converted model's (DeiT) statistics, not reset
+    final = json.loads((tmp_path / "run" / "step" / "config.json").read_text())
+    assert {"policy", "encoder", "decoder", "exit_heads"} <= set(final["trained_components"]) and final["halting"]
