@@ -216,6 +216,16 @@ def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
     return model
 
 
+def saved_normalisation(args) -> dict:
+    """The image mean and std a saved model's weights learnt with (its processor's), so that fine-tuning a converted
+    Segmenter (0.5 / 0.5 for AugReg ViTs) does not feed it ImageNet-normalised images; none for a new model."""
+    if not args.model_name_or_path or not os.path.isfile(os.path.join(args.model_name_or_path,
+                                                                       "preprocessor_config.json")):
+        return {}
+    saved = StepImageProcessor.from_pretrained(args.model_name_or_path)
+    return {"image_mean": saved.image_mean, "image_std": saved.image_std}
+
+
 def check_policy_is_trained(model: StepForSemanticSegmentation, args, stages: list[str]) -> None:
     """Refuse to train or evaluate a segmenter on the partitions of a policy that never trained (they are arbitrary,
     and the saved model would run them by default)."""
@@ -549,7 +559,7 @@ def main(argv=None) -> None:
         model.gradient_checkpointing_enable()
     processor = StepImageProcessor(
         size={"shortest_edge": args.image_size}, superpatch_sizes=model.config.superpatch_sizes,
-        num_labels=model.config.num_labels, do_reduce_labels=args.reduce_labels,
+        num_labels=model.config.num_labels, do_reduce_labels=args.reduce_labels, **saved_normalisation(args),
     )
     data = {"train": TrainTransform(dataset["train"], processor, args),
             "validation": EvalTransform(dataset["validation"], processor)}
@@ -622,8 +632,9 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
         with open(os.path.join(temporary, "metrics.json"), "w") as f:
             json.dump({"history": history, "final_eval": final_eval, "settings": model.config.settings(),
                        "trained_components": model.config.trained_components, "train_seconds": seconds}, f, indent=1)
+        started = f"Started from `{args.model_name_or_path}`." if args.model_name_or_path else None
         model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
-                   input_size=f"shortest edge resized to {args.image_size}").save(os.path.join(temporary, "README.md"))
+                   input_size=f"shortest edge resized to {args.image_size}", provenance=started).save(os.path.join(temporary, "README.md"))
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         raise disk_error(error, f"saving the final model to {args.output_dir} (nothing of it was written there; the "

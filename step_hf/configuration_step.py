@@ -75,13 +75,18 @@ class StepConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal weight initialisation.
         image_size (`int` or `list[int]`, defaults to 512): the size, square or `[height, width]`, for which the
             position embeddings are stored. Inputs of any other size (multiples of `patch_size`) are accepted:
-            the position-embedding grid is resized (bicubic) to the input grid.
+            the position-embedding grid is resized (`position_interpolation`) to the input grid.
+        position_interpolation (`str`, defaults to `"bicubic"`): how that grid is resized: `"bicubic"` (timm,
+            `transformers` and mmsegmentation ViTs) or `"bilinear"` (the Segmenter authors' code), so that a model
+            converted from either gives its original's numbers at every input size.
         patch_size (`int`, defaults to 16): side of a patch in pixels.
         num_channels (`int`, defaults to 3): input channels.
         decoder_hidden_size (`int`, *optional*): width of the mask-transformer decoder; defaults to `hidden_size`.
         decoder_num_hidden_layers (`int`, defaults to 2): transformer layers in the decoder (Segmenter uses 2).
         decoder_num_attention_heads (`int`, *optional*): decoder heads; defaults to `decoder_hidden_size // 64`.
         decoder_intermediate_size (`int`, *optional*): decoder MLP width; defaults to `4 * decoder_hidden_size`.
+        decoder_layer_norm_eps (`float`, *optional*): the decoder's LayerNorm epsilon; defaults to `layer_norm_eps`
+            (mmsegmentation's Segmenter uses 1e-6 in its encoder and 1e-5 in its decoder).
         semantic_loss_ignore_index (`int`, defaults to 255): label value ignored by the loss (void).
         superpatch_sizes (`list[int]`, defaults to `[2, 4, 8, 16]`): the sides, in patches, that a supertoken may
             have (dCTS); powers of two among 1, 2, 4, 8, 16. A plain patch (1) is always possible; `[1]` switches
@@ -162,6 +167,8 @@ class StepConfig(PreTrainedConfig):
     decoder_num_hidden_layers: int = 2
     decoder_num_attention_heads: int | None = None
     decoder_intermediate_size: int | None = None
+    decoder_layer_norm_eps: float | None = None
+    position_interpolation: str = "bicubic"
     semantic_loss_ignore_index: int = 255
     superpatch_sizes: list[int] | tuple[int, ...] = (2, 4, 8, 16)
     partition_source: str = "policy"
@@ -188,6 +195,8 @@ class StepConfig(PreTrainedConfig):
             self.decoder_num_attention_heads = max(1, self.decoder_hidden_size // 64)
         if self.decoder_intermediate_size is None:
             self.decoder_intermediate_size = 4 * self.decoder_hidden_size
+        if self.decoder_layer_norm_eps is None:
+            self.decoder_layer_norm_eps = self.layer_norm_eps
         self.superpatch_sizes = sorted(self.superpatch_sizes)
         if self.policy_thresholds is None:
             self.policy_thresholds = [0.5] * len(self.shared_sizes)
@@ -246,6 +255,10 @@ class StepConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not 0 <= value < math.inf or (name.endswith("prob") and value > 1):  # NaN fails every comparison
                 raise ValueError(f"`{name}` must be a finite number >= 0 (at most 1 for a dropout), got {value}.")
+        if self.position_interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(
+                f"`position_interpolation` must be 'bicubic' or 'bilinear', got {self.position_interpolation!r}."
+            )
         if self.decoder_num_hidden_layers < 0:
             raise ValueError(f"`decoder_num_hidden_layers` must be >= 0, got {self.decoder_num_hidden_layers}.")
         if self.hidden_size % self.num_attention_heads:

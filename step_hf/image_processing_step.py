@@ -41,6 +41,10 @@ class StepImageProcessorKwargs(ImagesKwargs, total=False):
     window_size (`int` or `dict[str, int]`): side, or `{"height", "width"}`, of the sliding windows that images
         larger than it are cut into after resizing; `None` feeds whole images.
     window_stride (`int` or `dict[str, int]`): step between windows; defaults to two thirds of `window_size`.
+    window_merge (`str`): where `post_process_semantic_segmentation` averages overlapping windows: `"cells"` (the
+        default: on the patch grid, then one resize to the target size) or `"pixels"` (each window's logits are
+        first upsampled to its pixels, then averaged, then resized: the Segmenter authors' and mmsegmentation's
+        sliding-window inference, which converted models reproduce).
     num_labels (`int`): when set, label values outside `[0, num_labels)` other than `ignore_index` are refused.
     ignore_index (`int`): the void label (255).
     superpatch_sizes (`list[int]`): the superpatch sizes (set it to the model's `superpatch_sizes`) for which
@@ -50,6 +54,7 @@ class StepImageProcessorKwargs(ImagesKwargs, total=False):
     do_reduce_labels: bool
     window_size: int | dict[str, int] | None
     window_stride: int | dict[str, int] | None
+    window_merge: str
     num_labels: int | None
     ignore_index: int
     superpatch_sizes: list[int] | None
@@ -218,6 +223,7 @@ class StepImageProcessor(PilBackend):
     do_reduce_labels = False
     window_size = None
     window_stride = None
+    window_merge = "cells"
     num_labels = None
     ignore_index = 255
     superpatch_sizes = [2, 4, 8, 16]
@@ -408,23 +414,38 @@ class StepImageProcessor(PilBackend):
         Returns:
             `list[torch.Tensor]`: one `(height, width)` int64 map of class ids per image.
         """
-        logits = self.stitch_windows(outputs.logits, outputs.get("window_offsets"))
+        return [image_logits.argmax(dim=0) for image_logits in self.semantic_logits(outputs, target_sizes)]
+
+    def semantic_logits(self, outputs, target_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """The per-image class logits `post_process_semantic_segmentation` takes the argmax of: windows stitched
+        (`window_merge`), then bilinearly resized to `target_sizes` when given."""
+        if self.window_merge not in ("cells", "pixels"):
+            raise ValueError(f"`window_merge` must be 'cells' or 'pixels', got {self.window_merge!r}.")
+        logits, offsets = outputs.logits, outputs.get("window_offsets")
+        if self.window_merge == "pixels":  # a window's pixels are its cells upsampled, as the original code does
+            cell = self.size_divisor
+            logits = F.interpolate(logits, scale_factor=cell, mode="bilinear", align_corners=False)
+            logits = self.stitch_windows(logits, offsets, cell=1)
+        else:
+            logits = self.stitch_windows(logits, offsets)
         if target_sizes is not None and len(target_sizes) != len(logits):
             raise ValueError(f"Got {len(target_sizes)} target sizes for {len(logits)} images.")
-        maps = []
-        for index, image_logits in enumerate(logits):
-            if target_sizes is not None:
-                size = tuple(int(side) for side in target_sizes[index])
-                image_logits = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)[0]
-            maps.append(image_logits.argmax(dim=0))
-        return maps
+        if target_sizes is None:
+            return logits
+        return [
+            F.interpolate(image_logits[None], size=tuple(int(side) for side in size), mode="bilinear",
+                          align_corners=False)[0]
+            for image_logits, size in zip(logits, target_sizes)
+        ]
 
-    def stitch_windows(self, logits: torch.Tensor, window_offsets: torch.Tensor | None) -> list[torch.Tensor]:
+    def stitch_windows(
+        self, logits: torch.Tensor, window_offsets: torch.Tensor | None, cell: int | None = None
+    ) -> list[torch.Tensor]:
         """Per-image logits on the patch grid: the windows' logits averaged where windows overlap (cells are
-        `size_divisor` pixels, and window offsets are multiples of it)."""
+        `cell` pixels, `size_divisor` by default, and window offsets are multiples of it; 1 stitches pixels)."""
         if window_offsets is None:
             return list(logits)
-        cell = self.size_divisor
+        cell = cell or self.size_divisor
         offsets = torch.as_tensor(window_offsets).tolist()
         num_images = max(row[0] for row in offsets) + 1
         sizes = {row[0]: (row[3] // cell, row[4] // cell) for row in offsets}

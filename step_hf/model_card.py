@@ -13,11 +13,14 @@ def model_card(
     results: dict | None = None,
     notes: str = "",
     input_size: str | None = None,
+    provenance: str | None = None,
 ) -> ModelCard:
     """
     A model card for a STEP model. `results` holds measured numbers only (`mean_iou`, `overall_accuracy` in [0, 1],
     `tokens_per_image`, ...), measured with the settings saved in `config` (the card says so, naming them, and
-    `input_size` when given); without them the card says "not trained yet".
+    `input_size` when given); without them the card says "not trained yet". `provenance` says where the weights
+    came from when the model did not start from scratch (converted from another checkpoint, started from a saved
+    model), before the training command if any.
     """
     data = card_data(model_name, dataset_name, results)
     encoder = (f"ViT with {config.num_hidden_layers} blocks of width {config.hidden_size}, "
@@ -43,11 +46,16 @@ def model_card(
         "## Training",
         "",
     ]
+    if provenance:
+        lines += [provenance, ""]
     if training_command:
         lines += ["Trained with:", "", "```bash", training_command, "```", ""]
-    else:
+    elif not provenance:
         lines += ["Not trained yet.", ""]
-    lines += ["## Results", "", *results_lines(config, results, dataset_name, input_size)]
+    measured = results_lines(config, results, dataset_name, input_size)
+    if provenance and not results:  # converted weights did train, elsewhere
+        measured = ["No results measured with step-hf yet.", ""]
+    lines += ["## Results", "", *measured]
     lines += [
         "## Intended use and limits",
         "",

@@ -232,11 +232,12 @@ class Block(GradientCheckpointingLayer):
     """A pre-norm transformer block (timm names) on packed tokens. With gradient checkpointing on (the library's
     `gradient_checkpointing_enable()`), its activations are recomputed in the backward pass instead of kept."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, config: StepConfig):
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, config: StepConfig, eps: float | None = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        eps = config.layer_norm_eps if eps is None else eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, config)
-        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, config.hidden_act)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -484,11 +485,18 @@ class StepModel(StepPreTrainedModel):
         self.post_init()
 
     def position_grid(self, grid_size: tuple[int, int]) -> torch.Tensor:
-        """Patch position embeddings `(rows, cols, dim)` for an input grid, resized bicubically (no antialias,
-        like `transformers`' ViT) from the stored grid when the sizes differ."""
+        """Patch position embeddings `(rows, cols, dim)` for an input grid, resized from the stored grid when the
+        sizes differ: bicubically (no antialias, like `transformers`' ViT) or, for models converted from the
+        Segmenter authors' code, bilinearly as it does (`config.position_interpolation`)."""
         stored_rows, stored_cols = self.config.image_grid_size
         grid = self.pos_embed[0, 1:].view(stored_rows, stored_cols, -1)
-        return resize_grid_bicubic(grid, tuple(grid_size)) if (stored_rows, stored_cols) != tuple(grid_size) else grid
+        if (stored_rows, stored_cols) == tuple(grid_size):
+            return grid
+        if self.config.position_interpolation == "bilinear":
+            resized = F.interpolate(grid.permute(2, 0, 1)[None], size=tuple(grid_size), mode="bilinear",
+                                    align_corners=False)
+            return resized[0].permute(1, 2, 0)
+        return resize_grid_bicubic(grid, tuple(grid_size))
 
     def embed_superpatches(self, pixel_values: torch.Tensor, layout: TokenLayout, sides: list[int]) -> torch.Tensor:
         """
@@ -740,17 +748,17 @@ class MaskTransformerDecoder(nn.Module):
 
     def __init__(self, config: StepConfig):
         super().__init__()
-        dim = config.decoder_hidden_size
+        dim, eps = config.decoder_hidden_size, config.decoder_layer_norm_eps
         self.proj_dec = nn.Linear(config.hidden_size, dim)
         self.cls_emb = nn.Parameter(torch.zeros(1, config.num_labels, dim))
         self.blocks = nn.ModuleList(
-            Block(dim, config.decoder_num_attention_heads, config.decoder_intermediate_size, config)
+            Block(dim, config.decoder_num_attention_heads, config.decoder_intermediate_size, config, eps)
             for _ in range(config.decoder_num_hidden_layers)
         )
-        self.decoder_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.decoder_norm = nn.LayerNorm(dim, eps=eps)
         self.proj_patch = nn.Parameter(torch.zeros(dim, dim))
         self.proj_classes = nn.Parameter(torch.zeros(dim, dim))
-        self.mask_norm = nn.LayerNorm(config.num_labels, eps=config.layer_norm_eps)
+        self.mask_norm = nn.LayerNorm(config.num_labels, eps=eps)
 
     def forward(self, tokens: torch.Tensor, tokens_batch: PackedBatch) -> torch.Tensor:
         """`tokens` `(num_tokens, hidden_size)`, packed as `tokens_batch` says -> per-token class scores
