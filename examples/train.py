@@ -633,8 +633,9 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
             json.dump({"history": history, "final_eval": final_eval, "settings": model.config.settings(),
                        "trained_components": model.config.trained_components, "train_seconds": seconds}, f, indent=1)
         started = f"Started from `{args.model_name_or_path}`." if args.model_name_or_path else None
-        model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
-                   input_size=f"shortest edge resized to {args.image_size}", provenance=started).save(os.path.join(temporary, "README.md"))
+        card = model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
+                          input_size=f"shortest edge resized to {args.image_size}", provenance=started)
+        card.save(os.path.join(temporary, "README.md"))
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         raise disk_error(error, f"saving the final model to {args.output_dir} (nothing of it was written there; the "

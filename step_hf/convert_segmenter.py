@@ -36,8 +36,10 @@ DATASET_INFERENCE = {"ade20k": (512, 512, 512), "pascal_context": (520, 480, 320
 # The Segmenter authors' normalisations: AugReg ViTs use 0.5, DeiTs ImageNet statistics.
 NORMALIZATIONS = {"vit": ([0.5] * 3, [0.5] * 3), "deit": (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))}
 # mmsegmentation's dataset classes -> our dataset names.
-MMSEG_DATASETS = {"ADE20KDataset": "ade20k", "CityscapesDataset": "cityscapes", "PascalContextDataset": "pascal_context",
-                  "PascalContextDataset59": "pascal_context"}
+MMSEG_DATASETS = {
+    "ADE20KDataset": "ade20k", "CityscapesDataset": "cityscapes", "PascalContextDataset": "pascal_context",
+    "PascalContextDataset59": "pascal_context",
+}
 EXPECTED_KEYS = (
     "the Segmenter authors' keys (encoder.pos_embed, encoder.blocks.0.attn.qkv.weight, decoder.cls_emb, "
     "decoder.proj_patch, ...) or mmsegmentation's (backbone.pos_embed, backbone.layers.0.attn.attn.in_proj_weight, "
@@ -184,7 +186,8 @@ def read_variant(path: str) -> dict:
     class VariantLoader(yaml.SafeLoader):
         pass
 
-    VariantLoader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
+    VariantLoader.add_constructor("tag:yaml.org,2002:python/tuple",
+                                  lambda loader, node: loader.construct_sequence(node))
     with open(path) as f:
         return yaml.load(f, Loader=VariantLoader)
 
@@ -206,7 +209,9 @@ def segmenter_settings(source: SegmenterSource, variant: dict | None) -> None:
     normalization = net.get("normalization") or variant.get("dataset_kwargs", {}).get("normalization")
     if normalization is not None:
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"Unknown normalization {normalization!r} in the variant; known: {sorted(NORMALIZATIONS)}.")
+            raise ValueError(
+                f"Unknown normalization {normalization!r} in the variant; known: {sorted(NORMALIZATIONS)}."
+            )
         source.image_mean, source.image_std = NORMALIZATIONS[normalization]
     source.dataset = variant.get("dataset_kwargs", {}).get("dataset")
     inference = variant.get("inference_kwargs", {})
