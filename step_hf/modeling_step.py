@@ -519,11 +519,11 @@ class StepModel(StepPreTrainedModel):
             tables.append((self.patch_embed(pooled_pixels) + pooled_positions.permute(1, 2, 0)).flatten(0, 2))
 
         side, (rows, cols) = layout.block_side, layout.grid_size
-        table = torch.searchsorted(torch.tensor(sides, device=side.device), side)  # each token's table
+        table = (side[:, None] > torch.tensor(sides, device=side.device)).sum(1)  # each token's table: its side's index
         table_start = F.pad(torch.tensor([len(rows_of) for rows_of in tables], device=side.device).cumsum(0), (1, 0))
-        blocks_per_row = cols // side
-        row_in_table = (layout.image_index * (rows // side) * blocks_per_row + layout.cell_row // side * blocks_per_row
-                        + layout.cell_col // side)
+        blocks_per_row, blocks_per_column = torch.full_like(side, cols) // side, torch.full_like(side, rows) // side
+        row_in_table = (layout.image_index * blocks_per_column * blocks_per_row
+                        + layout.cell_row // side * blocks_per_row + layout.cell_col // side)
         return torch.cat(tables)[table_start[table] + row_in_table]
 
 

@@ -100,9 +100,10 @@ class PackedBatch:
         return len(set(self.host_lengths)) == 1
 
     def image_index(self, num_tokens: int) -> torch.Tensor:
-        """`(num_tokens,)` the image each token belongs to (no host sync: the total is given)."""
-        images = torch.arange(self.batch_size, device=self.lengths.device)
-        return images.repeat_interleave(self.lengths, output_size=num_tokens)
+        """`(num_tokens,)` the image each token belongs to: how many segments end at or before it (no host sync, and
+        plain comparisons, which every exporter knows)."""
+        token = torch.arange(num_tokens, device=self.lengths.device)
+        return (token[:, None] >= self.offsets[None, 1:-1]).sum(1)
 
     def image_positions(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For each of the `num_tokens` packed tokens, its image and its position within that image's segment."""

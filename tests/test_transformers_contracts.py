@@ -249,3 +249,25 @@ def test_lora_adapters_on_the_attention_projections_train_with_peft():
     merged = model.merge_and_unload().state_dict()
     changed = [name for name in frozen if not torch.equal(merged[name], frozen[name])]
     assert changed and all(".attn." in name for name in changed)  # only the adapted projections moved
+
+
+def test_the_dense_model_exports_to_onnx_and_onnxruntime_matches_eager(tmp_path):
+    pytest.importorskip("onnxscript")
+    onnxruntime = pytest.importorskip("onnxruntime")
+
+    class Logits(torch.nn.Module):  # ONNX graphs return tensors: the logits
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values).logits
+
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(tiny_config()).eval()
+    torch.onnx.export(Logits(model), (torch.randn(2, 3, 64, 96),), str(tmp_path / "step.onnx"), dynamo=True)
+    session = onnxruntime.InferenceSession(str(tmp_path / "step.onnx"))
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(8))
+    (logits,) = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(pixels).logits, rtol=1e-4, atol=1e-4)
