@@ -23,6 +23,12 @@ class EvalTransform:
     reduces labels)."""
 
     def __init__(self, dataset, processor: StepImageProcessor):
+        if processor.window_size is not None:  # one item per image: the first window alone would be measured
+            raise ValueError(
+                f"The processor cuts images into windows (window_size={processor.window_size}), but evaluation runs "
+                "one input per image: evaluate with `window_size=None`, or predict window by window and stitch "
+                "with `post_process_semantic_segmentation`."
+            )
         self.dataset, self.processor = dataset, processor
 
     def __len__(self) -> int:

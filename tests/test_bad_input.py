@@ -26,6 +26,7 @@ from PIL import Image
 from transformers import ViTConfig, ViTModel
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel, load_vit_weights
+from step_hf.evaluation import EvalTransform
 
 from .conftest import EXAMPLES, tiny_config
 from .hub_server import HubServer
@@ -487,3 +488,19 @@ TRAINING_CASES = [
 @pytest.mark.parametrize("case", TRAINING_CASES, ids=case_id)
 def test_training(case):
     run_case(case)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+
+
+EVALUATION_CASES = [
+    refused("a windowed processor for whole-image evaluation",
+            lambda: EvalTransform([], StepImageProcessor(window_size=64)), ValueError, "window_size=64",
+            "post_process_semantic_segmentation"),
+]
+
+
+@pytest.mark.parametrize("case", EVALUATION_CASES, ids=case_id)
+def test_evaluation(case):
+    run_case(case)
+
