@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
@@ -88,3 +89,18 @@ def test_camvid_recipe_runs_each_variant(tmp_path, scene_dataset):
     assert learning_rates("dense", "segmenter") == pytest.approx([4e-4 * step / 101 for step in (2, 3, 4)])
     # the pruning stage fine-tunes at --prune_learning_rate (1e-4), warming up over train.py's 20 steps
     assert learning_rates("step", "prune") == pytest.approx([1e-4 * step / 21 for step in (2, 3)])
+
+
+def test_windows_against_full_frame(tmp_path, scene_dataset):
+    """One window as large as the frame is the full frame; smaller windows give their own, stitched, result."""
+    torch.manual_seed(0)
+    classes = {i: str(i) for i in range(6)}
+    model = StepForSemanticSegmentation(tiny_config(id2label=classes, label2id={v: k for k, v in classes.items()}))
+    model.save_pretrained(tmp_path / "m")
+    StepImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "m")
+    whole = run_example("windows_vs_full_frame.py", "--model_name_or_path", tmp_path / "m", "--dataset_name",
+                        scene_dataset, "--window_size", 64, cwd=tmp_path)
+    assert "windows - full frame: +0.00 mIoU" in whole
+    split = run_example("windows_vs_full_frame.py", "--model_name_or_path", tmp_path / "m", "--dataset_name",
+                        scene_dataset, "--window_size", 32, "--window_stride", 16, cwd=tmp_path)
+    assert "full frame: mIoU" in split and "windows: mIoU" in split
