@@ -8,18 +8,18 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
 
-from step_hf.evaluation import EvalTransform, confusion_matrices, evaluate, segmentation_metrics
+from step_hf.evaluation import EvalTransform, evaluate
 
 from .conftest import EXAMPLES
 
 import save_settings  # examples/ (conftest puts it on the path)
 import train
+import windows_vs_full_frame
 from data import load_data
 
 TOY = ["--image_size", "64", "--policy_steps", "3", "--segmenter_steps", "4", "--prune_steps", "3",
@@ -51,20 +51,9 @@ def eval_loader(scene_dataset, processor) -> DataLoader:
 
 
 def pipeline_mean_iou(folder, loader) -> float:
-    """mIoU of the maps `pipeline("image-segmentation")` returns (one mask per class found)."""
-    segmenter = pipeline("image-segmentation", model=str(folder))
-    label2id = segmenter.model.config.label2id
-    dataset = loader.dataset
-    confusion = 0
-    for index in range(len(dataset)):
-        labels = dataset[index]["original_labels"]
-        prediction = np.zeros(labels.shape, dtype=np.int64)
-        for segment in segmenter(dataset.dataset[index]["image"]):
-            prediction[np.array(segment["mask"]) > 0] = label2id[segment["label"]]
-        config = segmenter.model.config
-        confusion = confusion + confusion_matrices(labels[None], torch.from_numpy(prediction)[None], config.num_labels,
-                                                   config.semantic_loss_ignore_index)[0]
-    return segmentation_metrics(confusion, segmenter.model.config.id2label)["mean_iou"]
+    """mIoU of the maps `pipeline("image-segmentation")` returns for the loader's frames."""
+    return windows_vs_full_frame.mean_iou(pipeline("image-segmentation", model=str(folder)), loader.dataset.dataset,
+                                          reduce=False)
 
 
 @pytest.mark.parametrize("name", [name for name in RUNS if name != "policy"])
