@@ -229,9 +229,8 @@ def saved_normalisation(args) -> dict:
 def check_policy_is_trained(model: StepForSemanticSegmentation, args, stages: list[str]) -> None:
     """Refuse to train or evaluate a segmenter on the partitions of a policy that never trained (they are arbitrary,
     and the saved model would run them by default)."""
-    trained = model.config.trained_components
     if (args.partition_source == "policy" and model.step.policy is not None and "policy" not in stages
-            and trained is not None and "policy" not in trained):
+            and not policy_trained(model.config)):
         raise ValueError("The policy network is untrained, so its partitions are arbitrary: run --stage policy first "
                          "(or --stage all), start from a --model_name_or_path whose policy trained, or choose "
                          "--partition_source oracle or dense.")
@@ -286,12 +285,16 @@ def mark_trained(config: StepConfig, stage: str) -> None:
     config.trained_components = [part for part in TRAINABLE_COMPONENTS if part in {*config.trained_components, *parts}]
 
 
+def policy_trained(config: StepConfig) -> bool:
+    """Whether the model has a policy that trained (a loaded model that did not record it counts as trained)."""
+    trained = config.trained_components
+    return bool(config.shared_sizes) and (trained is None or "policy" in trained)
+
+
 def runnable_partition_source(config: StepConfig) -> str:
     """What a model trained on oracle partitions runs with once saved (oracle partitions need ground truth): its
     policy if that trained, else no sharing."""
-    trained = config.trained_components
-    policy_trained = bool(config.shared_sizes) and (trained is None or "policy" in trained)
-    return "policy" if policy_trained else "dense"
+    return "policy" if policy_trained(config) else "dense"
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

@@ -164,9 +164,11 @@ def flops_per_image(
     halted_share: list[list[float]] | None,
     sharing: bool,
     policy_ran: bool,
+    part: str = "total",
 ) -> list[int]:
     """FLOPs of each image as if run alone, from what a forward pass returns (`token_counts`, and `halted_share`
-    when halting was on): the analytic formula, policy included when it ran."""
+    when halting was on): the analytic formula, policy included when it ran. `part` picks one of `analytic_flops`'
+    parts instead of the total."""
     flops = []
     for index, count in enumerate(token_counts):
         survivors = None
@@ -178,7 +180,7 @@ def flops_per_image(
         flops.append(analytic_flops(
             config, image_size, [count], [1, *config.shared_sizes] if sharing else [1], policy_ran=policy_ran,
             exit_survivors=survivors, exits_ran=halted_share is not None,
-        )["total"])
+        )[part])
     return flops
 
 

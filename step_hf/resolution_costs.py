@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
-from .accounting import analytic_flops
+from .accounting import flops_per_image
 from .configuration_step import StepConfig
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
@@ -64,17 +64,9 @@ def token_counts(model, images, labels, size: tuple[int, int]) -> dict[str, list
 def flops(config: StepConfig, size: tuple[int, int], counts: list[int], variant: str, halted: list[float]) -> dict:
     """Mean analytic FLOPs per image (2 per multiply-add) of a variant, by part."""
     sharing, policy_ran = variant != "dense", variant in ("dCTS policy", "STEP")
-    parts = []
-    for count in counts:
-        survivors, alive = None, count
-        if variant == "STEP":
-            survivors = []
-            for share in halted:
-                alive -= round(share * count)
-                survivors.append([alive])
-        parts.append(analytic_flops(config, size, [count], [1, *config.shared_sizes] if sharing else [1],
-                                    policy_ran=policy_ran, exit_survivors=survivors, exits_ran=variant == "STEP"))
-    return {part: sum(p[part] for p in parts) / len(parts) for part in ("total", "encoder", "decoder", "policy")}
+    halted_shares = [halted] * len(counts) if variant == "STEP" else None
+    return {part: sum(flops_per_image(config, size, counts, halted_shares, sharing, policy_ran, part)) / len(counts)
+            for part in ("total", "encoder", "decoder", "policy")}
 
 
 @torch.no_grad()
