@@ -12,7 +12,8 @@ import os
 
 from PIL import Image, ImageDraw
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def main() -> None:
@@ -22,10 +23,14 @@ def main() -> None:
     parser.add_argument("--output", default="miou_vs_flops.png")
     args = parser.parse_args()
     labels = args.labels or [os.path.splitext(os.path.basename(path))[0] for path in args.sweeps]
-    curves = []
-    for path in args.sweeps:
-        rows = json.load(open(path))
-        curves.append(sorted((row["gflops_per_image"], 100 * row["mean_iou"], row) for row in rows))
+    plot([json.load(open(path)) for path in args.sweeps], labels, args.output)
+
+
+def plot(sweeps: list[list[dict]], labels: list[str], output: str, colours: list[int] | None = None) -> None:
+    """One curve per list of rows (rows as `examples/sweep.py` writes them; one row draws a point), the picture at
+    `output` and the points in a CSV beside it. `colours`: a colour index per curve (default: one each)."""
+    curves = [sorted(((row["gflops_per_image"], 100 * row["mean_iou"], row) for row in rows), key=lambda p: p[0])
+              for rows in sweeps]
 
     width, height, margin = 900, 600, 80
     xs = [x for curve in curves for x, _, _ in curve]
@@ -53,16 +58,16 @@ def main() -> None:
     draw.text((width / 2 - 60, height - 35), "GFLOPs per image", fill="black")
     draw.text((10, margin - 30), "validation mIoU (%)", fill="black")
     for index, (curve, label) in enumerate(zip(curves, labels)):
-        colour = COLOURS[index % len(COLOURS)]
+        colour = COLOURS[(colours[index] if colours else index) % len(COLOURS)]
         points = [point(x, y) for x, y, _ in curve]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         for px, py in points:
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
         draw.text((width - margin - 200, margin + 10 + 16 * index), f"- {label}", fill=colour)
-    picture.save(args.output)
+    picture.save(output)
 
-    with open(os.path.splitext(args.output)[0] + ".csv", "w", newline="") as f:
+    with open(os.path.splitext(output)[0] + ".csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["curve", "partition_source", "policy_threshold", "exit_threshold", "gflops_per_image",
                          "mean_iou", "tokens_per_image", "halted_share"])
@@ -71,7 +76,7 @@ def main() -> None:
                 writer.writerow([label, row["partition_source"], row["policy_threshold"], row["exit_threshold"],
                                  f"{x:.4f}", f"{y:.2f}", f"{row['tokens_per_image']:.1f}",
                                  " ".join(f"{s:.3f}" for s in row["halted_share"])])
-    print(f"wrote {args.output} and its CSV")
+    print(f"wrote {output} and its CSV")
 
 
 if __name__ == "__main__":

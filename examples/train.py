@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights
-from step_hf.configuration_step import ATTENTION_MODES, PARTITION_SOURCES, TRAINABLE_COMPONENTS
+from step_hf.configuration_step import ATTENTION_MODES, EXIT_HEAD_TYPES, PARTITION_SOURCES, TRAINABLE_COMPONENTS
 from step_hf.evaluation import EvalTransform, evaluate
 from step_hf.model_card import model_card
 
@@ -76,6 +76,12 @@ def argument_parser() -> argparse.ArgumentParser:
     model.add_argument("--partition_source", default="policy", choices=PARTITION_SOURCES,
                        help="partitions for the segmenter and prune stages")
     model.add_argument("--exit_thresholds", type=float, nargs="+")
+    model.add_argument("--token_budget", type=int, help="a fixed number of tokens per image instead of thresholds")
+    model.add_argument("--exit_layers", type=int, nargs="*",
+                       help="a new model's exit blocks (default: DToP's placement, e.g. 6 8 of ViT-B's 12 blocks)")
+    model.add_argument("--exit_head_type", choices=EXIT_HEAD_TYPES, help="a new model's exit heads (default: mlp)")
+    model.add_argument("--superpatch_sizes", type=int, nargs="+",
+                       help="a new model's superpatch sides (default: 2 4 8 16; '2' alone is CTS's 2x2 sharing)")
     model.add_argument("--attention_mode", choices=ATTENTION_MODES,
                        help="how images of unequal token counts share a batch (default: the config's, packed)")
     model.add_argument("--gradient_checkpointing", action="store_true",
@@ -88,11 +94,16 @@ def argument_parser() -> argparse.ArgumentParser:
     train.add_argument("--per_device_train_batch_size", type=int, default=8)
     train.add_argument("--per_device_eval_batch_size", type=int, default=1)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=5e-4, help="policy and segmenter stages")
-    train.add_argument("--prune_learning_rate", type=float, default=1e-4,
-                       help="the pruning stage, a short fine-tune of a trained segmenter (at 5e-4 it undid most of "
-                            "what a ViT-S had learnt on CamVid: docs/RESULTS.md)")
+    # The segmenter and pruning defaults fit a pretrained or converted ViT (DToP's and Segmenter's fine-tuning:
+    # 2e-5, heads 10x, drop path 0.1); a ViT from scratch needs its own schedule (scripts/camvid_recipe.sh).
+    train.add_argument("--learning_rate", type=float, default=2e-5, help="the segmenter stage's backbone rate")
+    train.add_argument("--prune_learning_rate", type=float,
+                       help="the pruning stage, a short fine-tune of a trained segmenter (default: --learning_rate)")
+    train.add_argument("--policy_learning_rate", type=float, default=5e-4,
+                       help="the policy stage (a small CNN, always trained from scratch)")
     train.add_argument("--head_learning_rate_multiplier", type=float, default=10.0)
+    train.add_argument("--drop_path_rate", type=float, default=0.1,
+                       help="stochastic depth of the encoder blocks in training (0 for a ViT from scratch)")
     train.add_argument("--weight_decay", type=float, default=0.01)
     train.add_argument("--warmup_steps", type=int, default=20)
     train.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -125,10 +136,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < least:
             p.error(f"--{name} must be at least {least}, got {value}")
-    for flag in ("learning_rate", "prune_learning_rate", "head_learning_rate_multiplier", "min_scale", "max_scale"):
+    for flag in ("learning_rate", "prune_learning_rate", "policy_learning_rate", "head_learning_rate_multiplier",
+                 "min_scale", "max_scale"):
         value = getattr(args, flag)
-        if not 0 < value < math.inf:  # NaN fails every comparison
+        if value is not None and not 0 < value < math.inf:  # NaN fails every comparison
             p.error(f"--{flag} must be a positive finite number, got {value}")
+    if not 0 <= args.drop_path_rate < 1:
+        p.error(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}")
     if not 0 <= args.weight_decay < math.inf or not 0 <= args.max_grad_norm < math.inf:
         p.error(f"--weight_decay and --max_grad_norm must be finite and >= 0, got {args.weight_decay} and "
                 f"{args.max_grad_norm}")
@@ -195,9 +209,13 @@ def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
         model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
         if model.config.id2label != id2label:
             raise ValueError(f"{args.model_name_or_path} has classes {model.config.id2label}, the data {id2label}.")
+        for name, value in architecture_args(args).items():
+            if getattr(model.config, name) != value:
+                raise ValueError(f"--{name} {value} chooses a new model's architecture; {args.model_name_or_path} "
+                                 f"has {getattr(model.config, name)}.")
     else:
         config = StepConfig.from_preset(args.preset, image_size=args.crop_size, id2label=id2label, label2id=label2id,
-                                        trained_components=[])
+                                        trained_components=[], **architecture_args(args))
         model = StepForSemanticSegmentation(config)
         if args.backbone_checkpoint:
             load_vit_weights(model, args.backbone_checkpoint)
@@ -205,15 +223,24 @@ def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
     settings = {"partition_source": args.partition_source}
     if args.exit_thresholds:
         settings["exit_thresholds"] = args.exit_thresholds
+    if args.token_budget:
+        settings["token_budget"] = args.token_budget
     if args.attention_mode:
         settings["attention_mode"] = args.attention_mode
     model.config.update_settings(**settings)
+    model.step.set_drop_path_rate(args.drop_path_rate)
     if args.crop_size % model.config.patch_size:
         raise ValueError(f"--crop_size {args.crop_size} is not a multiple of the patch size {model.config.patch_size}.")
     if args.crop_size > args.image_size * args.max_scale:
         raise ValueError(f"Images resized to a shortest edge of {args.image_size} (at most x{args.max_scale}) are too "
                          f"small for a {args.crop_size} crop; raise --image_size or lower --crop_size.")
     return model
+
+
+def architecture_args(args) -> dict:
+    """The flags that choose a new model's architecture, those given."""
+    names = ("exit_layers", "exit_head_type", "superpatch_sizes")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def saved_normalisation(args) -> dict:
@@ -456,7 +483,8 @@ def prepare_stage(stage, model, data, accelerator, args, num_steps: int, resume:
     """What trains in `stage`, its optimiser, schedule and shuffled loader, all prepared by Accelerate (and restored
     from `resume`); returns them with the step to start from."""
     configure_stage(model, stage)
-    learning_rate = args.prune_learning_rate if stage == "prune" else args.learning_rate
+    learning_rate = {"policy": args.policy_learning_rate, "segmenter": args.learning_rate,
+                     "prune": args.prune_learning_rate or args.learning_rate}[stage]
     optimizer, scheduler = optimizer_and_scheduler(model, args, learning_rate, num_steps, accelerator.num_processes)
     train_loader = DataLoader(data["train"], batch_size=args.per_device_train_batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(args.seed), drop_last=True,

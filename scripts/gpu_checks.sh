@@ -29,3 +29,6 @@ for batch in 1 8; do
 done
 timeout 90 python3 -m step_hf.benchmark --preset $preset --image_size $size --batch_size 8 --num_batches 2 \
     --dtype bf16 --dataset_name $data --attention_mode padded --skip_vit --output "$out/vitl_1024_b8_padded.json"
+# 3. the exit heads' cost at ViT-L 1024: MLP against DToP's ATM heads, 19 and 150 classes
+timeout 120 python3 examples/exit_head_cost.py --preset $preset --image_size $size --num_labels 19 150 \
+    --dtype bfloat16 | tee "$out/exit_heads.md"

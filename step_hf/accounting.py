@@ -117,11 +117,25 @@ def encoder_block_macs(config: StepConfig, token_counts: list[int], exit_survivo
     for layer, survivors in (exit_points if exits_ran else []):
         blocks += transformer_macs([n + 1 for n in alive], dim, config.intermediate_size, layer - previous_layer,
                                    config.attention_mode)
-        exits += sum(alive) * (dim * config.exit_hidden_size + config.exit_hidden_size * config.num_labels)
+        exits += exit_head_macs(config, alive)
         alive, previous_layer = survivors or alive, layer
     blocks += transformer_macs([n + 1 for n in alive], dim, config.intermediate_size,
                                config.num_hidden_layers - previous_layer, config.attention_mode)
     return blocks, exits, alive
+
+
+def exit_head_macs(config: StepConfig, alive: list[int]) -> int:
+    """One exit head's multiply-adds on `alive` tokens per image. An MLP head's are per token. An ATM head projects
+    the tokens, then each of its layers runs self-attention among the class queries, cross-attention from them to
+    the tokens (keys and values over each image padded to the longest, as it runs), and an MLP of width 4x."""
+    width, classes = config.exit_hidden_size, config.num_labels
+    if config.exit_head_type == "mlp":
+        return sum(alive) * (config.hidden_size * width + width * classes)
+    images, longest = len(alive), max(alive)
+    per_layer = (14 * classes * width * width + 2 * classes * classes * width + 2 * longest * width * width
+                 + 2 * classes * longest * width)
+    return (sum(alive) * config.hidden_size * width + images * config.exit_num_hidden_layers * per_layer
+            + images * classes * width * 2)
 
 
 def policy_macs(config: StepConfig, image_size: tuple[int, int]) -> int:

@@ -21,6 +21,13 @@ VIT_PRESETS: dict[str, dict[str, int]] = {
 SUPERPATCH_SIZES = (1, 2, 4, 8, 16)
 PARTITION_SOURCES = ("policy", "oracle", "dense")
 ATTENTION_MODES = ("packed", "padded")
+# The exit heads, the keep rules and the ways to merge halted tokens' predictions (see `exits.py`).
+EXIT_HEAD_TYPES = ("mlp", "atm")
+EXIT_KEEP_RULES = ("predicted_class", "class_column")
+EXIT_MERGES = ("probabilities", "logits")
+# What a configuration saved before a field existed ran with, where that differs from the field's default for new
+# models: `from_dict` (so `from_pretrained`) fills these in, so that a saved model runs as it was evaluated.
+BEHAVIOUR_BEFORE_FIELD = {"exit_keep_rule": "class_column", "exit_merge": "logits"}
 # The parts of a STEP model that train separately (`trained_components`).
 TRAINABLE_COMPONENTS = ("policy", "encoder", "decoder", "exit_heads")
 # The fields that choose how a built model runs, not what it is: they may change after training (a sweep of
@@ -28,7 +35,7 @@ TRAINABLE_COMPONENTS = ("policy", "encoder", "decoder", "exit_heads")
 # values by default.
 RUN_SETTINGS = (
     "partition_source", "policy_thresholds", "token_budget", "exit_thresholds", "exit_keep_tokens", "halting",
-    "attention_mode",
+    "attention_mode", "exit_keep_rule", "exit_merge",
 )
 # The published halting thresholds: 0.95 for ViT-L, 0.9 for ViT-B (and here the smaller ViTs).
 PRESET_EXIT_THRESHOLD = {"tiny": 0.9, "small": 0.9, "base": 0.9, "large": 0.95}
@@ -46,8 +53,13 @@ def check_run_settings(partition_source: str, halting: bool, attention_mode: str
 
 
 def default_exit_layers(num_hidden_layers: int) -> list[int]:
-    """Exits after a third and two thirds of the blocks: blocks 8 and 16 of ViT-L's 24, as DToP."""
-    return sorted({layer for layer in (num_hidden_layers // 3, 2 * num_hidden_layers // 3) if layer >= 1})
+    """
+    DToP's exit placement: after blocks 6 and 8 of a 12-block ViT (ViT-B) and 8 and 16 of a 24-block one (ViT-L).
+    Other depths follow the nearer of the two: up to 18 blocks, after half and two thirds of them (rounded down);
+    deeper, after a third and two thirds. Exits that would coincide or fall before block 1 are dropped.
+    """
+    first = num_hidden_layers // 2 if num_hidden_layers <= 18 else num_hidden_layers // 3
+    return sorted({layer for layer in (first, 2 * num_hidden_layers // 3) if 1 <= layer < num_hidden_layers})
 
 DEFAULT_AUTO_MAP = {
     "AutoConfig": "configuration_step.StepConfig",
@@ -106,9 +118,11 @@ class StepConfig(PreTrainedConfig):
         policy_loss_weight (`float`, defaults to 1.0): weight of the policy's binary cross-entropy in the loss when
             `superpatch_targets` are given.
         exit_layers (`list[int]`, *optional*): 1-based indices of the encoder blocks after which an exit head runs
-            (early pruning). Defaults to a third and two thirds of the depth (blocks 8 and 16 of 24); `[]` builds
-            no exit heads.
+            (early pruning). Defaults to DToP's placement: blocks 6 and 8 of 12, 8 and 16 of 24; other depths after
+            half and two thirds of the blocks up to 18 blocks, a third and two thirds beyond. `[]` builds no exit
+            heads.
         exit_thresholds (`list[float]`, *optional*): one per exit; a token halts when its top class probability
+            (its exit head's score: a softmax for `"mlp"` heads, class presence times mask sigmoid for `"atm"`)
             exceeds it, so each lies in (0, 1] and 1 never halts (`halting=False` switches every exit off). Defaults
             to 0.9 (0.95 in the ViT-L preset, as published).
             Exits and thresholds apply to the tokens the exits see, supertokens of any size included.
@@ -116,14 +130,34 @@ class StepConfig(PreTrainedConfig):
             that many tokens there (its top-k per class, then the least confident), or all it has if fewer. The
             token counts then follow from the input alone (no host sync), so with a `token_budget` (or no sharing)
             the whole forward has static shapes, for `torch.compile` and CUDA graphs.
-        exit_keep_topk_per_class (`int`, defaults to 5): at every exit, for every class, the k tokens of each image
-            most confident in that class stay in, so that later blocks keep context for every class.
+        exit_keep_topk_per_class (`int`, defaults to 5): at every exit, for every class, k tokens of each image stay
+            in, so that later blocks keep context for every class (which k: `exit_keep_rule`).
+        exit_keep_rule (`str`, defaults to `"predicted_class"`): `"predicted_class"` (DToP's rule) keeps the k most
+            confident of the tokens predicted as each class; `"class_column"` keeps, for each class, the k tokens
+            with the highest probability of it, predicted or not (with many classes this keeps far more tokens).
+            Configurations saved before this field existed load with `"class_column"`, the rule they ran with.
+        exit_merge (`str`, defaults to `"probabilities"`): how the predictions of halted tokens join the decoder's
+            when halting is on. `"probabilities"` (as DToP): every token's `logits` are log-probabilities, the
+            decoder's log-softmax where it reached the end and its exit head's where it halted, so that the two
+            heads' scores share one scale before they are interpolated; `"logits"` writes each exit head's raw logits
+            beside the decoder's (MLP heads only). Configurations saved before this field existed load with
+            `"logits"`. With halting off the logits are the decoder's, exactly as in Segmenter.
         halting (`bool`, defaults to `False`): whether confident tokens leave the sequence at the exits. Off while
             the base model trains (the heads still train, by deep supervision), on for the pruning fine-tune and
             for fast inference.
-        exit_hidden_size (`int`, defaults to 256): hidden width of the exit heads (LayerNorm, Linear, GELU, Linear).
+        exit_head_type (`str`, defaults to `"mlp"`): the exit heads: `"mlp"`, a per-token classifier (LayerNorm,
+            Linear, GELU, Linear) scored by its softmax, trained by cross-entropy; or `"atm"`, DToP's attention-to-mask
+            head (one query per class cross-attends to the tokens; a token's class probability is the class's presence
+            times the sigmoid of its attention logit), trained by DToP's presence, focal and dice losses.
+        exit_hidden_size (`int`, *optional*): hidden width of the exit heads; defaults to 256 for `"mlp"` heads and
+            to `hidden_size // 2` for `"atm"` heads (as DToP).
+        exit_num_hidden_layers (`int`, defaults to 3): decoder layers of an `"atm"` exit head (DToP uses 3).
+        exit_num_attention_heads (`int`, *optional*): attention heads of an `"atm"` exit head; defaults to
+            `exit_hidden_size // 64`.
         exit_loss_weight (`float`, defaults to 0.4): weight of each exit head's cross-entropy (deep supervision) in
             the loss when `labels` are given in training.
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth of the encoder blocks, rising linearly from 0 at
+            the first block to this at the last, per image (Segmenter and DToP fine-tune pretrained ViTs with 0.1).
         attention_mode (`str`, defaults to `"packed"`): how attention runs when the images of a batch keep different
             numbers of tokens: `"packed"` (a variable-length flash kernel on GPU in half precision, one call per
             image elsewhere; the fastest measured) or `"padded"` (pad to the longest image with a key mask). Both
@@ -136,8 +170,9 @@ class StepConfig(PreTrainedConfig):
 
     Fields that are fixed once a model is built (its architecture) are every field above except the run-time
     settings: `partition_source`, `policy_thresholds`, `token_budget`, `exit_thresholds`, `exit_keep_tokens`,
-    `halting` and `attention_mode`. Change those with [`StepConfig.update_settings`], which checks them again; the
-    saved values are the defaults a loaded model runs with.
+    `halting`, `attention_mode`, `exit_keep_rule` and `exit_merge`. Change those with
+    [`StepConfig.update_settings`], which checks them again; the saved values are the defaults a loaded model runs
+    with. `drop_path_rate` acts only in training: change it with `StepModel.set_drop_path_rate`.
 
     Example:
 
@@ -180,9 +215,15 @@ class StepConfig(PreTrainedConfig):
     exit_thresholds: list[float] | tuple[float, ...] | None = None
     exit_keep_tokens: list[int] | tuple[int, ...] | None = None
     exit_keep_topk_per_class: int = 5
+    exit_keep_rule: str = "predicted_class"
+    exit_merge: str = "probabilities"
     halting: bool = False
-    exit_hidden_size: int = 256
+    exit_head_type: str = "mlp"
+    exit_hidden_size: int | None = None
+    exit_num_hidden_layers: int = 3
+    exit_num_attention_heads: int | None = None
     exit_loss_weight: float | int = 0.4
+    drop_path_rate: float | int = 0.0
     attention_mode: str = "packed"
     trained_components: list[str] | None = None
 
@@ -197,6 +238,10 @@ class StepConfig(PreTrainedConfig):
             self.decoder_intermediate_size = 4 * self.decoder_hidden_size
         if self.decoder_layer_norm_eps is None:
             self.decoder_layer_norm_eps = self.layer_norm_eps
+        if self.exit_hidden_size is None:
+            self.exit_hidden_size = self.hidden_size // 2 if self.exit_head_type == "atm" else 256
+        if self.exit_num_attention_heads is None:
+            self.exit_num_attention_heads = max(1, self.exit_hidden_size // 64)
         self.superpatch_sizes = sorted(self.superpatch_sizes)
         if self.policy_thresholds is None:
             self.policy_thresholds = [0.5] * len(self.shared_sizes)
@@ -251,10 +296,13 @@ class StepConfig(PreTrainedConfig):
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-        for name in ("policy_loss_weight", "exit_loss_weight", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        probabilities = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+        for name in ("policy_loss_weight", "exit_loss_weight", *probabilities):
             value = getattr(self, name)
-            if not 0 <= value < math.inf or (name.endswith("prob") and value > 1):  # NaN fails every comparison
+            if not 0 <= value < math.inf or (name in probabilities and value > 1):  # NaN fails every comparison
                 raise ValueError(f"`{name}` must be a finite number >= 0 (at most 1 for a dropout), got {value}.")
+        if self.drop_path_rate >= 1:
+            raise ValueError(f"`drop_path_rate` must be below 1 (1 would drop every block), got {self.drop_path_rate}.")
         if self.position_interpolation not in ("bicubic", "bilinear"):
             raise ValueError(
                 f"`position_interpolation` must be 'bicubic' or 'bilinear', got {self.position_interpolation!r}."
@@ -314,16 +362,42 @@ class StepConfig(PreTrainedConfig):
                 )
         if self.exit_keep_topk_per_class < 0:
             raise ValueError(f"`exit_keep_topk_per_class` must be >= 0, got {self.exit_keep_topk_per_class}.")
-        if self.exit_hidden_size < 1:
-            raise ValueError(f"`exit_hidden_size` must be positive, got {self.exit_hidden_size}.")
+        if self.exit_head_type not in EXIT_HEAD_TYPES:
+            raise ValueError(f"`exit_head_type` must be 'mlp' or 'atm', got {self.exit_head_type!r}.")
+        for name in ("exit_hidden_size", "exit_num_hidden_layers", "exit_num_attention_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.exit_hidden_size % self.exit_num_attention_heads:
+            raise ValueError(
+                f"`exit_hidden_size` ({self.exit_hidden_size}) must be divisible by `exit_num_attention_heads` "
+                f"({self.exit_num_attention_heads})."
+            )
         if self.trained_components is not None and not set(self.trained_components) <= set(TRAINABLE_COMPONENTS):
             raise ValueError(
                 f"`trained_components` ({self.trained_components}) may only name {list(TRAINABLE_COMPONENTS)}."
             )
 
     def validate_run_settings(self) -> None:
-        """Part of `@strict`-powered validation: the partition source, halting and attention mode saved as defaults."""
+        """Part of `@strict`-powered validation: the partition source, halting, attention mode and exit rules saved as
+        defaults."""
         check_run_settings(self.partition_source, self.halting, self.attention_mode, self.exit_layers)
+        if self.exit_keep_rule not in EXIT_KEEP_RULES:
+            raise ValueError(
+                f"`exit_keep_rule` must be 'predicted_class' or 'class_column', got {self.exit_keep_rule!r}."
+            )
+        if self.exit_merge not in EXIT_MERGES:
+            raise ValueError(f"`exit_merge` must be 'probabilities' or 'logits', got {self.exit_merge!r}.")
+        if self.exit_merge == "logits" and self.exit_head_type == "atm":
+            raise ValueError(
+                "`exit_merge='logits'` needs MLP exit heads: an 'atm' head scores classes by probabilities, not on "
+                "the decoder's logit scale; use `exit_merge='probabilities'`."
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`; a saved configuration that predates a field of `BEHAVIOUR_BEFORE_FIELD`
+        gets the value it ran with, not the new default."""
+        return super().from_dict({**BEHAVIOUR_BEFORE_FIELD, **config_dict}, **kwargs)
 
     def validate_token_sharing(self) -> None:
         """Part of `@strict`-powered validation: superpatch sizes, policy thresholds and token budget."""
@@ -416,6 +490,7 @@ class StepConfig(PreTrainedConfig):
 
 
 __all__ = [
-    "ATTENTION_MODES", "PARTITION_SOURCES", "RUN_SETTINGS", "SUPERPATCH_SIZES", "TRAINABLE_COMPONENTS", "StepConfig",
+    "ATTENTION_MODES", "EXIT_HEAD_TYPES", "EXIT_KEEP_RULES", "EXIT_MERGES", "PARTITION_SOURCES", "RUN_SETTINGS",
+    "SUPERPATCH_SIZES", "TRAINABLE_COMPONENTS", "StepConfig",
     "VIT_PRESETS",
 ]

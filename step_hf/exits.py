@@ -1,9 +1,12 @@
 """Early exits (STEP's early pruning): everything about them in one place.
 
-After the blocks of `config.exit_layers` a light `ExitHead` classifies every token still in the sequence. With
-halting on, the confident ones leave (`halt`): their class scores are frozen there and later blocks never see them.
-At the end, `merge_exit_logits` puts the halted tokens' exit scores beside the decoder's scores of the survivors,
-`exit_statistics` says where each cell halted, and `exit_loss` trains the heads by deep supervision.
+After the blocks of `config.exit_layers` a light exit head classifies every token still in the sequence: an
+`ExitHead` (per-token MLP, scored by its softmax) or DToP's `AtmExitHead` (one query per class attends to the tokens;
+a class's probability is its presence times the sigmoid of its attention logit). Both return an `ExitPrediction`,
+and `exit_log_probabilities` scores either. With halting on, the confident ones leave (`halt`): their class scores
+are frozen there and later blocks never see them. At the end, `merge_exit_predictions` puts the halted tokens'
+predictions beside the decoder's of the survivors, `exit_statistics` says where each cell halted, and `exit_loss`
+trains the heads by deep supervision (cross-entropy for MLP heads, DToP's presence, focal and dice losses for ATM).
 
 The state carried through the blocks is a `Survivors`: which tokens of the layout are still in, their lengths per
 image, and the block after which every token halted. Survivors keep their order (stable), so the sequence stays
@@ -14,11 +17,28 @@ Shipped as Hub code next to saved weights: imports only torch and its siblings.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .token_layout import PackedBatch, TokenLayout, refuse_in_export, state_pytree, unshare
+
+
+class ExitPrediction(NamedTuple):
+    """
+    What an exit head says about the tokens it sees.
+
+    Attributes:
+        token_logits (`torch.FloatTensor` of shape `(num_tokens, num_labels)`): an MLP head's class logits, or an ATM
+            head's mask logits (each class query's attention logit on the token).
+        presence_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, 2)` or `None`): an ATM head's
+            per-image logits of each class being present (index 0) or absent (index 1); `None` for MLP heads.
+    """
+
+    token_logits: torch.Tensor
+    presence_logits: torch.Tensor | None = None
 
 
 class ExitHead(nn.Module):
@@ -31,21 +51,118 @@ class ExitHead(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(exit_hidden_size, num_labels)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(tokens))))
+    def forward(self, tokens: torch.Tensor, batch: PackedBatch) -> ExitPrediction:
+        return ExitPrediction(self.fc2(self.act(self.fc1(self.norm(tokens)))))
+
+
+class AtmAttention(nn.Module):
+    """Multi-head attention that also returns its logits (before the softmax), averaged over heads: the ATM head's
+    masks. Keys may be padded (`key_valid`)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = nn.Dropout(dropout)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`queries` `(batch, n, dim)`, `keys` `(batch, m, dim)` -> `(batch, n, dim)` and logits `(batch, n, m)`."""
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        query, key, value = heads(self.q(queries)), heads(self.k(keys)), heads(self.v(keys))
+        logits = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5
+        masked = logits if key_valid is None else logits.masked_fill(~key_valid[:, None, None], float("-inf"))
+        attended = (self.attn_drop(masked.softmax(-1)) @ value).transpose(1, 2).flatten(2)
+        return self.proj(attended), logits.mean(1)
+
+
+class AtmDecoderLayer(nn.Module):
+    """DToP's ATM decoder layer (post-norm, as `nn.TransformerDecoderLayer`): the class queries attend to each other,
+    then to the tokens, then an MLP (ReLU); dropout 0.1 throughout, as there."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.1):
+        super().__init__()
+        self.self_attn = AtmAttention(dim, num_heads, dropout)
+        self.cross_attn = AtmAttention(dim, num_heads, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, queries: torch.Tensor, tokens: torch.Tensor, token_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the new queries and the cross-attention logits `(batch, num_queries, num_tokens)`."""
+        queries = self.norm1(queries + self.dropout(self.self_attn(queries, queries)[0]))
+        attended, mask_logits = self.cross_attn(queries, tokens, token_valid)
+        queries = self.norm2(queries + self.dropout(attended))
+        mlp = self.fc2(self.dropout(F.relu(self.fc1(queries))))
+        return self.norm3(queries + self.dropout(mlp)), mask_logits
+
+
+class AtmExitHead(nn.Module):
+    """
+    DToP's exit head, an ATM (attention-to-mask) decoder: the tokens are projected and normed, one learned query per
+    class goes through a few `AtmDecoderLayer`s attending to them, and each query says whether its class is present;
+    its last cross-attention logits on a token are that class's mask logit there.
+    """
+
+    def __init__(self, hidden_size: int, dim: int, num_heads: int, num_layers: int, num_labels: int):
+        super().__init__()
+        self.input_proj = nn.Linear(hidden_size, dim)
+        self.proj_norm = nn.LayerNorm(dim)
+        self.class_queries = nn.Parameter(torch.zeros(num_labels, dim))
+        self.layers = nn.ModuleList(AtmDecoderLayer(dim, num_heads) for _ in range(num_layers))
+        self.class_embed = nn.Linear(dim, 2)
+
+    def forward(self, tokens: torch.Tensor, batch: PackedBatch) -> ExitPrediction:
+        """`tokens` `(num_tokens, hidden_size)` packed as `batch` says. Each image's tokens are padded to the longest
+        for the cross-attention (a key mask hides the padding)."""
+        memory = self.proj_norm(self.input_proj(tokens))
+        image, position = batch.image_positions(tokens.shape[0])
+        padded = memory.new_zeros(batch.batch_size, batch.max_length, memory.shape[-1])
+        padded[image, position] = memory
+        valid = torch.zeros(batch.batch_size, batch.max_length, dtype=torch.bool, device=tokens.device)
+        valid[image, position] = True
+        # A copy, not an `expand` view: a view of a parameter made under `no_grad` still requires grad, which module
+        # hooks (the FLOP counter's) refuse.
+        queries = self.class_queries.repeat(batch.batch_size, 1, 1)
+        mask_logits = None
+        for layer in self.layers:
+            queries, mask_logits = layer(queries, padded, valid)
+        return ExitPrediction(mask_logits.transpose(1, 2)[image, position], self.class_embed(queries))
+
+
+def exit_log_probabilities(prediction: ExitPrediction, image_index: torch.Tensor) -> torch.Tensor:
+    """`(num_tokens, num_labels)` log class probabilities of the tokens of an exit's `prediction` (`image_index`:
+    each token's image): an MLP head's log-softmax, or an ATM head's log(presence * sigmoid(mask logit)), DToP's
+    score (not normalised over classes)."""
+    if prediction.presence_logits is None:
+        return prediction.token_logits.float().log_softmax(-1)
+    presence = prediction.presence_logits.float().log_softmax(-1)[..., 0]  # (batch, num_labels)
+    return presence[image_index] + F.logsigmoid(prediction.token_logits.float())
 
 
 @dataclass(frozen=True)
 class ExitRule:
     """
-    Which tokens stay in at one exit. Every image's `topk_per_class` most confident tokens per class stay; of the
-    others, those whose top class probability is at most `threshold`, or, with `keep_tokens`, the least confident up
-    to that many per image.
+    Which tokens stay in at one exit. A token is confident when its top class probability exceeds `threshold`.
+    Protected from halting are, in every image, the `topk_per_class` most confident tokens of each class: with
+    `keep_rule="predicted_class"` (DToP's rule) the most confident among the tokens *predicted* as that class, with
+    `"class_column"` the tokens with the highest probability of that class, predicted or not. The others stay when
+    they are not confident or, with `keep_tokens`, the least confident up to that many per image.
     """
 
     threshold: float
     keep_tokens: int | None
     topk_per_class: int
+    keep_rule: str = "predicted_class"
 
 
 @state_pytree
@@ -75,8 +192,8 @@ class Survivors:
 def keep_topk_per_class(scores: torch.Tensor, batch: PackedBatch, k: int) -> torch.Tensor:
     """
     `(num_tokens,)` bool: for every image and every column of `scores` `(num_tokens, columns)` (a class's
-    probability, say), its `k` tokens with the highest score. Images are padded to a common length for one `topk`;
-    no host sync.
+    probability, say), its `k` tokens with the highest score; a score of `-inf` is never picked, so a column with
+    fewer finite scores keeps fewer. Images are padded to a common length for one `topk`; no host sync.
     """
     num_tokens, num_columns = scores.shape
     k = min(k, batch.max_length)
@@ -86,10 +203,20 @@ def keep_topk_per_class(scores: torch.Tensor, batch: PackedBatch, k: int) -> tor
     image, position = batch.image_positions(num_tokens)
     padded = scores.new_full((batch.batch_size, batch.max_length, num_columns), float("-inf"))
     padded[image, position] = scores
-    top = padded.topk(k, dim=1).indices  # (batch, k, columns), positions within each image
-    real = top < batch.lengths[:, None, None]  # an image with fewer than k tokens picks padding: drop it
-    packed = torch.where(real, batch.offsets[:-1, None, None] + top, num_tokens)
-    return keep.index_fill_(0, packed.flatten(), True)[:num_tokens]
+    top = padded.topk(k, dim=1)  # (batch, k, columns), positions within each image
+    picked = torch.where(top.values > float("-inf"), batch.offsets[:-1, None, None] + top.indices, num_tokens)
+    return keep.index_fill_(0, picked.flatten(), True)[:num_tokens]
+
+
+def protected_tokens(probabilities: torch.Tensor, batch: PackedBatch, rule: ExitRule) -> torch.Tensor:
+    """`(num_tokens,)` bool: the tokens `rule` protects from halting, per class (see `ExitRule`). For the predicted
+    class, the top k by confidence among all tokens predicted as a class are, among its confident tokens, exactly
+    the k most confident ones (a confident token outranks an unconfident one): DToP's rule."""
+    if rule.keep_rule == "class_column":
+        return keep_topk_per_class(probabilities, batch, rule.topk_per_class)
+    confidence, predicted = probabilities.max(-1)
+    scores = torch.full_like(probabilities, float("-inf")).scatter_(1, predicted[:, None], confidence[:, None])
+    return keep_topk_per_class(scores, batch, rule.topk_per_class)
 
 
 def tokens_to_keep(probabilities: torch.Tensor, batch: PackedBatch, rule: ExitRule) -> tuple[torch.Tensor, PackedBatch]:
@@ -98,7 +225,7 @@ def tokens_to_keep(probabilities: torch.Tensor, batch: PackedBatch, rule: ExitRu
     one host sync (the new lengths); with `rule.keep_tokens` none: the lengths follow from the old ones, so shapes
     stay static.
     """
-    protected = keep_topk_per_class(probabilities, batch, rule.topk_per_class)
+    protected = protected_tokens(probabilities, batch, rule)
     confidence = probabilities.amax(-1)
     if rule.keep_tokens is None:
         refuse_in_export("the number of tokens an exit keeps by threshold")
@@ -113,31 +240,41 @@ def tokens_to_keep(probabilities: torch.Tensor, batch: PackedBatch, rule: ExitRu
 
 
 @torch.no_grad()  # the decision to halt carries no gradient
-def halt(survivors: Survivors, exit_logits: torch.Tensor, layer: int, rule: ExitRule) -> tuple[Survivors, torch.Tensor]:
+def halt(
+    survivors: Survivors, log_probabilities: torch.Tensor, layer: int, rule: ExitRule
+) -> tuple[Survivors, torch.Tensor]:
     """
-    Apply an exit's `rule` to the survivors' exit logits `(num_survivors, num_labels)` after block `layer`. Returns
-    the new survivors and `order`, the rows of the old survivors that stay, in their old order: take
-    `tokens[order]` to re-pack the sequence.
+    Apply an exit's `rule` to the survivors' log class probabilities `(num_survivors, num_labels)` after block
+    `layer` (`exit_log_probabilities`). Returns the new survivors and `order`, the rows of the old survivors that
+    stay, in their old order: take `tokens[order]` to re-pack the sequence.
     """
-    keep, batch = tokens_to_keep(exit_logits.float().softmax(-1), survivors.batch, rule)
+    keep, batch = tokens_to_keep(log_probabilities.exp(), survivors.batch, rule)
     order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(batch.host_lengths)]
     halted_here = torch.where(keep, survivors.exit_layer[survivors.index], layer)
     exit_layer = survivors.exit_layer.index_copy(0, survivors.index, halted_here)
     return Survivors(survivors.index[order], batch, exit_layer), order
 
 
-def merge_exit_logits(
-    survivor_logits: torch.Tensor, survivors: Survivors, exit_logits: tuple[torch.Tensor, ...] | None,
-    exit_layers: list[int],
+def merge_exit_predictions(
+    decoder_logits: torch.Tensor, survivors: Survivors, exit_predictions: tuple[ExitPrediction, ...] | None,
+    exit_layers: list[int], image_index: torch.Tensor, merge: str,
 ) -> torch.Tensor:
-    """Per-token logits for every token of the layout `(num_tokens, num_labels)`: the decoder's
-    (`survivor_logits`, one row per survivor) where a token reached the end, the exit head's where it halted."""
+    """
+    Per-token scores for every token of the layout `(num_tokens, num_labels)`: the decoder's (`decoder_logits`, one
+    row per survivor) where a token reached the end, its exit head's where it halted (`exit_predictions` hold every
+    token of the layout, `image_index` their images). `merge="probabilities"` puts both in log-probabilities (the
+    decoder's log-softmax, `exit_log_probabilities`): one scale, as DToP merges probabilities; `"logits"` writes an
+    MLP head's raw logits beside the decoder's.
+    """
     num_tokens = survivors.exit_layer.shape[0]
-    merged = survivor_logits.new_zeros(num_tokens, survivor_logits.shape[1])
-    merged = merged.index_copy(0, survivors.index, survivor_logits)
-    for layer, logits in zip(exit_layers, exit_logits or ()):
+    if merge == "probabilities":
+        decoder_logits = decoder_logits.float().log_softmax(-1).to(decoder_logits.dtype)
+    merged = decoder_logits.new_zeros(num_tokens, decoder_logits.shape[1])
+    merged = merged.index_copy(0, survivors.index, decoder_logits)
+    for layer, prediction in zip(exit_layers, exit_predictions or ()):
         halted_here = (survivors.exit_layer == layer)[:, None]
-        merged = torch.where(halted_here, logits.to(merged.dtype), merged)
+        scores = prediction.token_logits if merge == "logits" else exit_log_probabilities(prediction, image_index)
+        merged = torch.where(halted_here, scores.to(merged.dtype), merged)
     return merged
 
 
@@ -156,27 +293,79 @@ def exit_statistics(
 
 
 def exit_loss(
-    exit_logits: tuple[torch.Tensor, ...], exit_layer: torch.Tensor, layout: TokenLayout, labels: torch.Tensor,
+    exit_predictions: tuple[ExitPrediction, ...], exit_layer: torch.Tensor, layout: TokenLayout, labels: torch.Tensor,
     exit_layers: list[int], loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ignore_index: int,
 ) -> torch.Tensor:
-    """Deep supervision: the sum over exits of each head's `loss_function(cell_logits, labels)` on the cells whose
-    token was still in the sequence at that exit (the others are marked `ignore_index`)."""
+    """Deep supervision: the sum over exits of each head's loss on the cells whose token was still in the sequence
+    at that exit (the others are marked `ignore_index`): `loss_function(cell_logits, labels)` for MLP heads,
+    `atm_loss` for ATM heads."""
     total = 0
-    for layer, logits in zip(exit_layers, exit_logits):
+    for layer, prediction in zip(exit_layers, exit_predictions):
         seen = unshare((exit_layer >= layer)[:, None].float(), layout)
         seen = torch.nn.functional.interpolate(seen, size=labels.shape[-2:], mode="nearest")[:, 0] > 0
-        total = total + loss_function(unshare(logits, layout), torch.where(seen, labels, ignore_index))
+        seen_labels = torch.where(seen, labels, ignore_index)
+        cell_logits = unshare(prediction.token_logits, layout)
+        if prediction.presence_logits is None:
+            total = total + loss_function(cell_logits, seen_labels)
+        else:
+            total = total + atm_loss(cell_logits, prediction.presence_logits, seen_labels, ignore_index)
     return total
 
 
+def atm_loss(
+    mask_logits: torch.Tensor, presence_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+    absent_weight: float = 0.1, focal_weight: float = 20.0, dice_weight: float = 1.0,
+) -> torch.Tensor:
+    """
+    DToP's loss for an ATM head (its `ATMLoss`, query i standing for class i, no matching): a weighted
+    cross-entropy of each class's presence (absent classes weigh `absent_weight`), plus, for every class present
+    in the image, a sigmoid focal loss (alpha 0.25, gamma 2) and a dice loss of its mask upsampled to the labels.
+    Unlike DToP, void pixels (`ignore_index`) count in no mask: they are no class's negatives. Each term is a
+    per-image mean (over classes, over present classes), then a mean over images, so that a batch split across
+    processes averages to the whole batch's loss.
+
+    Args:
+        mask_logits: `(batch, num_labels, rows, cols)` on the patch grid.
+        presence_logits: `(batch, num_labels, 2)`, present (index 0) or absent (index 1).
+        labels: `(batch, height, width)` class ids, `ignore_index` where void.
+    """
+    num_labels = mask_logits.shape[1]
+    valid = labels != ignore_index
+    targets = F.one_hot(torch.where(valid, labels, num_labels).long(), num_labels + 1)[..., :num_labels]
+    targets = targets.permute(0, 3, 1, 2).float()  # (batch, num_labels, height, width)
+    present = targets.flatten(2).amax(-1)  # (batch, num_labels)
+    weights = torch.where(present > 0, 1.0, absent_weight)
+    presence = F.cross_entropy(presence_logits.float().transpose(1, 2), (present == 0).long(), reduction="none")
+    presence = (presence * weights).sum(1) / weights.sum(1)
+
+    logits = F.interpolate(mask_logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    valid = valid[:, None].float()
+    probabilities = logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probabilities * targets + (1 - probabilities) * (1 - targets)
+    alpha_t = 0.25 * targets + 0.75 * (1 - targets)
+    num_valid = valid.flatten(2).sum(-1).clamp(min=1)
+    focal = (alpha_t * cross_entropy * (1 - p_t) ** 2 * valid).flatten(2).sum(-1) / num_valid
+    overlap = (probabilities * targets * valid).flatten(2).sum(-1)
+    dice = 1 - (2 * overlap + 1) / ((probabilities * valid).flatten(2).sum(-1) + targets.flatten(2).sum(-1) + 1)
+    num_present = present.sum(1).clamp(min=1)
+    masks = ((focal_weight * focal + dice_weight * dice) * present).sum(1) / num_present
+    return (presence + masks).mean()
+
+
 __all__ = [
+    "AtmExitHead",
     "ExitHead",
+    "ExitPrediction",
     "ExitRule",
     "Survivors",
+    "atm_loss",
+    "exit_log_probabilities",
     "exit_loss",
     "exit_statistics",
     "halt",
     "keep_topk_per_class",
-    "merge_exit_logits",
+    "merge_exit_predictions",
+    "protected_tokens",
     "tokens_to_keep",
 ]

@@ -124,6 +124,10 @@ def settings_text(config: StepConfig) -> str:
         exits = f"halting on, exits after blocks {config.exit_layers} keeping {config.exit_keep_tokens} tokens"
     else:
         exits = f"halting on, exits after blocks {config.exit_layers} at thresholds {config.exit_thresholds}"
+    if config.halting:
+        rule = "DToP's rule" if config.exit_keep_rule == "predicted_class" else "the class-column rule"
+        exits += (f" ({config.exit_head_type.upper()} heads, the {config.exit_keep_topk_per_class} most confident "
+                  f"tokens per class kept by {rule}, predictions merged as {config.exit_merge})")
     return f"{partition}, {exits}"
 
 

@@ -21,7 +21,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_step import TRAINABLE_COMPONENTS, StepConfig, check_run_settings
-from .exits import ExitHead, ExitRule, Survivors, exit_loss, exit_statistics, halt, merge_exit_logits
+from .exits import (
+    AtmExitHead, ExitHead, ExitPrediction, ExitRule, Survivors, exit_log_probabilities, exit_loss, exit_statistics,
+    halt, merge_exit_predictions,
+)
 from .fast_ops import ImageNorm, PatchConv2d, resize_grid_bicubic
 from .superpatch import (
     TARGET_IGNORE,
@@ -66,15 +69,16 @@ class EncoderState:
         class_tokens (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): the final class tokens.
         survivors (`Survivors`): which tokens of the layout reached the end, their lengths per image, and the block
             after which every token halted.
-        exit_logits (`tuple(torch.FloatTensor)` or `None`): one `(num_tokens, num_labels)` tensor per exit that ran,
-            the exit head's logits for every token of the layout still in at that exit (zeros for the others).
+        exit_predictions (`tuple(ExitPrediction)` or `None`): one per exit that ran: its head's `token_logits`
+            `(num_tokens, num_labels)` for every token of the layout still in at that exit (zeros for the others),
+            and, for ATM heads, its `presence_logits` `(batch_size, num_labels, 2)`.
     """
 
     layout: TokenLayout
     tokens: torch.Tensor
     class_tokens: torch.Tensor
     survivors: Survivors
-    exit_logits: tuple[torch.Tensor, ...] | None
+    exit_predictions: tuple[ExitPrediction, ...] | None
 
 
 @dataclass
@@ -228,12 +232,23 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(branch: torch.Tensor, batch: PackedBatch, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a packed sequence: in training, drop a residual `branch` for whole images with
+    probability `rate` and scale the kept ones by `1 / (1 - rate)` (timm's `DropPath`, per image, not per row)."""
+    if not training or rate == 0:
+        return branch
+    kept = (torch.rand(batch.batch_size, device=branch.device) >= rate).to(branch.dtype) / (1 - rate)
+    return branch * kept[batch.image_index(branch.shape[0])][:, None]
+
+
 class Block(GradientCheckpointingLayer):
-    """A pre-norm transformer block (timm names) on packed tokens. With gradient checkpointing on (the library's
-    `gradient_checkpointing_enable()`), its activations are recomputed in the backward pass instead of kept."""
+    """A pre-norm transformer block (timm names) on packed tokens, with stochastic depth `drop_path_rate`. With
+    gradient checkpointing on (the library's `gradient_checkpointing_enable()`), its activations are recomputed in
+    the backward pass instead of kept."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, config: StepConfig, eps: float | None = None):
         super().__init__()
+        self.drop_path_rate = 0.0  # the encoder's blocks: `StepModel.set_drop_path_rate`
         eps = config.layer_norm_eps if eps is None else eps
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, config)
@@ -246,8 +261,9 @@ class Block(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the new tokens and, with `output_attentions`, the attention weights (see `Attention`)."""
         attended, weights = self.attn(self.norm1(x), batch, output_attentions, places)
-        x = x + self.dropout(attended)
-        return x + self.dropout(self.mlp(self.norm2(x))), weights
+        x = x + drop_path(self.dropout(attended), batch, self.drop_path_rate, self.training)
+        mlp = self.dropout(self.mlp(self.norm2(x)))
+        return x + drop_path(mlp, batch, self.drop_path_rate, self.training), weights
 
 
 
@@ -350,7 +366,7 @@ class StepPreTrainedModel(PreTrainedModel):
     base_model_prefix = "step"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["Block", "AtmExitHead"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
@@ -418,6 +434,8 @@ class StepPreTrainedModel(PreTrainedModel):
         elif isinstance(module, StepModel):
             init.trunc_normal_(module.pos_embed, std=std)
             init.trunc_normal_(module.cls_token, std=std)
+        elif isinstance(module, AtmExitHead):
+            init.normal_(module.class_queries)  # DToP's class queries: an `nn.Embedding`, N(0, 1)
         elif isinstance(module, MaskTransformerDecoder):
             init.trunc_normal_(module.cls_emb, std=std)
             scale = module.proj_patch.shape[0] ** -0.5
@@ -476,13 +494,20 @@ class StepModel(StepPreTrainedModel):
             Block(config.hidden_size, config.num_attention_heads, config.intermediate_size, config)
             for _ in range(config.num_hidden_layers)
         )
+        self.set_drop_path_rate(config.drop_path_rate)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.policy = PolicyNetwork(config) if config.shared_sizes else None
-        self.exit_heads = nn.ModuleList(
-            ExitHead(config.hidden_size, config.exit_hidden_size, config.num_labels, config.layer_norm_eps)
-            for _ in config.exit_layers
-        )
+        self.exit_heads = nn.ModuleList(exit_head(config) for _ in config.exit_layers)
         self.post_init()
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth for training: rising linearly from 0 at the first block to `rate` at the last (timm,
+        Segmenter). Recorded in `config.drop_path_rate`; inference never drops."""
+        if not 0 <= rate < 1:
+            raise ValueError(f"`drop_path_rate` must be in [0, 1), got {rate}.")
+        self.config.drop_path_rate = rate
+        for block, block_rate in zip(self.blocks, torch.linspace(0, rate, len(self.blocks)).tolist()):
+            block.drop_path_rate = block_rate
 
     def position_grid(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Patch position embeddings `(rows, cols, dim)` for an input grid, resized from the stored grid when the
@@ -673,7 +698,7 @@ class StepModel(StepPreTrainedModel):
         laid_out = output_hidden_states or output_attentions
         places = places_by_layout(packed, survivors.index, layout) if laid_out else None
         exits = self.exits() if run_exits else {}
-        exit_logits, hidden_states, attentions = [], [], []
+        exit_predictions, hidden_states, attentions = [], [], []
 
         def recorded(packed: PackedSequence) -> PackedSequence:
             """Record the hidden state in its padded layout and go on from it (so that it is on the path)."""
@@ -692,11 +717,13 @@ class StepModel(StepPreTrainedModel):
                 continue
             head, rule = exits[layer]
             tokens = packed.tokens
-            logits = head(tokens)
-            exit_logits.append(logits.new_zeros(len(survivors.exit_layer), logits.shape[1]).index_copy(
-                0, survivors.index, logits))
+            prediction = head(tokens, survivors.batch)
+            token_logits = prediction.token_logits
+            exit_predictions.append(prediction._replace(token_logits=token_logits.new_zeros(
+                len(survivors.exit_layer), token_logits.shape[1]).index_copy(0, survivors.index, token_logits)))
             if halting:
-                survivors, order = halt(survivors, logits, layer, rule)
+                log_probabilities = exit_log_probabilities(prediction, survivors.batch.image_index(tokens.shape[0]))
+                survivors, order = halt(survivors, log_probabilities, layer, rule)
                 packed = insert_per_image(tokens[order], packed.extras, survivors.batch, at_start=True)
                 places = places_by_layout(packed, survivors.index, layout) if laid_out else None
         sequence = self.norm(packed.sequence)
@@ -706,7 +733,7 @@ class StepModel(StepPreTrainedModel):
             tokens=sequence[packed.token_positions],
             class_tokens=sequence[packed.extra_positions[:, 0]],
             survivors=survivors,
-            exit_logits=tuple(exit_logits) if exit_logits else None,
+            exit_predictions=tuple(exit_predictions) if exit_predictions else None,
         )
         return state, {
             "last_hidden_state": final_places.pad(sequence),
@@ -715,13 +742,21 @@ class StepModel(StepPreTrainedModel):
             "attentions": tuple(attentions) or None,
         }
 
-    def exits(self) -> dict[int, tuple[ExitHead, ExitRule]]:
+    def exits(self) -> dict[int, tuple[nn.Module, ExitRule]]:
         """Each exit block's head and keep rule, by block (1-based)."""
         config = self.config
         keep_counts = config.exit_keep_tokens or [None] * len(config.exit_layers)
-        rules = [ExitRule(threshold, keep, config.exit_keep_topk_per_class)
+        rules = [ExitRule(threshold, keep, config.exit_keep_topk_per_class, config.exit_keep_rule)
                  for threshold, keep in zip(config.exit_thresholds, keep_counts)]
         return dict(zip(config.exit_layers, zip(self.exit_heads, rules)))
+
+
+def exit_head(config: StepConfig) -> nn.Module:
+    """One exit head of the kind `config.exit_head_type` names."""
+    if config.exit_head_type == "atm":
+        return AtmExitHead(config.hidden_size, config.exit_hidden_size, config.exit_num_attention_heads,
+                           config.exit_num_hidden_layers, config.num_labels)
+    return ExitHead(config.hidden_size, config.exit_hidden_size, config.num_labels, config.layer_norm_eps)
 
 
 def policy_logits_on_cells(block_logits: dict[int, torch.Tensor] | None, grid_size) -> torch.Tensor | None:
@@ -837,8 +872,11 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         if state is not None:  # not `policy_only`
             if not self.training:
                 warn_if_untrained(self.config, ["decoder"])
-            token_logits = merge_exit_logits(self.decoder(state.tokens, state.survivors.batch), state.survivors,
-                                             state.exit_logits, self.config.exit_layers)
+            halting = self.config.halting if halting is None else halting
+            token_logits = merge_exit_predictions(
+                self.decoder(state.tokens, state.survivors.batch), state.survivors, state.exit_predictions,
+                self.config.exit_layers, state.layout.image_index, self.config.exit_merge if halting else "logits",
+            )
             logits = unshare(token_logits, state.layout)
             exit_map, halted_share = exit_statistics(state.survivors.exit_layer, state.layout, self.config.exit_layers)
         losses = self.compute_losses(logits, encoded, labels, superpatch_targets)
@@ -872,8 +910,8 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         if logits is not None and labels is not None:
             check_labels(labels, logits.shape[0], config)  # once: the exit losses reuse the labels
             segmentation = self.loss_function(logits, labels)
-            if self.training and state.exit_logits is not None:
-                exits = exit_loss(state.exit_logits, state.survivors.exit_layer, state.layout, labels,
+            if self.training and state.exit_predictions is not None:
+                exits = exit_loss(state.exit_predictions, state.survivors.exit_layer, state.layout, labels,
                                   config.exit_layers, self.loss_function, config.semantic_loss_ignore_index)
         if superpatch_targets is not None and encoded.policy_logits is not None:
             superpatch_map = encoded.superpatch_map

@@ -81,3 +81,67 @@ def test_forward_settings_override_the_saved_ones_for_one_call_only():
         model(pixels, attention_mode="sparse")
     with pytest.raises(ValueError, match="at least one exit"):
         StepForSemanticSegmentation(tiny_config(exit_layers=[], exit_thresholds=[]))(pixels, halting=True)
+
+
+@pytest.mark.parametrize("depth, exits", [(12, [6, 8]), (24, [8, 16]), (6, [3, 4]), (18, [9, 12]), (32, [10, 21]),
+                                          (3, [1, 2]), (2, [1]), (1, [])])
+def test_default_exit_placement_follows_dtop(depth, exits):
+    """DToP's blocks 6 and 8 of 12 and 8 and 16 of 24; other depths by the rule the docstring states."""
+    assert tiny_config(num_hidden_layers=depth).exit_layers == exits
+
+
+def test_configs_saved_before_the_exit_rules_load_with_the_rules_they_ran_with(tmp_path):
+    """A saved configuration without `exit_keep_rule` / `exit_merge` is an older one: it gets the class-column rule
+    and logit merging it ran with; a new one keeps what it saved, and new configurations get DToP's rules."""
+    import json
+
+    assert (tiny_config().exit_keep_rule, tiny_config().exit_merge) == ("predicted_class", "probabilities")
+    tiny_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert StepConfig.from_pretrained(tmp_path).exit_keep_rule == "predicted_class"
+    for field in ("exit_keep_rule", "exit_merge"):
+        del saved[field]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = StepConfig.from_pretrained(tmp_path)
+    assert (old.exit_keep_rule, old.exit_merge) == ("class_column", "logits")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(exit_head_type="conv"), "exit_head_type"),
+        (dict(exit_keep_rule="per_column"), "exit_keep_rule"),
+        (dict(exit_merge="average"), "exit_merge"),
+        (dict(exit_head_type="atm", exit_merge="logits"), "needs MLP exit heads"),
+        (dict(exit_head_type="atm", exit_hidden_size=48, exit_num_attention_heads=5), "divisible"),
+        (dict(drop_path_rate=1.0), "drop_path_rate"),
+        (dict(drop_path_rate=-0.1), "drop_path_rate"),
+    ],
+)
+def test_bad_exit_and_drop_path_configs(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_drop_path_drops_whole_images_in_training_only():
+    """Per image, not per row of the packed sequence: every row of an image is dropped or scaled by 1 / (1 - rate)
+    together; the rate rises linearly over the blocks; evaluation never drops."""
+    from step_hf.modeling_step import drop_path
+    from step_hf.token_layout import PackedBatch
+
+    torch.manual_seed(0)
+    batch = PackedBatch.of([3, 5, 1, 4] * 25, "cpu")
+    branch = torch.ones(sum(batch.host_lengths), 2)
+    dropped = drop_path(branch, batch, 0.5, training=True)
+    per_image = [rows.unique() for rows in dropped.split(list(batch.host_lengths))]
+    assert all(len(values) == 1 and float(values) in (0.0, 2.0) for values in per_image)
+    kept = sum(float(values) == 2.0 for values in per_image)
+    assert 30 < kept < 70  # about half of 100 images
+    assert torch.equal(drop_path(branch, batch, 0.5, training=False), branch)
+    model = StepForSemanticSegmentation(tiny_config(num_hidden_layers=3, drop_path_rate=0.2)).eval()
+    assert [block.drop_path_rate for block in model.step.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    plain = StepForSemanticSegmentation(tiny_config(num_hidden_layers=3)).eval()
+    plain.load_state_dict(model.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(pixels).logits, plain(pixels).logits)

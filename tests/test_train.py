@@ -68,7 +68,8 @@ def test_train_saves_a_loadable_model_and_resumes_exactly(tmp_path, scene_datase
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, scene_dataset):
-    args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "0"]
+    # Without drop path: each process draws its own images' drops, so with it the two runs differ by design.
+    args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "0", "--drop_path_rate", "0"]
     single, double = tmp_path / "single", tmp_path / "double"
     run_train([*args, "--output_dir", single, "--per_device_train_batch_size", "4"], cwd=tmp_path)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -198,3 +199,26 @@ def test_gradient_checkpointing_trains_exactly_like_the_plain_run(tmp_path, scen
     assert [x[:2] for x in plain] == [x[:2] for x in checkpointed] and len(plain) > 3
     np.testing.assert_allclose([x[2] for x in plain if x[2] is not None],
                                [x[2] for x in checkpointed if x[2] is not None], rtol=1e-5)
+
+
+def test_learning_rates_per_stage_and_new_models_exits(tmp_path, scene_dataset):
+    """The policy trains at --policy_learning_rate; segmenter and pruning at --learning_rate (pretrained-backbone
+    defaults) unless --prune_learning_rate is given; --exit_head_type and --exit_layers build a new model's exits,
+    and a saved model with other exits is refused rather than silently kept."""
+    out = tmp_path / "atm"
+    run_train([*TINY, "--dataset_name", scene_dataset, "--output_dir", out, "--checkpointing_steps", "0",
+               "--exit_head_type", "atm", "--exit_layers", "1", "--warmup_steps", "0"], cwd=tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config["exit_head_type"] == "atm" and config["exit_layers"] == [1] and config["drop_path_rate"] == 0.1
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    steps = {"policy": 2, "segmenter": 4, "prune": 2}
+    for stage, rate in (("policy", 5e-4), ("segmenter", 2e-5), ("prune", 2e-5)):
+        logged = [entry for entry in history if entry.get("stage") == stage and "lr" in entry]
+        assert logged, stage
+        for entry in logged:  # no warm-up: the poly decay from the stage's rate
+            assert entry["lr"] == pytest.approx(rate * (1 - (entry["step"] - 1) / steps[stage]) ** 0.9), stage
+    result = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), *TINY, "--dataset_name", scene_dataset,
+                             "--model_name_or_path", str(out), "--stage", "prune", "--exit_head_type", "mlp",
+                             "--output_dir", str(tmp_path / "refused")], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert result.returncode != 0 and "--exit_head_type mlp chooses a new model's architecture" in result.stderr
