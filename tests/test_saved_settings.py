@@ -22,8 +22,9 @@ import train
 import windows_vs_full_frame
 from data import load_data
 
-TOY = ["--image_size", "64", "--policy_steps", "3", "--segmenter_steps", "4", "--prune_steps", "3", "--learning_rate", "5e-4",
-       "--per_device_train_batch_size", "4", "--checkpointing_steps", "0"]
+# From scratch: a toy model needs the from-scratch rate (train.py's default fine-tunes pretrained ViTs).
+TOY = ["--image_size", "64", "--policy_steps", "3", "--segmenter_steps", "4", "--prune_steps", "3",
+       "--learning_rate", "5e-4", "--per_device_train_batch_size", "4", "--checkpointing_steps", "0"]
 # name: (train.py arguments, the partition source the saved model must run with). The exit thresholds are low so
 # that a toy model halts some tokens and the halted shares are worth comparing.
 RUNS = {
