@@ -71,9 +71,11 @@ def images_per_second(folder: str, dataset, count: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def interpolate(rows: list[dict], key: str, at: float, value: str) -> float | None:
+def interpolate(rows: list[dict] | None, key: str, at: float, value: str) -> float | None:
     """`value` of the sweep `rows` at `key` = `at`, linear between the two measured rows around it; `None` outside
-    the measured range."""
+    the measured range or without a sweep."""
+    if rows is None:
+        return None
     points = sorted((key_of(row, key), key_of(row, value)) for row in rows)
     xs, ys = [x for x, _ in points], [y for _, y in points]
     if not xs or not xs[0] <= at <= xs[-1]:
@@ -151,21 +153,24 @@ def halted_share_table(results: dict, shares: list[float]) -> str:
 
 
 def equal_flops_table(results: dict) -> str:
-    """The halting variants' mIoU at the FLOPs of each variant that does not halt (same seed)."""
-    fixed = [label for label, runs in results.items() if runs[0]["sweep"] is None]
-    lines = ["| variant | " + " | ".join(f"mIoU at the GFLOPs of {label}" for label in fixed) + " |",
-             "|---|" + "---|" * len(fixed)]
+    """The halting variants' mIoU at three FLOPs budgets spread over the range every one of their sweeps (every
+    seed) covers; the variants that do not halt have one cost each (the main table)."""
+    sweeps = [run["sweep"] for runs in results.values() for run in runs if run["sweep"]]
+    if not sweeps:
+        return "(no sweeps)"
+    low = max(min(row["gflops_per_image"] for row in rows) for rows in sweeps)
+    high = min(max(row["gflops_per_image"] for row in rows) for rows in sweeps)
+    if low > high:
+        return "(the sweeps share no FLOPs range)"
+    budgets = np.linspace(low, high, 3).tolist()
+    lines = ["| variant | " + " | ".join(f"mIoU at {budget:.3f} GFLOPs ({budget / 2:.3f} GMACs)" for budget in budgets)
+             + " |", "|---|" + "---|" * len(budgets)]
     for label, runs in results.items():
         if runs[0]["sweep"] is None:
             continue
-        cells = []
-        for other in fixed:
-            budget = {run["seed"]: run["final"]["gflops_per_image"] for run in results[other]}
-            cells.append(cell([interpolate(run["sweep"], "gflops_per_image", budget.get(run["seed"], -1), "mean_iou")
-                               for run in runs], 100))
+        cells = [cell([interpolate(run["sweep"], "gflops_per_image", budget, "mean_iou") for run in runs], 100)
+                 for budget in budgets]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("| (reference: the variant itself) | " + " | ".join(
-        cell([run["final"]["mean_iou"] for run in results[label]], 100) for label in fixed) + " |")
     return "\n".join(lines)
 
 

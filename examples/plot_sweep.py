@@ -32,7 +32,7 @@ def plot(sweeps: list[list[dict]], labels: list[str], output: str, colours: list
     curves = [sorted(((row["gflops_per_image"], 100 * row["mean_iou"], row) for row in rows), key=lambda p: p[0])
               for rows in sweeps]
 
-    width, height, margin = 900, 600, 80
+    width, height, margin, legend_width = 900, 600, 80, 340  # the legend in a column right of the axes
     xs = [x for curve in curves for x, _, _ in curve]
     ys = [y for curve in curves for _, y, _ in curve]
     x_low, x_high = 0.0, max(xs) * 1.05
@@ -43,7 +43,7 @@ def plot(sweeps: list[list[dict]], labels: list[str], output: str, colours: list
         return (margin + (x - x_low) / (x_high - x_low) * (width - 2 * margin),
                 height - margin - (y - y_low) / (y_high - y_low) * (height - 2 * margin))
 
-    picture = Image.new("RGB", (width, height), "white")
+    picture = Image.new("RGB", (width + legend_width, height), "white")
     draw = ImageDraw.Draw(picture)
     draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
     for step in range(6):  # axis ticks and grid
@@ -64,7 +64,7 @@ def plot(sweeps: list[list[dict]], labels: list[str], output: str, colours: list
             draw.line(points, fill=colour, width=2)
         for px, py in points:
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-        draw.text((width - margin - 200, margin + 10 + 16 * index), f"- {label}", fill=colour)
+        draw.text((width - margin + 20, margin + 16 * index), f"- {label}", fill=colour)
     picture.save(output)
 
     with open(os.path.splitext(output)[0] + ".csv", "w", newline="") as f:
