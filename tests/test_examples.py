@@ -104,3 +104,51 @@ def test_windows_against_full_frame(tmp_path, scene_dataset):
     split = run_example("windows_vs_full_frame.py", "--model_name_or_path", tmp_path / "m", "--dataset_name",
                         scene_dataset, "--window_size", 32, "--window_stride", 16, cwd=tmp_path)
     assert "full frame: mIoU" in split and "windows: mIoU" in split
+
+
+def write_run(folder, final: dict, exit_layers=(6, 8), halting=False, sweep=None):
+    """A trained run's files as train.py and sweep.py write them, with only the fields the tables read."""
+    folder.mkdir(parents=True)
+    metrics = {"final_eval": final, "settings": {"partition_source": "dense", "halting": halting,
+                                                 "exit_thresholds": [0.9, 0.9]}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "config.json").write_text(json.dumps({"exit_layers": list(exit_layers), "exit_head_type": "mlp"}))
+    if sweep is not None:
+        (folder / "sweep.json").write_text(json.dumps(sweep))
+
+
+def sweep_row(miou, gflops, halted):
+    return {"mean_iou": miou, "gflops_per_image": gflops, "halted_share": halted, "tokens_per_image": 10.0,
+            "partition_source": "dense", "policy_threshold": None, "exit_threshold": 0.9}
+
+
+def test_lineage_table_compares_at_equal_halted_share_and_flops(tmp_path):
+    import lineage_table
+
+    for seed, shift in (("seed-0", 0.0), ("seed-1", 0.02)):
+        write_run(tmp_path / seed / "dense", sweep_row(0.30 + shift, 3.0, [0.0, 0.0]))
+        # halted 0.2 -> mIoU 0.40, halted 0.6 -> 0.30: at 0.4 halted, 0.35 (+ shift); FLOPs 2.0 -> 1.0
+        sweep = [sweep_row(0.40 + shift, 2.0, [0.1, 0.1]), sweep_row(0.30 + shift, 1.0, [0.5, 0.1])]
+        write_run(tmp_path / seed / "dtop", sweep[0], halting=True, sweep=sweep)
+    lineage_table.main([str(tmp_path), "--output", str(tmp_path / "out" / "lineage"), "--halted_shares", "0.4"])
+    written = json.loads((tmp_path / "out" / "lineage.json").read_text())
+    assert set(written) == {"dense ViT + Segmenter", "DToP alone (dense + halting)"}
+    assert (tmp_path / "out" / "lineage.png").is_file() and (tmp_path / "out" / "lineage.csv").is_file()
+    rows = {seed: lineage_table.interpolate(run["sweep"], "halted", 0.4, "mean_iou")
+            for seed, run in zip(("0", "1"), written["DToP alone (dense + halting)"])}
+    assert rows["0"] == pytest.approx(0.35) and rows["1"] == pytest.approx(0.37)
+    assert lineage_table.interpolate(written["DToP alone (dense + halting)"][0]["sweep"], "gflops_per_image", 1.5,
+                                     "mean_iou") == pytest.approx(0.35)
+    assert lineage_table.interpolate(written["DToP alone (dense + halting)"][0]["sweep"], "halted", 0.9,
+                                     "mean_iou") is None  # outside the sweep: not extrapolated
+
+
+def test_exit_head_cost_reports_both_heads():
+    import exit_head_cost
+
+    rows = [exit_head_cost.measure(exit_head_cost.parse_args(["--preset", "tiny", "--image_size", "64", "--device",
+                                                              "cpu", "--dtype", "float32", "--repeats", "1"]),
+                                   5, head) for head in ("mlp", "atm")]
+    assert [row["head"] for row in rows] == ["mlp", "atm"]
+    assert 0 < rows[0]["gflops_per_head"] < rows[1]["gflops_per_head"]
+    assert all(row["forward_ms"] > 0 and row["exit_share_of_time"] > 0 for row in rows)  # times: no bounds
