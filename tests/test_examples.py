@@ -56,7 +56,7 @@ def test_plot_sweep_draws_the_curve_and_writes_its_data(tmp_path):
             for t, m, g, n in ((0.7, 0.52, 3.0, 300.0), (0.5, 0.50, 2.0, 200.0))]
     (tmp_path / "sweep.json").write_text(json.dumps(rows))
     run_example("plot_sweep.py", tmp_path / "sweep.json", "--output", tmp_path / "curve.png", cwd=tmp_path)
-    assert Image.open(tmp_path / "curve.png").size == (900, 600)
+    assert Image.open(tmp_path / "curve.png").size == (1240, 600)  # the axes, then the legend beside them
     lines = (tmp_path / "curve.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[1].startswith("sweep,policy,0.5,,2.0000,50.00,200.0")
 
@@ -66,9 +66,9 @@ def test_camvid_recipe_runs_each_variant(tmp_path, scene_dataset):
     dCTS -> STEP reusing nothing but what the recipe itself saved."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "DATA": str(scene_dataset), "PRESET": "tiny",
            "SIZE": "64", "PRECISION": "no", "WORKERS": "0", "POLICY_STEPS": "2", "SEGMENTER_STEPS": "3",
-           "PRUNE_STEPS": "2"}
+           "PRUNE_STEPS": "2", "CTS_BUDGET": "11"}
     recipe = EXAMPLES.parent / "scripts" / "camvid_recipe.sh"
-    for variant in ("dense", "step"):
+    for variant in ("dense", "step", "cts", "dtop"):
         result = subprocess.run(["bash", str(recipe), variant, str(tmp_path / "runs")], env=env, capture_output=True,
                                 text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -79,6 +79,12 @@ def test_camvid_recipe_runs_each_variant(tmp_path, scene_dataset):
     assert evals["dense"]["tokens_per_image"] == 20 and configs["dense"]["hidden_size"] == 192  # ViT-Tiny, 4x5 grid
     assert evals["dcts-policy"] is None and evals["dcts"]["tokens_per_image"] <= 20  # the policy stage has no eval
     assert not configs["dcts"]["halting"] and configs["step"]["halting"]
+    # CTS alone: 2x2 superpatches only, at its token budget (20 cells - 3 per merge: 11); DToP alone: dense + halting
+    cts = json.loads((tmp_path / "runs" / "cts" / "config.json").read_text())
+    assert cts["superpatch_sizes"] == [2] and cts["token_budget"] == 11
+    assert json.loads((tmp_path / "runs" / "cts" / "metrics.json").read_text())["final_eval"]["tokens_per_image"] == 11
+    dtop = json.loads((tmp_path / "runs" / "dtop" / "config.json").read_text())
+    assert dtop["partition_source"] == "dense" and dtop["halting"]
 
     def learning_rates(name: str, stage: str) -> list:
         history = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["history"]
