@@ -9,13 +9,12 @@ exits run (halting on, thresholds of 1, so that every exit sees every token), an
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from step_hf import StepConfig, StepForSemanticSegmentation
 from step_hf.accounting import analytic_flops
+from step_hf.benchmark import timed
 from step_hf.token_layout import PackedBatch
 
 
@@ -28,21 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     return parser.parse_args(argv)
 
 
-def median_ms(run, repeats: int, device: str) -> float:
-    """Median milliseconds of `run()` over `repeats` calls, after one warm-up call."""
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    run()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        run()
-        synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+def median_ms(run, args) -> float:
+    """Median milliseconds of `run()` over `args.repeats` calls after `args.warmup` (the benchmark's timing)."""
+    return timed(lambda _: run(), [None], args)[0]
 
 
 def measure(args, num_labels: int, head_type: str) -> dict:
@@ -60,9 +51,9 @@ def measure(args, num_labels: int, head_type: str) -> dict:
     flops = analytic_flops(config, (args.image_size,) * 2, [side * side] * args.batch_size, [1], policy_ran=False,
                            exit_survivors=[[side * side] * args.batch_size] * len(config.exit_layers), exits_ran=True)
     with torch.inference_mode():
-        block_ms = median_ms(lambda: model.step.blocks[0](sequence, sequence_batch), args.repeats, args.device)
-        head_ms = median_ms(lambda: model.step.exit_heads[0](tokens, batch), args.repeats, args.device)
-        forward_ms = median_ms(lambda: model(pixels), args.repeats, args.device)
+        block_ms = median_ms(lambda: model.step.blocks[0](sequence, sequence_batch), args)
+        head_ms = median_ms(lambda: model.step.exit_heads[0](tokens, batch), args)
+        forward_ms = median_ms(lambda: model(pixels), args)
     exits = len(config.exit_layers)
     return {"num_labels": num_labels, "head": head_type, "exits": exits,
             "gflops_per_head": flops["exits"] / exits / 1e9 / args.batch_size,

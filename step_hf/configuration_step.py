@@ -52,6 +52,13 @@ def check_run_settings(partition_source: str, halting: bool, attention_mode: str
         raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
 
 
+def check_drop_path_rate(rate: float) -> None:
+    """Refuse a stochastic-depth rate outside [0, 1) (1 would drop every block): the configuration's and
+    `StepModel.set_drop_path_rate`'s one check."""
+    if not 0 <= rate < 1:  # NaN fails every comparison
+        raise ValueError(f"`drop_path_rate` must be in [0, 1) (1 would drop every block), got {rate}.")
+
+
 def default_exit_layers(num_hidden_layers: int) -> list[int]:
     """
     DToP's exit placement: after blocks 6 and 8 of a 12-block ViT (ViT-B) and 8 and 16 of a 24-block one (ViT-L).
@@ -296,13 +303,11 @@ class StepConfig(PreTrainedConfig):
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-        probabilities = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
-        for name in ("policy_loss_weight", "exit_loss_weight", *probabilities):
+        for name in ("policy_loss_weight", "exit_loss_weight", "hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
-            if not 0 <= value < math.inf or (name in probabilities and value > 1):  # NaN fails every comparison
+            if not 0 <= value < math.inf or (name.endswith("prob") and value > 1):  # NaN fails every comparison
                 raise ValueError(f"`{name}` must be a finite number >= 0 (at most 1 for a dropout), got {value}.")
-        if self.drop_path_rate >= 1:
-            raise ValueError(f"`drop_path_rate` must be below 1 (1 would drop every block), got {self.drop_path_rate}.")
+        check_drop_path_rate(self.drop_path_rate)
         if self.position_interpolation not in ("bicubic", "bilinear"):
             raise ValueError(
                 f"`position_interpolation` must be 'bicubic' or 'bilinear', got {self.position_interpolation!r}."

@@ -124,19 +124,15 @@ class AtmExitHead(nn.Module):
     def forward(self, tokens: torch.Tensor, batch: PackedBatch) -> ExitPrediction:
         """`tokens` `(num_tokens, hidden_size)` packed as `batch` says. Each image's tokens are padded to the longest
         for the cross-attention (a key mask hides the padding)."""
-        memory = self.proj_norm(self.input_proj(tokens))
-        image, position = batch.image_positions(tokens.shape[0])
-        padded = memory.new_zeros(batch.batch_size, batch.max_length, memory.shape[-1])
-        padded[image, position] = memory
-        valid = torch.zeros(batch.batch_size, batch.max_length, dtype=torch.bool, device=tokens.device)
-        valid[image, position] = True
+        places = batch.places(tokens.shape[0])
+        padded = places.pad(self.proj_norm(self.input_proj(tokens)))
         # A copy, not an `expand` view: a view of a parameter made under `no_grad` still requires grad, which module
         # hooks (the FLOP counter's) refuse.
         queries = self.class_queries.repeat(batch.batch_size, 1, 1)
         mask_logits = None
         for layer in self.layers:
-            queries, mask_logits = layer(queries, padded, valid)
-        return ExitPrediction(mask_logits.transpose(1, 2)[image, position], self.class_embed(queries))
+            queries, mask_logits = layer(queries, padded, places.filled)
+        return ExitPrediction(places.unpad(mask_logits.transpose(1, 2)), self.class_embed(queries))
 
 
 def exit_log_probabilities(prediction: ExitPrediction, image_index: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .configuration_step import TRAINABLE_COMPONENTS, StepConfig, check_run_settings
+from .configuration_step import TRAINABLE_COMPONENTS, StepConfig, check_drop_path_rate, check_run_settings
 from .exits import (
     AtmExitHead, ExitHead, ExitPrediction, ExitRule, Survivors, exit_log_probabilities, exit_loss, exit_statistics,
     halt, merge_exit_predictions,
@@ -503,8 +503,7 @@ class StepModel(StepPreTrainedModel):
     def set_drop_path_rate(self, rate: float) -> None:
         """Stochastic depth for training: rising linearly from 0 at the first block to `rate` at the last (timm,
         Segmenter). Recorded in `config.drop_path_rate`; inference never drops."""
-        if not 0 <= rate < 1:
-            raise ValueError(f"`drop_path_rate` must be in [0, 1), got {rate}.")
+        check_drop_path_rate(rate)
         self.config.drop_path_rate = rate
         for block, block_rate in zip(self.blocks, torch.linspace(0, rate, len(self.blocks)).tolist()):
             block.drop_path_rate = block_rate
