@@ -63,13 +63,13 @@ def train_policy(args) -> list[float]:
     return [entry["loss"] for entry in history if entry["stage"] == "policy" and "loss" in entry]
 
 
-def partition_statistics(model, loader, partition_source: str) -> dict:
+def partition_statistics(model, loader, settings: dict) -> dict:
     """Tokens per image (mean, 5th and 95th percentiles), the share of area per superpatch size, and the share of
-    shared area that the ground truth calls mixed, for the partitions the model builds from `partition_source` (the
-    policy at the configuration's thresholds, or the oracle)."""
+    shared area that the ground truth calls mixed, for the partitions the model builds under `settings` (the
+    policy at some thresholds, or the oracle)."""
     counts, shares, shared, mixed = [], [], 0, 0
     sizes = torch.tensor(model.config.shared_sizes)[None, :, None, None]
-    for batch, outputs, _ in predictions(model, loader, torch.device("cpu"), partition_source, policy_only=True):
+    for batch, outputs, _ in predictions(model, loader, torch.device("cpu"), settings, policy_only=True):
         counts += outputs.token_counts.tolist()
         shares.append(superpatch_area_shares(outputs.superpatch_map))
         chosen = outputs.superpatch_map[:, None] == sizes  # (batch, shared sizes, rows, cols)
@@ -86,11 +86,11 @@ def partition_statistics(model, loader, partition_source: str) -> dict:
 
 def token_statistics(model, loader, thresholds: list[float]) -> dict:
     """`partition_statistics` of the oracle, and of the policy at each threshold (one value for every size)."""
-    results = {"oracle": partition_statistics(model, loader, "oracle"), "policy": {}}
+    results = {"oracle": partition_statistics(model, loader, {"partition_source": "oracle"}), "policy": {}}
     for threshold in thresholds:
-        settings = {"policy_thresholds": [threshold] * len(model.config.shared_sizes), "token_budget": None}
-        with model.config.temporary_settings(**settings):
-            results["policy"][str(threshold)] = partition_statistics(model, loader, "policy")
+        settings = {"partition_source": "policy", "policy_thresholds": [threshold] * len(model.config.shared_sizes),
+                    "token_budget": None}
+        results["policy"][str(threshold)] = partition_statistics(model, loader, settings)
     return results
 
 

@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump({"final_eval": row, "settings": model.config.settings(), "source_model": args.model_name_or_path},
+        json.dump({"final_eval": row, "settings": model.config.settings.to_dict(), "source_model": args.model_name_or_path},
                   f, indent=1)
 
     source_card = os.path.join(args.model_name_or_path, "README.md")
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     model_card(os.path.basename(os.path.normpath(args.output_dir)), model.config, found.group(1) if found else None,
                dataset_name, row, notes, input_size=f"processor size {row['processor_size']}").save(
         os.path.join(args.output_dir, "README.md"))
-    print(f"saved {args.output_dir}: {model.config.settings()}, processor size {row['processor_size']}")
+    print(f"saved {args.output_dir}: {model.config.settings.to_dict()}, processor size {row['processor_size']}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def main() -> None:
         outputs = model(**inputs)
     prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
 
-    exit_map = outputs.exit_map[0].numpy() if outputs.exit_map is not None and model.config.halting else None
+    exit_map = outputs.exit_map[0].numpy() if outputs.exit_map is not None else None
     num_labels = model.config.num_labels
     panels = [image, colourise(prediction, num_labels),
               draw_tokens(image, outputs.superpatch_map[0].numpy(), exit_map, model.config.num_hidden_layers)]

@@ -24,7 +24,7 @@ from data import load_data
 from torch.utils.data import DataLoader
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
-from step_hf.configuration_step import PARTITION_SOURCES
+from step_hf.configuration_step import PARTITION_SOURCES, resolve_settings
 from step_hf.evaluation import EvalTransform, evaluate
 
 
@@ -55,12 +55,12 @@ def sweep(model, loader, accelerator, processor, args) -> list[dict]:
             settings["policy_thresholds"] = [policy_threshold] * len(config.shared_sizes)
         if halting:
             settings["exit_thresholds"] = [exit_threshold] * len(config.exit_layers)
-        with config.temporary_settings(**settings):
-            results = evaluate(model, loader, accelerator)
-            rows.append({"partition_source": args.partition_source, "policy_threshold": policy_threshold,
-                         "exit_threshold": exit_threshold if halting else None, **results,
-                         "settings": config.settings(), "processor_size": processor.to_dict()["size"],
-                         "dataset_name": args.dataset_name, "split": args.eval_split})
+        results = evaluate(model, loader, accelerator, settings)
+        rows.append({"partition_source": args.partition_source, "policy_threshold": policy_threshold,
+                     "exit_threshold": exit_threshold if halting else None, **results,
+                     "settings": resolve_settings(config, settings).to_dict(),
+                     "processor_size": processor.to_dict()["size"], "dataset_name": args.dataset_name,
+                     "split": args.eval_split})
         accelerator.print(f"policy {policy_threshold}, exits {exit_threshold}: mIoU {100 * results['mean_iou']:.2f}, "
                           f"{results['tokens_per_image']:.1f} tokens, {results['gflops_per_image']:.2f} GFLOPs")
     best_miou = max(row["mean_iou"] for row in rows)

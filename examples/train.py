@@ -36,7 +36,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights
-from step_hf.configuration_step import ATTENTION_MODES, EXIT_HEAD_TYPES, PARTITION_SOURCES, TRAINABLE_COMPONENTS
+from step_hf.configuration_step import (
+    ATTENTION_MODES, EXIT_HEAD_TYPES, PARTITION_SOURCES, TRAINABLE_COMPONENTS, resolve_settings,
+)
 from step_hf.evaluation import EvalTransform, evaluate
 from step_hf.model_card import model_card
 
@@ -284,21 +286,27 @@ def optimizer_and_scheduler(model, args, learning_rate: float, num_steps: int, n
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def stage_settings(stage: str) -> dict:
+    """The run-time settings a stage trains and is evaluated with, over the run's own (`build_model`): halting on
+    for the pruning fine-tune only."""
+    return {"halting": stage == "prune"}
+
+
 def stage_inputs(stage: str, batch: dict, partition_source: str) -> dict:
     """Stage 1 sees only the policy's targets; later stages the labels (and the targets only for oracle
     partitions: the frozen policy gets no loss)."""
     if stage == "policy":
         return {"pixel_values": batch["pixel_values"], "superpatch_targets": batch["superpatch_targets"],
                 "policy_only": True}
-    inputs = {"pixel_values": batch["pixel_values"], "labels": batch["labels"], "partition_source": partition_source}
+    inputs = {"pixel_values": batch["pixel_values"], "labels": batch["labels"], "settings": stage_settings(stage)}
     if partition_source == "oracle":
         inputs["superpatch_targets"] = batch["superpatch_targets"]
     return inputs
 
 
 def configure_stage(model: StepForSemanticSegmentation, stage: str) -> None:
-    """What trains in a stage, halting on for the pruning fine-tune only, and the parts the stage trains recorded in
-    the configuration (`trained_components`, unless a loaded model did not record them)."""
+    """What trains in a stage, and the parts it trains recorded in the configuration (`trained_components`, unless a
+    loaded model did not record them)."""
     model.set_training_stage(stage)
     mark_trained(model.config, stage)
 
@@ -555,8 +563,9 @@ class LossLog:
 def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
     loader = accelerator.prepare_data_loader(DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size))
     config = accelerator.unwrap_model(model).config
-    results = evaluate(model, loader, accelerator)  # with the configuration's settings: those the model is saved with
-    record = {"stage": stage, "step": step, "eval": results, "settings": config.settings()}
+    settings = resolve_settings(config, stage_settings(stage))  # the run's, as the stage runs them
+    results = evaluate(model, loader, accelerator, settings)
+    record = {"stage": stage, "step": step, "eval": results, "settings": settings.to_dict()}
     history.append(record)
     accelerator.log({f"{stage}/eval_mean_iou": results["mean_iou"],
                      f"{stage}/eval_tokens_per_image": results["tokens_per_image"]}, step=len(history))
@@ -622,7 +631,10 @@ def main(argv=None) -> None:
     if model.config.partition_source == "oracle":
         notes.append(save_runnable_settings(model, data, accelerator, args, history))
     accelerator.wait_for_everyone()
-    final_eval = next((r["eval"] for r in reversed(history) if "eval" in r), None)
+    final = next((record for record in reversed(history) if "eval" in record), None)
+    if final is not None:  # the saved model runs, by default, as its final evaluation measured it
+        model.config.update_settings(**final["settings"])
+    final_eval = final["eval"] if final is not None else None
     if accelerator.is_main_process:
         save_final(model, processor, args, history, final_eval, time.time() - started, notes)
     accelerator.end_training()
@@ -661,7 +673,7 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
         model.save_pretrained(temporary)
         processor.save_pretrained(temporary)
         with open(os.path.join(temporary, "metrics.json"), "w") as f:
-            json.dump({"history": history, "final_eval": final_eval, "settings": model.config.settings(),
+            json.dump({"history": history, "final_eval": final_eval, "settings": model.config.settings.to_dict(),
                        "trained_components": model.config.trained_components, "train_seconds": seconds}, f, indent=1)
         started = f"Started from `{args.model_name_or_path}`." if args.model_name_or_path else None
         card = model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),

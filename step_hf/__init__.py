@@ -12,15 +12,17 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
-from .configuration_step import StepConfig
+from .configuration_step import StepConfig, StepSettings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import (
     StepForSemanticSegmentation,
     StepModel,
     StepModelOutput,
     StepPreTrainedModel,
+    StepRun,
     StepSemanticSegmenterOutput,
 )
+from .pipeline_step import StepSegmentationPipeline, register_pipeline
 from .token_layout import PackedBatch, TokenLayout
 from .vit_weights import load_vit_weights
 
@@ -37,6 +39,8 @@ AutoImageProcessor.register(
 VIDEO_PROCESSOR_MAPPING.register(StepConfig, {}, exist_ok=True)
 # Lets the image-segmentation pipeline recognise the model type (it only logs otherwise).
 MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(StepConfig.model_type, StepForSemanticSegmentation.__name__)
+# ... and take STEP's run-time settings per call (`pipe(image, settings=...)`).
+register_pipeline()
 
 # `save_pretrained` copies the code files next to the weights and writes `auto_map`, so that a process without
 # step_hf loads everything with `trust_remote_code=True`.
@@ -47,12 +51,15 @@ StepImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "StepConfig",
+    "StepSettings",
+    "StepRun",
     "StepModel",
     "StepForSemanticSegmentation",
     "StepPreTrainedModel",
     "StepModelOutput",
     "StepSemanticSegmenterOutput",
     "StepImageProcessor",
+    "StepSegmentationPipeline",
     "TokenLayout",
     "PackedBatch",
     "load_vit_weights",

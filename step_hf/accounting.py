@@ -72,6 +72,7 @@ def analytic_flops(
     exit_survivors: list[list[int]] | None = None,
     exits_ran: bool = False,
     with_decoder: bool = True,
+    attention_mode: str = "packed",
 ) -> dict[str, int]:
     """
     The FLOPs (2 per multiply-add) of one forward pass written out by hand, part by part, as `count_flops` reports
@@ -84,19 +85,20 @@ def analytic_flops(
         policy_ran: whether the policy network ran.
         exit_survivors: with halting, for each exit the tokens per image left after it.
         exits_ran: whether the exit heads ran (halting, or training).
+        attention_mode: the run's attention mode (`"padded"` attends over each image padded to the longest).
     """
     grid = (image_size[0] // config.patch_size, image_size[1] // config.patch_size)
     encoder = embedding_macs(config, grid, len(token_counts), embedding_sizes)
-    blocks, exits, alive = encoder_block_macs(config, token_counts, exit_survivors, exits_ran)
+    blocks, exits, alive = encoder_block_macs(config, token_counts, exit_survivors, exits_ran, attention_mode)
     policy = len(token_counts) * policy_macs(config, image_size) if policy_ran else 0
-    decoder = decoder_macs(config, alive) if with_decoder else 0
+    decoder = decoder_macs(config, alive, attention_mode) if with_decoder else 0
     flops = {"policy": 2 * policy, "exits": 2 * exits, "encoder": 2 * (encoder + blocks), "decoder": 2 * decoder}
     flops["total"] = sum(flops.values())
     return flops
 
 
 def embedding_macs(config: StepConfig, grid: tuple[int, int], batch: int, embedding_sizes: list[int]) -> int:
-    """The patch embeddings of every size's table (the whole grid, as `embed_tokens` builds them), and the
+    """The patch embeddings of every size's table (the whole grid, as `embed_superpatches` builds them), and the
     position grid's bicubic resize when the input's grid is not the stored one (rows first, then columns)."""
     rows, cols = grid
     patch, channels, dim = config.patch_size, config.num_channels, config.hidden_size
@@ -109,18 +111,18 @@ def embedding_macs(config: StepConfig, grid: tuple[int, int], batch: int, embedd
 
 
 def encoder_block_macs(config: StepConfig, token_counts: list[int], exit_survivors: list[list[int]] | None,
-                       exits_ran: bool) -> tuple[int, int, list[int]]:
+                       exits_ran: bool, attention_mode: str = "packed") -> tuple[int, int, list[int]]:
     """The ViT blocks' and exit heads' multiply-adds, block by block as tokens halt, and the tokens per image left
     for the decoder."""
     dim, blocks, exits, alive, previous_layer = config.hidden_size, 0, 0, list(token_counts), 0
     exit_points = list(zip(config.exit_layers, exit_survivors or [None] * len(config.exit_layers)))
     for layer, survivors in (exit_points if exits_ran else []):
         blocks += transformer_macs([n + 1 for n in alive], dim, config.intermediate_size, layer - previous_layer,
-                                   config.attention_mode)
+                                   attention_mode)
         exits += exit_head_macs(config, alive)
         alive, previous_layer = survivors or alive, layer
     blocks += transformer_macs([n + 1 for n in alive], dim, config.intermediate_size,
-                               config.num_hidden_layers - previous_layer, config.attention_mode)
+                               config.num_hidden_layers - previous_layer, attention_mode)
     return blocks, exits, alive
 
 
@@ -161,28 +163,35 @@ def policy_macs(config: StepConfig, image_size: tuple[int, int]) -> int:
     return macs
 
 
-def decoder_macs(config: StepConfig, alive: list[int]) -> int:
+def decoder_macs(config: StepConfig, alive: list[int], attention_mode: str = "packed") -> int:
     """The Segmenter decoder's multiply-adds on `alive` tokens per image, class embeddings included."""
     d, labels, tokens, batch = config.decoder_hidden_size, config.num_labels, sum(alive), len(alive)
     macs = tokens * config.hidden_size * d  # proj_dec
     macs += transformer_macs([n + labels for n in alive], d, config.decoder_intermediate_size,
-                             config.decoder_num_hidden_layers, config.attention_mode)
+                             config.decoder_num_hidden_layers, attention_mode)
     macs += tokens * d * d + batch * labels * d * d  # proj_patch, proj_classes
     return macs + tokens * batch * labels * d  # every token against every image's classes
 
 
-def flops_per_image(
-    config: StepConfig,
-    image_size: tuple[int, int],
-    token_counts: list[int],
-    halted_share: list[list[float]] | None,
-    sharing: bool,
-    policy_ran: bool,
+def flops_per_image(config: StepConfig, image_size: tuple[int, int], outputs, part: str = "total") -> list[int]:
+    """FLOPs of each image of a forward's `outputs` as if run alone, from what the output says ran (`outputs.run`:
+    policy, embedded sides, exits, attention mode; `token_counts`; `halted_share` when halting ran). `part` picks
+    one of `analytic_flops`' parts instead of the total."""
+    run = outputs.run
+    halted_share = outputs.halted_share.tolist() if outputs.halted_share is not None else None
+    return flops_for_token_counts(config, image_size, outputs.token_counts.tolist(), halted_share,
+                                  list(run.embedded_sides), run.policy_ran, run.exits_ran, run.settings.attention_mode,
+                                  part)
+
+
+def flops_for_token_counts(
+    config: StepConfig, image_size: tuple[int, int], token_counts: list[int], halted_share: list[list[float]] | None,
+    embedding_sizes: list[int], policy_ran: bool, exits_ran: bool, attention_mode: str = "packed",
     part: str = "total",
 ) -> list[int]:
-    """FLOPs of each image as if run alone, from what a forward pass returns (`token_counts`, and `halted_share`
-    when halting was on): the analytic formula, policy included when it ran. `part` picks one of `analytic_flops`'
-    parts instead of the total."""
+    """FLOPs of images with these token counts, each as if run alone, and the share of its tokens halted at each exit
+    (`halted_share`, with halting): the analytic formula, for a forward's outputs (`flops_per_image`) or a
+    what-if estimate."""
     flops = []
     for index, count in enumerate(token_counts):
         survivors = None
@@ -192,10 +201,13 @@ def flops_per_image(
                 alive -= round(share * count)
                 survivors.append([alive])
         flops.append(analytic_flops(
-            config, image_size, [count], [1, *config.shared_sizes] if sharing else [1], policy_ran=policy_ran,
-            exit_survivors=survivors, exits_ran=halted_share is not None,
+            config, tuple(image_size), [count], embedding_sizes, policy_ran=policy_ran, exit_survivors=survivors,
+            exits_ran=exits_ran, attention_mode=attention_mode,
         )[part])
     return flops
 
 
-__all__ = ["analytic_flops", "flops_per_image", "count_flops", "superpatch_area_shares", "transformer_macs"]
+__all__ = [
+    "analytic_flops", "count_flops", "flops_for_token_counts", "flops_per_image", "superpatch_area_shares",
+    "transformer_macs",
+]

@@ -176,7 +176,7 @@ def save_picture(path: str, image: Image.Image, labels: torch.Tensor, prediction
                  without_dataset_pixels: bool) -> None:
     """tokens | prediction | ground truth of one image, or the tokens drawn on the prediction alone."""
     predicted = colourise(prediction[0].cpu().numpy(), config.num_labels)
-    exit_map = outputs.exit_map[0].cpu().numpy() if config.halting else None
+    exit_map = outputs.exit_map[0].cpu().numpy() if outputs.exit_map is not None else None
     tokens = draw_tokens(predicted if without_dataset_pixels else image, outputs.superpatch_map[0].cpu().numpy(),
                          exit_map, config.num_hidden_layers)
     if not without_dataset_pixels:
@@ -196,15 +196,17 @@ def main(argv: list[str] | None = None) -> None:
     model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path).eval()
     processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
     config, dataset = model.config, read_split(args)
-    stats = TokenStats(config.num_labels, config.exit_layers if config.halting else [], config.num_hidden_layers,
-                       config.semantic_loss_ignore_index)
+    stats = None
     os.makedirs(args.output_dir, exist_ok=True)
     # One image per batch: label maps keep their own sizes. Predictions are made as `evaluate` makes them.
     loader = DataLoader(EvalTransform(dataset, processor))
     for index, (batch, outputs, prediction) in enumerate(predictions(model, loader, model.device)):
-        labels = batch["original_labels"]
+        labels, exit_map = batch["original_labels"], outputs.exit_map
+        if stats is None:  # the exits counted are those that halted tokens, as the outputs say
+            stats = TokenStats(config.num_labels, config.exit_layers if exit_map is not None else [],
+                               config.num_hidden_layers, config.semantic_loss_ignore_index)
         stats.add(labels.cpu(), prediction.cpu(), outputs.superpatch_map.cpu(),
-                  outputs.exit_map.cpu() if config.halting else None)
+                  exit_map.cpu() if exit_map is not None else None)
         if index in args.images:
             save_picture(os.path.join(args.output_dir, f"tokens_{index}.png"), dataset[index]["image"].convert("RGB"),
                          labels, prediction, outputs, config, args.without_dataset_pixels)

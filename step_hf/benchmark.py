@@ -25,19 +25,20 @@ given: speed does not depend on them.
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
 from .accounting import analytic_flops, flops_per_image, transformer_macs
-from .configuration_step import ATTENTION_MODES, StepConfig
+from .configuration_step import ATTENTION_MODES, StepConfig, StepSettings
 from .image_processing_step import StepImageProcessor
-from .modeling_step import StepForSemanticSegmentation
+from .modeling_step import StepForSemanticSegmentation, StepRun
 from .superpatch import budget_token_count
 from .token_layout import PackedBatch
 
@@ -142,8 +143,8 @@ def timed(run, batches: list[dict], args) -> tuple[float, list]:
 
 def share_halted_at_exit(model, batch: dict, thresholds: list[float], exit_index: int) -> float:
     """The share of the tokens reaching exit `exit_index` that halt there under `thresholds` (halting on)."""
-    with model.config.temporary_settings(exit_thresholds=thresholds, halting=True):
-        encoded = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"])
+    encoded = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"],
+                         settings={"exit_thresholds": thresholds, "halting": True})
     exit_layer = encoded.encoder_state.survivors.exit_layer
     layer = model.config.exit_layers[exit_index]
     return float((exit_layer[exit_layer >= layer] == layer).float().mean())
@@ -196,13 +197,11 @@ def where_time_goes(run, batch: dict, args) -> dict:
 
 def batching_logits(model, pixels: torch.Tensor, maps: torch.Tensor, mode: str) -> torch.Tensor:
     """The fp32 logits of a batch in attention mode `mode`, or, for `"one image at a time"`, of its images run
-    alone (a reference loop, off any timed path)."""
+    alone (a reference loop, off any timed path); halting off."""
     if mode != "one image at a time":
-        with model.config.temporary_settings(attention_mode=mode):
-            return model(pixels, superpatch_map=maps).logits.float()
-    with model.config.temporary_settings(attention_mode="packed"):
-        return torch.cat([model(image[None], superpatch_map=superpatch_map[None]).logits.float()
-                          for image, superpatch_map in zip(pixels, maps)])
+        return model(pixels, superpatch_map=maps, halting=False, attention_mode=mode).logits.float()
+    return torch.cat([model(image[None], superpatch_map=superpatch_map[None], halting=False,
+                            attention_mode="packed").logits.float() for image, superpatch_map in zip(pixels, maps)])
 
 
 def check_batching(model, batch: dict, args) -> float:
@@ -236,28 +235,23 @@ def check_batching(model, batch: dict, args) -> float:
 
 @dataclass
 class Variant:
-    """One rung of the ladder: how a batch runs, the run-time settings it runs under, and what its FLOPs count."""
+    """One rung of the ladder: how a batch runs (with its own settings), returning outputs that say what ran
+    (`token_counts`, `halted_share`, `run`), and, for models other than STEP, their FLOPs per image as
+    `FlopCounterMode` counted them."""
 
     name: str
     run: Callable[[dict], object]
-    settings: dict = field(default_factory=dict)
-    policy_ran: bool = False
-    sharing: bool = False
-    counted_flops: float | None = None  # per image, counted by `FlopCounterMode` (models other than STEP)
-
-    @property
-    def halting(self) -> bool:
-        return self.settings.get("halting", False)
+    counted_flops: float | None = None
 
 
 def row_for(variant: Variant, ms_per_batch: float, outputs: list, args, config: StepConfig, dense_ms: float) -> dict:
-    """One result row: time, throughput, tokens, halting and FLOPs per image."""
+    """One result row: time, throughput, tokens, halting and FLOPs per image, read from the outputs."""
     tokens = torch.cat([o.token_counts.float().cpu() for o in outputs])
-    halted = torch.cat([o.halted_share.float().cpu() for o in outputs]) if variant.halting else None
-    image_size, policy_ran = tuple(args.image_size), variant.policy_ran
-    flops = [variant.counted_flops] if variant.counted_flops is not None else flops_per_image(
-        config, image_size, tokens.long().tolist(), halted.tolist() if variant.halting else None, variant.sharing,
-        policy_ran)
+    halting = outputs[0].halted_share is not None
+    halted = torch.cat([o.halted_share.float().cpu() for o in outputs]) if halting else None
+    image_size, policy_ran = tuple(args.image_size), outputs[0].run is not None and outputs[0].run.policy_ran
+    flops = [variant.counted_flops] if variant.counted_flops is not None else [
+        flops for output in outputs for flops in flops_per_image(config, image_size, output)]
     policy_flops = analytic_flops(config, image_size, [1], [1], policy_ran=policy_ran)["policy"] if policy_ran else 0
     ms_per_image = ms_per_batch / args.batch_size
     return {
@@ -265,21 +259,20 @@ def row_for(variant: Variant, ms_per_batch: float, outputs: list, args, config: 
         "speedup": dense_ms / ms_per_batch if dense_ms else 1.0,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
         "tokens_mean": float(tokens.mean()), "tokens_min": int(tokens.min()), "tokens_max": int(tokens.max()),
-        "halted_share": halted.mean(0).tolist() if variant.halting else [],
+        "halted_share": halted.mean(0).tolist() if halting else [],
         "gflops_per_image": statistics.mean(flops) / 1e9, "policy_gflops_per_image": policy_flops / 1e9,
     }
 
 
 def measure(variant: Variant, model, batches: list[dict], rows: list[dict], args) -> dict:
-    """Time `variant` under its settings (the model's own settings come back afterwards) and return its row."""
+    """Time `variant` and return its row."""
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with model.config.temporary_settings(**variant.settings):
-        ms, outputs = timed(variant.run, batches, args)
-        dense_ms = rows[0]["ms_per_image"] * args.batch_size if rows else ms
-        row = row_for(variant, ms, outputs, args, model.config, dense_ms)
-        if args.profile:
-            row["profile"] = where_time_goes(variant.run, batches[0], args)
+    ms, outputs = timed(variant.run, batches, args)
+    dense_ms = rows[0]["ms_per_image"] * args.batch_size if rows else ms
+    row = row_for(variant, ms, outputs, args, model.config, dense_ms)
+    if args.profile:
+        row["profile"] = where_time_goes(variant.run, batches[0], args)
     return row
 
 
@@ -299,7 +292,7 @@ def vit_variant(model, args) -> Variant:
         features = vit(batch["pixel_values"]).last_hidden_state[:, 1:]
         images, tokens, dim = features.shape
         model.decoder(features.reshape(images * tokens, dim), PackedBatch.of([tokens] * images, args.device))
-        return SimpleNamespace(token_counts=torch.full((images,), tokens), halted_share=None)
+        return SimpleNamespace(token_counts=torch.full((images,), tokens), halted_share=None, run=dense_run(model))
 
     return Variant("transformers ViTModel + decoder", run)
 
@@ -342,43 +335,54 @@ def peer_variant(name: str, batches: list[dict], num_labels: int, args) -> Varia
 
     def run(batch):
         peer(pixel_values=batch["pixel_values"])
-        return SimpleNamespace(token_counts=torch.full((len(batch["pixel_values"]),), tokens), halted_share=None)
+        return SimpleNamespace(token_counts=torch.full((len(batch["pixel_values"]),), tokens), halted_share=None,
+                               run=None)
 
     return Variant(f"{name} (transformers)", run, counted_flops=counter.get_total_flops() / len(pixels))
 
 
-def dcts_run(model, partition_source: str) -> Callable[[dict], object]:
+def dense_run(model) -> StepRun:
+    """What a plain ViT + decoder runs, for rows of models that are not STEP's forward (its FLOPs formula)."""
+    return StepRun(model.config.settings.replace(partition_source="dense", halting=False), False, (1,), False)
+
+
+def dcts_run(model, settings: StepSettings) -> Callable[[dict], object]:
     """A dCTS forward: policy partitions, or oracle ones with the policy still run and timed (a deployed model always
-    runs its policy)."""
-    if partition_source == "policy":
-        return lambda batch: model(batch["pixel_values"], partition_source="policy")
+    runs its policy, so its outputs say it ran)."""
+    if settings.partition_source == "policy":
+        return lambda batch: model(batch["pixel_values"], settings=settings)
 
     def run(batch):
         model.step.policy(batch["pixel_values"])
-        return model(batch["pixel_values"], superpatch_map=batch["oracle_map"])
+        outputs = model(batch["pixel_values"], superpatch_map=batch["oracle_map"], settings=settings)
+        outputs.run = dataclasses.replace(outputs.run, policy_ran=True)
+        return outputs
 
     return run
 
 
-def budget_run(model, args) -> Callable[[dict], object]:
+def budget_run(model, settings: StepSettings, args) -> Callable[[dict], object]:
     """A forward under a token budget (static shapes), optionally `torch.compile`d; its outputs are copied out
     because CUDA graphs (reduce-overhead) reuse their output buffers."""
     budget_model = torch.compile(model, fullgraph=True, mode=args.compile_mode) if args.compile else model
 
     def run(batch):
         torch.compiler.cudagraph_mark_step_begin()
-        outputs = budget_model(batch["pixel_values"], partition_source="policy")
+        outputs = budget_model(batch["pixel_values"], settings=settings)
         halted = outputs.halted_share.clone() if outputs.halted_share is not None else None
-        return SimpleNamespace(token_counts=outputs.token_counts.clone(), halted_share=halted)
+        return SimpleNamespace(token_counts=outputs.token_counts.clone(), halted_share=halted, run=outputs.run)
 
     return run
 
 
 def ladder(model, batches: list[dict], args):
-    """The variants in the order they are measured. A generator: each is built when its turn comes (the exits are
-    calibrated after the dCTS row, and the ViT is freed before the next variant runs)."""
+    """The variants in the order they are measured, each with its own settings over the ladder's (`args`'
+    attention mode, halting off). A generator: each is built when its turn comes (the exits are calibrated after
+    the dCTS row, and the ViT is freed before the next variant runs)."""
     config = model.config
-    yield Variant("dense", lambda batch: model(batch["pixel_values"], partition_source="dense"))
+    base = model.config.settings.replace(attention_mode=args.attention_mode, halting=False)
+    dense = base.replace(partition_source="dense")
+    yield Variant("dense", lambda batch: model(batch["pixel_values"], settings=dense))
     if not args.skip_vit:
         yield vit_variant(model, args)
     for name in args.peers:
@@ -386,24 +390,24 @@ def ladder(model, batches: list[dict], args):
             yield peer_variant(name, batches, config.num_labels, args)
         except ImportError as error:  # e.g. EoMT needs scipy, which a bare GPU image may lack: the other rows still run
             print(f"skipping the {name} row: {error}")
-    dcts = dcts_run(model, args.partition_source)
-    yield Variant("dCTS", dcts, policy_ran=True, sharing=True)
+    dcts = base.replace(partition_source=args.partition_source)
+    yield Variant("dCTS", dcts_run(model, dcts))
     if config.exit_layers:
         thresholds = args.exit_thresholds or calibrate_exits(model, batches[0], args.halt_share)
-        yield Variant(f"dCTS + exits (thresholds {[round(t, 3) for t in thresholds]})", dcts,
-                      {"halting": True, "exit_thresholds": thresholds}, policy_ran=True, sharing=True)
+        yield Variant(f"dCTS + exits (thresholds {[round(t, 3) for t in thresholds]})",
+                      dcts_run(model, dcts.replace(halting=True, exit_thresholds=thresholds)))
     budget = int(torch.cat([batch["oracle_counts"] for batch in batches]).float().mean())
     compiled = f" (compiled, {args.compile_mode})" if args.compile else ""
-    run = budget_run(model, args)
-    yield Variant(f"dCTS budget {budget}{compiled}", run, {"token_budget": budget}, policy_ran=True, sharing=True)
+    static = base.replace(partition_source="policy", token_budget=budget)
+    yield Variant(f"dCTS budget {budget}{compiled}", budget_run(model, static, args))
     if config.exit_layers:  # the same with exits keeping fixed counts: static shapes all through
         kept, count = [], budget_token_count(batches[0]["oracle_map"][0].numel(), budget)
         for share in args.halt_share[: len(config.exit_layers)]:
             count = max(1, round(count * (1 - share)))
             kept.append(count)
         kept += kept[-1:] * (len(config.exit_layers) - len(kept))
-        settings = {"token_budget": budget, "exit_keep_tokens": kept, "halting": True}
-        yield Variant(f"dCTS budget {budget} + exits keeping {kept}{compiled}", run, settings, True, True)
+        yield Variant(f"dCTS budget {budget} + exits keeping {kept}{compiled}",
+                      budget_run(model, static.replace(exit_keep_tokens=kept, halting=True), args))
 
 
 @torch.no_grad()
@@ -415,11 +419,10 @@ def run_ladder(args) -> tuple[list[dict], dict]:
         model = StepForSemanticSegmentation(StepConfig.from_preset(args.preset, image_size=max(args.image_size),
                                                                    num_labels=11))
     model = model.to(args.device, DTYPES[args.dtype]).eval()
-    model.config.update_settings(attention_mode=args.attention_mode, halting=False)
     batches = load_batches(args, model.config)
     for batch in batches:  # the ground-truth partition, as the model's "oracle" source builds it
         oracle = model.step(batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
-                            partition_source="oracle", policy_only=True)
+                            settings={"partition_source": "oracle"}, policy_only=True)
         batch["oracle_map"], batch["oracle_counts"] = oracle.superpatch_map, oracle.token_counts
     check_batching(model, batches[0], args)
     rows = []

@@ -3,9 +3,11 @@
 Shipped as Hub code next to saved weights: imports only from `transformers` and `huggingface_hub`.
 """
 
+import dataclasses
+import difflib
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -30,26 +32,187 @@ EXIT_MERGES = ("probabilities", "logits")
 BEHAVIOUR_BEFORE_FIELD = {"exit_keep_rule": "class_column", "exit_merge": "logits"}
 # The parts of a STEP model that train separately (`trained_components`).
 TRAINABLE_COMPONENTS = ("policy", "encoder", "decoder", "exit_heads")
-# The fields that choose how a built model runs, not what it is: they may change after training (a sweep of
-# thresholds, say), through `StepConfig.update_settings`, which checks them again. Saved models run with their saved
-# values by default.
-RUN_SETTINGS = (
-    "partition_source", "policy_thresholds", "token_budget", "exit_thresholds", "exit_keep_tokens", "halting",
-    "attention_mode", "exit_keep_rule", "exit_merge",
-)
 # The published halting thresholds: 0.95 for ViT-L, 0.9 for ViT-B (and here the smaller ViTs).
 PRESET_EXIT_THRESHOLD = {"tiny": 0.9, "small": 0.9, "base": 0.9, "large": 0.95}
 
 
-def check_run_settings(partition_source: str, halting: bool, attention_mode: str, exit_layers: list[int]) -> None:
-    """Refuse run-time settings that cannot work, naming them: the configuration's own and a forward's overrides
-    are checked by this one function."""
-    if partition_source not in PARTITION_SOURCES:
-        raise ValueError(f"`partition_source` must be 'policy', 'oracle' or 'dense', got {partition_source!r}.")
-    if attention_mode not in ATTENTION_MODES:
-        raise ValueError(f"`attention_mode` must be 'packed' or 'padded', got {attention_mode!r}.")
-    if halting and not exit_layers:
-        raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
+def closest_name(name: str, names) -> str:
+    """` (did you mean 'x'?)` for the valid name closest to a misspelt one, or nothing when none is close."""
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """
+    How a built STEP model runs one forward: the run-time settings, a frozen value apart from the architecture (as
+    `GenerationConfig` is for text generation). A model's saved defaults are `config.settings`; a call takes another
+    value, or a dict of overrides of the defaults, as `model(pixel_values, settings=...)`, and its output reports the
+    value it ran with (`outputs.run.settings`). Nothing is written to the shared configuration, so one model can
+    serve calls with different settings from many threads.
+
+    Values are checked when the value is made; the checks that need the architecture (one threshold per exit or
+    superpatch size, ...) run where it meets a model (`check_against`). Make variants with `replace`.
+
+    Args:
+        partition_source (`str`, defaults to `"policy"`): how the partition into superpatches is chosen when no
+            `superpatch_map` is passed: `"policy"` (the policy network, with `policy_thresholds` or `token_budget`),
+            `"oracle"` (ground-truth `superpatch_targets`, for analysis and segmenter training) or `"dense"` (no
+            sharing: exactly a plain ViT).
+        policy_thresholds (`tuple[float]`, *optional*): one probability per superpatch size > 1, ascending sizes;
+            a block is shared when the policy's probability that it holds one class exceeds it. Higher thresholds
+            keep more tokens. `None`: the model's saved ones.
+        token_budget (`int`, *optional*): instead of thresholds, a fixed number of tokens per image (static shapes),
+            sharing the blocks the policy is most confident about. Each merge of four blocks removes 3 tokens, so the
+            count is the budget when `rows * cols - budget` is a multiple of 3, else the largest reachable count
+            below it.
+        exit_thresholds (`tuple[float]`, *optional*): one per exit, in (0, 1]; a token halts when its top class
+            probability exceeds it (1 never halts). `None`: the model's saved ones.
+        exit_keep_tokens (`tuple[int]`, *optional*): instead of thresholds, one count per exit: every image keeps that
+            many tokens there (its top k per class, then the least confident), or all it has if fewer; no host
+            sync, so with a `token_budget` (or no sharing) the whole forward has static shapes.
+        exit_keep_topk_per_class (`int`, defaults to 5): at every exit, k tokens of each image stay in for every
+            class, so that later blocks keep context for every class.
+        exit_keep_rule (`str`, defaults to `"predicted_class"`): `"predicted_class"` (DToP's rule) keeps the k most
+            confident of the tokens predicted as each class; `"class_column"` the k tokens with the highest
+            probability of each class, predicted or not.
+        exit_merge (`str`, defaults to `"probabilities"`): how halted tokens' predictions join the decoder's when
+            halting is on: `"probabilities"` (DToP) makes every token's logits log-probabilities; `"logits"` writes
+            an MLP exit head's raw logits beside the decoder's.
+        halting (`bool`, defaults to `False`): whether confident tokens leave the sequence at the exits.
+        attention_mode (`str`, defaults to `"packed"`): `"packed"` (a variable-length kernel on GPU in half
+            precision, one call per image elsewhere) or `"padded"` (pad to the longest image with a key mask) when
+            the images of a batch keep different numbers of tokens; both give the same logits.
+    """
+
+    partition_source: str = "policy"
+    policy_thresholds: tuple[float, ...] | None = None
+    token_budget: int | None = None
+    exit_thresholds: tuple[float, ...] | None = None
+    exit_keep_tokens: tuple[int, ...] | None = None
+    exit_keep_topk_per_class: int = 5
+    exit_keep_rule: str = "predicted_class"
+    exit_merge: str = "probabilities"
+    halting: bool = False
+    attention_mode: str = "packed"
+
+    def __post_init__(self):
+        for name in ("policy_thresholds", "exit_thresholds", "exit_keep_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                    raise TypeError(f"`{name}` must be a list of numbers, one per {'size' if name[0] == 'p' else 'exit'}"
+                                    f", got {value!r}.")
+                value = tuple(float(v) for v in value) if name.endswith("thresholds") else tuple(value)
+                object.__setattr__(self, name, value)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Raise a `ValueError` naming the setting when a value cannot work on any model."""
+        choices = {"partition_source": PARTITION_SOURCES, "attention_mode": ATTENTION_MODES,
+                   "exit_keep_rule": EXIT_KEEP_RULES, "exit_merge": EXIT_MERGES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        if not isinstance(self.halting, bool):
+            raise TypeError(f"`halting` must be True or False, got {self.halting!r}.")
+        if any(not 0.0 <= threshold <= 1.0 for threshold in self.policy_thresholds or ()):
+            raise ValueError(f"`policy_thresholds` must be probabilities in [0, 1], got {list(self.policy_thresholds)}.")
+        if any(not 0 < threshold <= 1 for threshold in self.exit_thresholds or ()):  # NaN fails every comparison
+            raise ValueError(
+                f"`exit_thresholds` must be positive probabilities in (0, 1], got {list(self.exit_thresholds)}: a "
+                "token halts when its top class probability exceeds its exit's threshold, so 1 never halts; "
+                "`halting=False` switches all exits off."
+            )
+        if any(isinstance(count, bool) or not isinstance(count, int) or count < 1
+               for count in self.exit_keep_tokens or ()):
+            raise ValueError(f"`exit_keep_tokens` must hold counts >= 1, one per exit, got {list(self.exit_keep_tokens)}.")
+        if self.token_budget is not None and (isinstance(self.token_budget, bool)
+                                              or not isinstance(self.token_budget, int) or self.token_budget < 1):
+            raise ValueError(f"`token_budget` must be a whole number of tokens >= 1 (or None), got {self.token_budget!r}.")
+        if isinstance(self.exit_keep_topk_per_class, bool) or not isinstance(self.exit_keep_topk_per_class, int) \
+                or self.exit_keep_topk_per_class < 0:
+            raise ValueError(f"`exit_keep_topk_per_class` must be an integer >= 0, got {self.exit_keep_topk_per_class!r}.")
+
+    def replace(self, **changes) -> "StepSettings":
+        """A new value with `changes` (setting names, as `model(..., settings={...})` takes them); an unknown name is
+        refused with the closest valid one."""
+        unknown = [name for name in changes if name not in RUN_SETTINGS]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a run-time setting{closest_name(unknown[0], RUN_SETTINGS)}; the settings are "
+                f"{list(RUN_SETTINGS)}."
+            )
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The settings by name, with lists for sequences (JSON, and `StepConfig`'s fields)."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in ((name, getattr(self, name)) for name in RUN_SETTINGS)}
+
+    def check_against(self, config: "StepConfig") -> None:
+        """Refuse settings this architecture cannot run, naming them: one policy threshold per superpatch size
+        above 1, one exit threshold (and keep count) per exit, exits for halting, sizes a token budget can reach,
+        MLP heads for merged logits. Thresholds left `None` mean the model's saved ones (`resolve_settings`)."""
+        shared, exits = config.shared_sizes, config.exit_layers
+        if self.policy_thresholds is not None and len(self.policy_thresholds) != len(shared):
+            raise ValueError(
+                f"`policy_thresholds` has {len(self.policy_thresholds)} values but there are {len(shared)} "
+                f"superpatch sizes above 1 ({shared}): give one per size."
+            )
+        if self.exit_thresholds is not None and len(self.exit_thresholds) != len(exits):
+            raise ValueError(
+                f"`exit_thresholds` has {len(self.exit_thresholds)} values for {len(exits)} `exit_layers`; give one "
+                "per exit."
+            )
+        if self.exit_keep_tokens is not None and len(self.exit_keep_tokens) != len(exits):
+            raise ValueError(
+                f"`exit_keep_tokens` must hold one count >= 1 per exit ({len(exits)} exits), got "
+                f"{list(self.exit_keep_tokens)}."
+            )
+        if self.halting and not exits:
+            raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
+        if self.token_budget is not None and shared != [2**level for level in range(1, len(shared) + 1)]:
+            raise ValueError(
+                f"`token_budget` needs `superpatch_sizes` to be consecutive powers of two from 2 (e.g. [2, 4, 8, 16]), "
+                f"got {config.superpatch_sizes}."
+            )
+        if self.exit_merge == "logits" and config.exit_head_type == "atm":
+            raise ValueError(
+                "`exit_merge='logits'` needs MLP exit heads: an 'atm' head scores classes by probabilities, not on "
+                "the decoder's logit scale; use `exit_merge='probabilities'`."
+            )
+
+
+# The run-time settings, by name: `StepSettings`' fields, saved flat in `config.json` as `StepConfig` fields.
+RUN_SETTINGS = tuple(item.name for item in dataclasses.fields(StepSettings))
+
+
+def resolve_settings(config: "StepConfig", settings: "StepSettings | Mapping | None" = None,
+                     **overrides) -> StepSettings:
+    """
+    The settings one call runs with: `settings` (a `StepSettings`, or a dict of overrides of the model's saved
+    defaults `config.settings`; `None`: the defaults), then `overrides` by name, checked against the architecture.
+    Thresholds left `None` take the model's saved ones.
+    """
+    defaults = config.settings
+    if settings is None:
+        resolved = defaults
+    elif isinstance(settings, Mapping):
+        resolved = defaults.replace(**settings)
+    elif isinstance(settings, StepSettings):
+        resolved = settings
+    elif dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        # By fields, not `isinstance`: remote code and `step_hf` may each hold a copy of this class.
+        resolved = StepSettings(**{name: getattr(settings, name) for name in RUN_SETTINGS})
+    else:
+        raise TypeError(f"`settings` must be a StepSettings or a dict of setting overrides, got {type(settings).__name__}.")
+    resolved = resolved.replace(**overrides) if overrides else resolved
+    if resolved.policy_thresholds is None or resolved.exit_thresholds is None:
+        resolved = resolved.replace(policy_thresholds=resolved.policy_thresholds or defaults.policy_thresholds,
+                                    exit_thresholds=resolved.exit_thresholds or defaults.exit_thresholds)
+    resolved.check_against(config)
+    return resolved
 
 
 def check_drop_path_rate(rate: float) -> None:
@@ -175,11 +338,12 @@ class StepConfig(PreTrainedConfig):
             recorded, and nothing is checked.
         id2label / label2id / num_labels: the classes, as in every `transformers` config.
 
-    Fields that are fixed once a model is built (its architecture) are every field above except the run-time
-    settings: `partition_source`, `policy_thresholds`, `token_budget`, `exit_thresholds`, `exit_keep_tokens`,
-    `halting`, `attention_mode`, `exit_keep_rule` and `exit_merge`. Change those with
-    [`StepConfig.update_settings`], which checks them again; the saved values are the defaults a loaded model runs
-    with. `drop_path_rate` acts only in training: change it with `StepModel.set_drop_path_rate`.
+    The run-time settings (`RUN_SETTINGS`: `partition_source`, `policy_thresholds`, `token_budget`,
+    `exit_thresholds`, `exit_keep_tokens`, `exit_keep_topk_per_class`, `exit_keep_rule`, `exit_merge`, `halting`,
+    `attention_mode`) are saved here flat, as the defaults a loaded model runs with; `config.settings` gives them as
+    one [`StepSettings`] value. A call runs with other settings through `model(..., settings=...)` (nothing shared
+    changes); [`StepConfig.update_settings`] changes the saved defaults. Every other field is the architecture, fixed
+    once a model is built. `drop_path_rate` acts only in training: change it with `StepModel.set_drop_path_rate`.
 
     Example:
 
@@ -346,27 +510,6 @@ class StepConfig(PreTrainedConfig):
                 f"`exit_layers` ({layers}) must be increasing block indices between 1 and num_hidden_layers - 1 "
                 f"({self.num_hidden_layers - 1}): an exit runs after that block."
             )
-        if len(self.exit_thresholds) != len(layers):
-            raise ValueError(
-                f"`exit_thresholds` has {len(self.exit_thresholds)} values for {len(layers)} `exit_layers`; give one "
-                "per exit."
-            )
-        if any(not 0 < threshold <= 1 for threshold in self.exit_thresholds):  # NaN fails every comparison
-            raise ValueError(
-                f"`exit_thresholds` must be positive probabilities in (0, 1], got {self.exit_thresholds}: a token "
-                "halts when its top class probability exceeds its exit's threshold, so 1 never halts; "
-                "`halting=False` switches all exits off."
-            )
-        if self.exit_keep_tokens is not None:
-            if len(self.exit_keep_tokens) != len(self.exit_layers) or any(
-                not isinstance(count, int) or count < 1 for count in self.exit_keep_tokens
-            ):
-                raise ValueError(
-                    f"`exit_keep_tokens` must hold one count >= 1 per exit ({len(self.exit_layers)} exits), got "
-                    f"{self.exit_keep_tokens}."
-                )
-        if self.exit_keep_topk_per_class < 0:
-            raise ValueError(f"`exit_keep_topk_per_class` must be >= 0, got {self.exit_keep_topk_per_class}.")
         if self.exit_head_type not in EXIT_HEAD_TYPES:
             raise ValueError(f"`exit_head_type` must be 'mlp' or 'atm', got {self.exit_head_type!r}.")
         for name in ("exit_hidden_size", "exit_num_hidden_layers", "exit_num_attention_heads"):
@@ -383,20 +526,16 @@ class StepConfig(PreTrainedConfig):
             )
 
     def validate_run_settings(self) -> None:
-        """Part of `@strict`-powered validation: the partition source, halting, attention mode and exit rules saved as
-        defaults."""
-        check_run_settings(self.partition_source, self.halting, self.attention_mode, self.exit_layers)
-        if self.exit_keep_rule not in EXIT_KEEP_RULES:
-            raise ValueError(
-                f"`exit_keep_rule` must be 'predicted_class' or 'class_column', got {self.exit_keep_rule!r}."
-            )
-        if self.exit_merge not in EXIT_MERGES:
-            raise ValueError(f"`exit_merge` must be 'probabilities' or 'logits', got {self.exit_merge!r}.")
-        if self.exit_merge == "logits" and self.exit_head_type == "atm":
-            raise ValueError(
-                "`exit_merge='logits'` needs MLP exit heads: an 'atm' head scores classes by probabilities, not on "
-                "the decoder's logit scale; use `exit_merge='probabilities'`."
-            )
+        """Part of `@strict`-powered validation: the run-time settings saved as defaults, checked as every call's
+        are (`StepSettings`), and a token budget against the stored grid."""
+        self.settings.check_against(self)
+        if self.token_budget is not None:
+            rows, cols = self.image_grid_size
+            if not 1 <= self.token_budget <= rows * cols:
+                raise ValueError(
+                    f"`token_budget` ({self.token_budget}) must be between 1 and the {rows}x{cols} = {rows * cols} "
+                    "cells of the `image_size` grid."
+                )
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -412,69 +551,32 @@ class StepConfig(PreTrainedConfig):
                 f"`superpatch_sizes` ({sizes}) must be distinct powers of two among 1, 2, 4, 8, 16 (use [1] for no "
                 "token sharing)."
             )
-        if len(self.policy_thresholds) != len(self.shared_sizes):
-            raise ValueError(
-                f"`policy_thresholds` has {len(self.policy_thresholds)} values but there are "
-                f"{len(self.shared_sizes)} superpatch sizes above 1 ({self.shared_sizes}): give one per size."
-            )
-        if any(not 0.0 <= threshold <= 1.0 for threshold in self.policy_thresholds):
-            raise ValueError(f"`policy_thresholds` must be probabilities in [0, 1], got {self.policy_thresholds}.")
         if self.policy_hidden_size % 4:
             raise ValueError(f"`policy_hidden_size` must be a multiple of 4, got {self.policy_hidden_size}.")
         if self.shared_sizes and self.patch_size % 4:
             raise ValueError(f"The policy network needs `patch_size` divisible by 4, got {self.patch_size}.")
-        if self.token_budget is not None:
-            rows, cols = self.image_grid_size
-            if not 1 <= self.token_budget <= rows * cols:
-                raise ValueError(
-                    f"`token_budget` ({self.token_budget}) must be between 1 and the {rows}x{cols} = {rows * cols} "
-                    "cells of the `image_size` grid."
-                )
-            if self.shared_sizes != [2**level for level in range(1, len(self.shared_sizes) + 1)]:
-                raise ValueError(
-                    f"`token_budget` needs `superpatch_sizes` to be consecutive powers of two from 2 (e.g. "
-                    f"[2, 4, 8, 16]), got {self.superpatch_sizes}."
-                )
 
-    def update_settings(self, **settings) -> None:
+    @property
+    def settings(self) -> StepSettings:
+        """The saved run-time settings: the `StepSettings` a forward runs with when it is given none."""
+        return StepSettings(**{name: getattr(self, name) for name in RUN_SETTINGS})
+
+    def update_settings(self, settings: StepSettings | None = None, **changes) -> None:
         """
-        Change run-time settings (`RUN_SETTINGS`: partition source, thresholds, token budget, halting, attention
-        mode) and check the whole configuration again; on an error nothing changes. Architecture fields are refused:
-        they are fixed once a model is built.
+        Change the saved run-time settings, the defaults every later call runs with (and `save_pretrained`
+        writes): to `settings`, or the current ones with `changes` by name. Checked against the architecture before
+        anything is written. Architecture fields are refused: they are fixed once a model is built. To run one
+        call with other settings, pass `settings=` to the forward instead: that changes nothing shared.
         """
-        unknown = sorted(set(settings) - set(RUN_SETTINGS))
-        if unknown:
+        architecture = [name for name in changes if name not in RUN_SETTINGS and hasattr(self, name)]
+        if architecture:
             raise ValueError(
-                f"{unknown} cannot change on a built model; the run-time settings are {list(RUN_SETTINGS)}."
+                f"{architecture} cannot change on a built model; the run-time settings are {list(RUN_SETTINGS)}."
             )
-        previous = {name: getattr(self, name) for name in settings}
-        try:
-            for name, value in settings.items():
-                if name in ("policy_thresholds", "exit_thresholds"):
-                    value = [float(threshold) for threshold in value]
-                elif isinstance(value, tuple):
-                    value = list(value)
-                setattr(self, name, value)
-            self._check_all()
-        except Exception:
-            for name, value in previous.items():
-                setattr(self, name, value)
-            raise
-
-    @contextmanager
-    def temporary_settings(self, **settings) -> Iterator["StepConfig"]:
-        """Run-time settings (as `update_settings`, which checks them) for the body of a `with` only: the previous
-        ones come back afterwards, also on an error. For sweeps and benchmarks."""
-        previous = self.settings()
-        self.update_settings(**settings)
-        try:
-            yield self
-        finally:
-            self.update_settings(**previous)
-
-    def settings(self) -> dict:
-        """The run-time settings in force, by name (`RUN_SETTINGS`)."""
-        return {name: getattr(self, name) for name in RUN_SETTINGS}
+        new = resolve_settings(self, settings, **changes)
+        for name, value in new.to_dict().items():
+            setattr(self, name, value)
+        self._check_all()
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "StepConfig":
@@ -496,6 +598,5 @@ class StepConfig(PreTrainedConfig):
 
 __all__ = [
     "ATTENTION_MODES", "EXIT_HEAD_TYPES", "EXIT_KEEP_RULES", "EXIT_MERGES", "PARTITION_SOURCES", "RUN_SETTINGS",
-    "SUPERPATCH_SIZES", "TRAINABLE_COMPONENTS", "StepConfig",
-    "VIT_PRESETS",
+    "SUPERPATCH_SIZES", "TRAINABLE_COMPONENTS", "StepConfig", "StepSettings", "VIT_PRESETS", "resolve_settings",
 ]

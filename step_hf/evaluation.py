@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .accounting import flops_per_image
-from .configuration_step import StepConfig
+from .configuration_step import StepSettings
 from .image_processing_step import StepImageProcessor, reduce_labels
 
 
@@ -45,18 +45,18 @@ class EvalTransform:
 
 
 @torch.no_grad()
-def predictions(model, loader, device: torch.device, partition_source: str | None = None,
+def predictions(model, loader, device: torch.device, settings: StepSettings | dict | None = None,
                 policy_only: bool = False) -> Iterator[tuple[dict, object, torch.Tensor | None]]:
     """
     Run `model` on every batch of `loader` (batches as `EvalTransform` makes them) and yield `(batch, outputs,
     prediction)`: the batch moved to `device`, the model's outputs, and the class-id map `(batch, H, W)` at the size
     of `original_labels` (the logits bilinearly upsampled, then the arg-max). With `policy_only` only the policy and
-    the partition run, and `prediction` is `None`. `partition_source` overrides the configuration's.
+    the partition run, and `prediction` is `None`. `settings` are the forward's (default: the model's saved ones).
     """
     for batch in loader:
         batch = {key: value.to(device) for key, value in batch.items()}
         outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
-                        partition_source=partition_source, policy_only=policy_only)
+                        settings=settings, policy_only=policy_only)
         if policy_only:
             yield batch, outputs, None
             continue
@@ -66,32 +66,32 @@ def predictions(model, loader, device: torch.device, partition_source: str | Non
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator=None, partition_source: str | None = None) -> dict:
+def evaluate(model, loader, accelerator=None, settings: StepSettings | dict | None = None) -> dict:
     """
     Evaluate `model` (a `StepForSemanticSegmentation`, possibly wrapped by Accelerate) on `loader`, whose batches
     are `EvalTransform`'s (predictions are made at the size of the original label maps: see `predictions`).
-    `partition_source` overrides the model's for this evaluation only;
-    `None` measures the model as it would run when loaded: with its configuration's saved settings.
+    `settings` (a `StepSettings`, or a dict of overrides) are this evaluation's alone; `None` measures the model as
+    it would run when loaded: with its configuration's saved settings.
 
     FLOPs count each image as if run alone, policy included (2 FLOPs per multiply-add).
     """
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     gather = accelerator.gather_for_metrics if accelerator is not None else (lambda tensor: tensor)
     config = unwrapped.config
-    source = partition_source or config.partition_source
     num_labels, ignore = config.num_labels, config.semantic_loss_ignore_index
     device = next(unwrapped.parameters()).device
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long, device=device)
     tokens, halted, flops = [], [], []
-    for batch, outputs, prediction in predictions(model, loader, device, source):
+    for batch, outputs, prediction in predictions(model, loader, device, settings):
         # Per-image matrices, so that gather_for_metrics can drop the duplicates even batches add at the end.
         confusion += gather(confusion_matrices(batch["original_labels"], prediction, num_labels, ignore)).sum(0)
         tokens.append(gather(outputs.token_counts.float()))
         if outputs.halted_share is not None:
             halted.append(gather(outputs.halted_share.float()))
-        flops.append(gather(image_flops(config, batch["pixel_values"].shape[-2:], outputs, source)))
+        image_flops = flops_per_image(config, batch["pixel_values"].shape[-2:], outputs)
+        flops.append(gather(torch.tensor(image_flops, dtype=torch.float64, device=device)))
     model.train(was_training)
     tokens = torch.cat(tokens).double()
     return {
@@ -127,15 +127,6 @@ def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str]) -> d
     }
 
 
-def image_flops(config: StepConfig, image_size, outputs, partition_source: str) -> torch.Tensor:
-    """FLOPs of each image of a batch, from its token counts and halted shares (analytic formula)."""
-    sharing = partition_source != "dense" and bool(config.shared_sizes)
-    halted = outputs.halted_share.tolist() if config.halting and outputs.halted_share is not None else None
-    flops = flops_per_image(config, tuple(image_size), outputs.token_counts.tolist(), halted, sharing,
-                            policy_ran=sharing and partition_source == "policy")
-    return torch.tensor(flops, dtype=torch.float64, device=outputs.token_counts.device)
-
-
 __all__ = [
-    "EvalTransform", "confusion_matrices", "evaluate", "image_flops", "predictions", "segmentation_metrics",
+    "EvalTransform", "confusion_matrices", "evaluate", "predictions", "segmentation_metrics",
 ]

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .token_layout import PackedBatch, TokenLayout, refuse_in_export, state_pytree, unshare
+from .token_layout import (
+    PackedBatch, PackedSequence, TokenLayout, insert_per_image, refuse_in_export, state_pytree, unshare,
+)
 
 
 class ExitPrediction(NamedTuple):
@@ -52,6 +54,7 @@ class ExitHead(nn.Module):
         self.fc2 = nn.Linear(exit_hidden_size, num_labels)
 
     def forward(self, tokens: torch.Tensor, batch: PackedBatch) -> ExitPrediction:
+        """Per-token logits; `batch` goes unused (an ATM head needs it: both heads are called alike)."""
         return ExitPrediction(self.fc2(self.act(self.fc1(self.norm(tokens)))))
 
 
@@ -251,6 +254,26 @@ def halt(
     return Survivors(survivors.index[order], batch, exit_layer), order
 
 
+def run_exit(
+    head: nn.Module, rule: ExitRule, packed: PackedSequence, survivors: Survivors, layer: int, halting: bool
+) -> tuple[PackedSequence, Survivors, ExitPrediction]:
+    """
+    One exit after block `layer`: `head` classifies the survivors' tokens of `packed`; with `halting`, the confident
+    ones leave under `rule` (`halt`) and the rest are re-packed behind their class tokens. Returns the new sequence,
+    the new survivors and the head's prediction with its token logits on the rows of the whole layout (zeros for the
+    tokens that had left before), as `merge_exit_predictions` and `exit_loss` read them.
+    """
+    tokens = packed.tokens
+    prediction = head(tokens, survivors.batch)
+    on_layout = prediction.token_logits.new_zeros(len(survivors.exit_layer), prediction.token_logits.shape[1])
+    recorded = prediction._replace(token_logits=on_layout.index_copy(0, survivors.index, prediction.token_logits))
+    if halting:
+        log_probabilities = exit_log_probabilities(prediction, survivors.batch.image_index(tokens.shape[0]))
+        survivors, order = halt(survivors, log_probabilities, layer, rule)
+        packed = insert_per_image(tokens[order], packed.extras, survivors.batch, at_start=True)
+    return packed, survivors, recorded
+
+
 def merge_exit_predictions(
     decoder_logits: torch.Tensor, survivors: Survivors, exit_predictions: tuple[ExitPrediction, ...] | None,
     exit_layers: list[int], image_index: torch.Tensor, merge: str,
@@ -363,5 +386,6 @@ __all__ = [
     "keep_topk_per_class",
     "merge_exit_predictions",
     "protected_tokens",
+    "run_exit",
     "tokens_to_keep",
 ]

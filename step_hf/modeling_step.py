@@ -9,7 +9,9 @@ Parameter names follow timm's `VisionTransformer` (`cls_token`, `pos_embed`, `pa
 without renaming. Shipped as Hub code next to saved weights: imports only torch, transformers and its siblings.
 """
 
+import inspect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +20,14 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 
-from .configuration_step import TRAINABLE_COMPONENTS, StepConfig, check_drop_path_rate, check_run_settings
+from .configuration_step import (
+    RUN_SETTINGS, TRAINABLE_COMPONENTS, StepConfig, StepSettings, check_drop_path_rate, closest_name, resolve_settings,
+)
 from .exits import (
-    AtmExitHead, ExitHead, ExitPrediction, ExitRule, Survivors, exit_log_probabilities, exit_loss, exit_statistics,
-    halt, merge_exit_predictions,
+    AtmExitHead, ExitHead, ExitPrediction, ExitRule, Survivors, exit_loss, exit_statistics, merge_exit_predictions,
+    run_exit,
 )
 from .fast_ops import ImageNorm, PatchConv2d, resize_grid_bicubic
 from .superpatch import (
@@ -31,6 +35,7 @@ from .superpatch import (
     blocks_to_cells,
     cells_to_blocks,
     check_superpatch_map,
+    check_superpatch_targets,
     decisions_from_targets,
     layout_from_superpatch_map,
     partition_from_decisions,
@@ -51,6 +56,10 @@ from .token_layout import (
 )
 
 logger = logging.get_logger(__name__)
+
+# Keyword arguments of the library's calling convention (`TransformersKwargs`) that a forward accepts and has no
+# use for; any other unknown keyword is refused (a misspelt setting would otherwise run with the saved one).
+_IGNORED_FORWARD_KWARGS = frozenset(TransformersKwargs.__annotations__) - {"output_attentions", "output_hidden_states"}
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
@@ -79,6 +88,34 @@ class EncoderState:
     class_tokens: torch.Tensor
     survivors: Survivors
     exit_predictions: tuple[ExitPrediction, ...] | None
+
+
+state_pytree(StepSettings)  # a value in every output: `torch.export` carries it as a constant
+
+
+@state_pytree
+@dataclass(frozen=True)
+class StepRun:
+    """
+    What a forward ran, read from its output rather than the configuration.
+
+    Attributes:
+        settings (`StepSettings`): the settings it ran with (the saved defaults, or the call's own).
+        policy_ran (`bool`): whether the policy network ran (it chose the partition, or trained alone).
+        embedded_sides (`tuple[int, ...]`): the superpatch sides whose embedding tables were built (`(1,)` when
+            every token is a plain patch).
+        exits_ran (`bool`): whether the exit heads ran (with halting, or for their deep supervision in training).
+    """
+
+    settings: StepSettings
+    policy_ran: bool
+    embedded_sides: tuple[int, ...]
+    exits_ran: bool
+
+    @property
+    def halting(self) -> bool:
+        """Whether confident tokens left the sequence at the exits."""
+        return self.settings.halting
 
 
 @dataclass
@@ -113,8 +150,13 @@ class StepModelOutput(ModelOutput):
             *optional*, returned when the policy ran): for each superpatch size above 1, the policy's logit that
             the aligned block containing each cell holds a single class (the block's value repeated on its cells;
             the dtype's lowest finite value where no whole block fits).
+        policy_loss (`torch.FloatTensor` of shape `()`, *optional*, returned with `superpatch_targets` when the
+            policy ran): binary cross-entropy of the policy's block logits against the targets (255 ignored),
+            averaged per size, then over sizes.
         encoder_state (`EncoderState`):
             The packed token state the segmentation head reads (layout, packed final tokens, survivors, exit logits).
+        run (`StepRun`):
+            What ran: the settings used, whether the policy ran, the superpatch sides embedded, whether exits ran.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -124,7 +166,9 @@ class StepModelOutput(ModelOutput):
     superpatch_map: torch.LongTensor | None = None
     token_counts: torch.LongTensor | None = None
     policy_logits: torch.FloatTensor | None = None
+    policy_loss: torch.FloatTensor | None = None
     encoder_state: EncoderState | None = None
+    run: StepRun | None = None
 
 
 @dataclass
@@ -148,13 +192,13 @@ class StepSemanticSegmenterOutput(ModelOutput):
         exit_loss (`torch.FloatTensor`, *optional*, in training with `labels` and exit heads): the sum over exits of
             each head's cross-entropy on the cells whose token it saw (deep supervision), before
             `config.exit_loss_weight`.
-        hidden_states, attentions, superpatch_map, token_counts, policy_logits, encoder_state:
+        hidden_states, attentions, superpatch_map, token_counts, policy_logits, encoder_state, run:
             As in [`StepModelOutput`].
-        exit_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`):
-            The block after which each cell's token halted; `num_hidden_layers` where it never halted. A halted
-            cell's logits are its exit head's; the others' are the decoder's.
-        halted_share (`torch.FloatTensor` of shape `(batch_size, len(config.exit_layers))`):
-            The share of each image's tokens halted at each exit.
+        exit_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`, *optional*, returned when
+            halting ran): the block after which each cell's token halted; `num_hidden_layers` where it never halted.
+            A halted cell's logits are its exit head's; the others' are the decoder's.
+        halted_share (`torch.FloatTensor` of shape `(batch_size, len(config.exit_layers))`, *optional*, returned when
+            halting ran): the share of each image's tokens halted at each exit.
         window_offsets (`torch.LongTensor` of shape `(num_windows, 5)`, *optional*):
             Passed through from the image processor when it cut images into sliding windows, so that
             `post_process_semantic_segmentation` can stitch the windows back together.
@@ -174,6 +218,18 @@ class StepSemanticSegmenterOutput(ModelOutput):
     halted_share: torch.FloatTensor | None = None
     window_offsets: torch.LongTensor | None = None
     encoder_state: EncoderState | None = None
+    run: StepRun | None = None
+
+
+class EncoderOutputs(NamedTuple):
+    """What `StepModel.encode` returns: the packed state the head reads, and the outputs laid out batch-first as
+    `StepModelOutput` documents them."""
+
+    state: EncoderState
+    last_hidden_state: torch.Tensor
+    sequence_mask: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None
+    attentions: tuple[torch.Tensor, ...] | None
 
 
 @dataclass(frozen=True)
@@ -337,14 +393,17 @@ class PolicyNetwork(nn.Module):
 
 
 
-def policy_loss(policy_logits: torch.Tensor, superpatch_targets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Binary cross-entropy of the policy's block logits against the targets (255 ignored): the mean over each
-    image's supervised blocks of a size, then over images, then over sizes, so large blocks weigh as much as small
-    ones (and, as for the segmentation loss, split batches average exactly)."""
+def policy_loss(
+    block_logits: dict[int, torch.Tensor], superpatch_targets: torch.Tensor, sizes: list[int]
+) -> torch.Tensor:
+    """Binary cross-entropy of the policy's block logits (`PolicyNetwork`'s output) against the targets (255
+    ignored): the mean over each image's supervised blocks of a size, then over images, then over sizes, so large
+    blocks weigh as much as small ones (and, as for the segmentation loss, split batches average exactly)."""
     per_size = []
     for index, size in enumerate(sizes):
-        logits = cells_to_blocks(policy_logits[:, index], size)
-        targets = cells_to_blocks(superpatch_targets[:, index], size)
+        logits = block_logits[size]
+        # Where no whole block of a size fits, both are empty (the policy gives `(batch, 0, 0)`).
+        targets = cells_to_blocks(superpatch_targets[:, index], size)[..., : logits.shape[-2], : logits.shape[-1]]
         losses = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
         per_size.append(per_image_mean(losses, targets != TARGET_IGNORE))
     return torch.stack(per_size).mean()
@@ -466,9 +525,9 @@ def warn_if_untrained(config: StepConfig, parts: list[str]) -> None:
     present = {"policy": bool(config.shared_sizes), "exit_heads": bool(config.exit_layers)}
     untrained = [part for part in TRAINABLE_COMPONENTS if part not in trained and present.get(part, True)]
     advice = {
-        "policy": "run without the policy (`partition_source=\"dense\"`, or `config.update_settings`) or train it",
+        "policy": "run without the policy (`settings={\"partition_source\": \"dense\"}`) or train it",
         "encoder": "train the segmenter (e.g. `examples/train.py --stage segmenter`)",
-        "exit_heads": "switch halting off (`config.update_settings(halting=False)`) or train the exit heads",
+        "exit_heads": "switch halting off (`settings={\"halting\": False}`) or train the exit heads",
     }
     fixes = "; ".join(advice[part] for part in untrained if part in advice)
     logger.warning_once(
@@ -556,9 +615,7 @@ class StepModel(StepPreTrainedModel):
         pixel_values: torch.Tensor,
         superpatch_map: torch.LongTensor | None = None,
         superpatch_targets: torch.Tensor | None = None,
-        partition_source: str | None = None,
-        halting: bool | None = None,
-        attention_mode: str | None = None,
+        settings: StepSettings | dict | None = None,
         policy_only: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -570,14 +627,14 @@ class StepModel(StepPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
                 Normalised images; height and width must be multiples of `config.patch_size` (any aspect ratio).
             superpatch_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`, *optional*):
-                A partition chosen by the caller; checked, and used instead of `partition_source`.
+                A partition chosen by the caller; checked, and used instead of `settings.partition_source`.
             superpatch_targets (`torch.Tensor` of shape `(batch_size, len(config.shared_sizes), height / 16,
                 width / 16)`, *optional*): ground-truth sharing targets from `StepImageProcessor`; needed by the
-                `"oracle"` source and by the policy loss.
-            partition_source (`str`, *optional*): `"policy"`, `"oracle"` or `"dense"`; defaults to
-                `config.partition_source`.
-            halting (`bool`, *optional*): whether confident tokens leave at the exits; defaults to `config.halting`.
-            attention_mode (`str`, *optional*): `"packed"` or `"padded"`; defaults to `config.attention_mode`.
+                `"oracle"` source, and for the policy loss.
+            settings (`StepSettings` or `dict`, *optional*): the run-time settings of this call: a value, or a
+                dict of overrides of the saved defaults (`config.settings`). Nothing shared changes, so calls with
+                different settings may run at once from several threads. Single settings may also be given by
+                name, e.g. `halting=True` or `partition_source="dense"`; any other keyword is refused.
             policy_only (`bool`, defaults to `False`): run only the policy and the partition (training stage 1,
                 token-count analysis); the ViT does not run and `last_hidden_state` is `None`. It is a forward
                 argument, not a call to `model.policy`, because data-parallel training must go through the wrapped
@@ -585,52 +642,48 @@ class StepModel(StepPreTrainedModel):
             output_attentions, output_hidden_states, return_dict: as for every `transformers` model (attention
                 weights are computed eagerly for the call that asks for them).
         """
-        # Over 60 lines only through its documented arguments: the body is the list of steps, one call each.
         grid_size = check_pixel_values(pixel_values, self.config)
         check_direct_parameters_placed(self, self.base_model_prefix)
-        partition_source, halting, attention_mode = self.run_settings(partition_source, halting, attention_mode)
+        settings = resolve_settings(self.config, settings, **setting_overrides(kwargs, "StepModel"))
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         if not self.training:  # a training forward is how a part gets trained
-            warn_if_untrained(self.config, self.parts_in_use(partition_source, superpatch_map, halting, policy_only))
+            warn_if_untrained(config, self.parts_in_use(settings, superpatch_map, policy_only))
 
-        partition = self.choose_partition(
-            pixel_values, grid_size, superpatch_map, superpatch_targets, partition_source, policy_only
-        )
-        layout, superpatch_map, sides = self.lay_out_tokens(partition, pixel_values, grid_size, attention_mode)
-        policy_logits = policy_logits_on_cells(partition.block_logits, grid_size)
-        state, laid_out = None, {}
+        partition = self.choose_partition(pixel_values, grid_size, superpatch_map, superpatch_targets, settings,
+                                          policy_only)
+        layout, superpatch_map, sides = self.lay_out_tokens(partition, pixel_values, grid_size, settings)
+        exits_ran = not policy_only and len(self.exit_heads) > 0 and (settings.halting or self.training)
+        run = StepRun(settings, partition.block_logits is not None, tuple(sides), exits_ran)
+        encoded = None
         if not policy_only:
             tokens = self.embed_superpatches(pixel_values, layout, sides)
-            run_exits = len(self.exit_heads) > 0 and (halting or self.training)
-            state, laid_out = self.encode(tokens, layout, run_exits, halting, output_hidden_states, output_attentions)
+            encoded = self.encode(tokens, layout, settings, exits_ran, output_hidden_states, output_attentions)
         output = StepModelOutput(
-            **laid_out,
+            last_hidden_state=encoded.last_hidden_state if encoded else None,
+            sequence_mask=encoded.sequence_mask if encoded else None,
+            hidden_states=encoded.hidden_states if encoded else None,
+            attentions=encoded.attentions if encoded else None,
             superpatch_map=superpatch_map,
             token_counts=layout.batch.lengths,
-            policy_logits=policy_logits,
-            encoder_state=state,
+            policy_logits=policy_logits_on_cells(partition.block_logits, grid_size),
+            policy_loss=self.policy_loss(partition, superpatch_targets, grid_size),
+            encoder_state=encoded.state if encoded else None,
+            run=run,
         )
         return output if return_dict else output.to_tuple()
 
-    def run_settings(self, partition_source: str | None, halting: bool | None, attention_mode: str | None):
-        """This forward's `(partition_source, halting, attention_mode)`: the arguments where given, else the
-        configuration's saved settings; checked as the configuration's are."""
-        config = self.config
-        partition_source = partition_source or config.partition_source
-        halting = config.halting if halting is None else halting
-        attention_mode = attention_mode or config.attention_mode
-        check_run_settings(partition_source, halting, attention_mode, config.exit_layers)
-        return partition_source, halting, attention_mode
+    def policy_chooses(self, settings: StepSettings, superpatch_map: torch.Tensor | None) -> bool:
+        """Whether the policy network chooses this call's partition."""
+        return settings.partition_source == "policy" and superpatch_map is None and bool(self.config.shared_sizes)
 
-    def parts_in_use(self, partition_source: str, superpatch_map, halting: bool, policy_only: bool) -> list[str]:
+    def parts_in_use(self, settings: StepSettings, superpatch_map, policy_only: bool) -> list[str]:
         """The trainable parts a forward with these settings relies on (for `warn_if_untrained`)."""
-        uses_policy = partition_source == "policy" and superpatch_map is None and bool(self.config.shared_sizes)
         if policy_only:
             return []  # the policy's own training forward
-        return ["policy"] * uses_policy + ["encoder"] + ["exit_heads"] * halting
+        return ["policy"] * self.policy_chooses(settings, superpatch_map) + ["encoder"] + ["exit_heads"] * settings.halting
 
     def choose_partition(
         self,
@@ -638,16 +691,16 @@ class StepModel(StepPreTrainedModel):
         grid_size: tuple[int, int],
         superpatch_map: torch.Tensor | None,
         superpatch_targets: torch.Tensor | None,
-        partition_source: str,
+        settings: StepSettings,
         policy_only: bool,
     ) -> Partition:
-        """The partition to embed: the caller's `superpatch_map`, else the one `partition_source` gives. The policy
-        runs when it chooses the partition, or for its own training (`policy_only`)."""
+        """The partition to embed: the caller's `superpatch_map`, else the one `settings.partition_source` gives.
+        The policy runs when it chooses the partition, or for its own training (`policy_only`)."""
         config, (rows, cols) = self.config, grid_size
-        policy_chooses = partition_source == "policy" and superpatch_map is None and bool(config.shared_sizes)
-        if policy_chooses and config.token_budget is not None and config.token_budget > rows * cols:
+        policy_chooses = self.policy_chooses(settings, superpatch_map)
+        if policy_chooses and settings.token_budget is not None and settings.token_budget > rows * cols:
             raise ValueError(
-                f"`token_budget` ({config.token_budget}) exceeds the {rows}x{cols} grid of this input; lower it or "
+                f"`token_budget` ({settings.token_budget}) exceeds the {rows}x{cols} grid of this input; lower it or "
                 "feed larger images."
             )
         runs_policy = self.policy is not None and (policy_only or policy_chooses)
@@ -655,40 +708,48 @@ class StepModel(StepPreTrainedModel):
         if superpatch_map is not None:
             check_superpatch_map(superpatch_map, config.superpatch_sizes, grid_size, pixel_values.shape[0])
             return Partition(superpatch_map.long(), block_logits)
-        if partition_source == "dense" or not config.shared_sizes:
+        if settings.partition_source == "dense" or not config.shared_sizes:
             return Partition(None, block_logits)
-        if partition_source == "oracle":
+        if settings.partition_source == "oracle":
             check_superpatch_targets(superpatch_targets, pixel_values.shape[0], len(config.shared_sizes), grid_size)
             decisions = decisions_from_targets(superpatch_targets, config.shared_sizes)
             return Partition(partition_from_decisions(decisions, grid_size), block_logits)
         superpatch_map, tokens_per_image = partition_from_policy(
-            block_logits, grid_size, config.policy_thresholds, config.token_budget
+            block_logits, grid_size, settings.policy_thresholds, settings.token_budget
         )
         return Partition(superpatch_map, block_logits, tokens_per_image)
 
     def lay_out_tokens(
-        self, partition: Partition, pixel_values: torch.Tensor, grid_size: tuple[int, int], attention_mode: str
+        self, partition: Partition, pixel_values: torch.Tensor, grid_size: tuple[int, int], settings: StepSettings
     ) -> tuple[TokenLayout, torch.Tensor, list[int]]:
         """The token layout of a partition, its superpatch map (all ones when dense) and the superpatch sides to
         embed. A count fixed by a token budget needs no host sync: static shapes."""
-        batch_size, device = pixel_values.shape[0], pixel_values.device
+        batch_size, device, mode = pixel_values.shape[0], pixel_values.device, settings.attention_mode
         if partition.superpatch_map is None:
-            layout = dense_token_layout(batch_size, grid_size, device, attention_mode)
+            layout = dense_token_layout(batch_size, grid_size, device, mode)
             return layout, torch.ones(batch_size, *grid_size, dtype=torch.long, device=device), [1]
-        layout = layout_from_superpatch_map(partition.superpatch_map, partition.tokens_per_image, attention_mode)
+        layout = layout_from_superpatch_map(partition.superpatch_map, partition.tokens_per_image, mode)
         return layout, partition.superpatch_map, [1, *self.config.shared_sizes]
 
+    def policy_loss(
+        self, partition: Partition, superpatch_targets: torch.Tensor | None, grid_size: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """The policy's loss against `superpatch_targets`, when both are there (`policy_loss`)."""
+        if superpatch_targets is None or partition.block_logits is None:
+            return None
+        check_superpatch_targets(superpatch_targets, superpatch_targets.shape[0], len(self.config.shared_sizes),
+                                 grid_size)
+        return policy_loss(partition.block_logits, superpatch_targets, self.config.shared_sizes)
+
     def encode(
-        self, tokens: torch.Tensor, layout: TokenLayout, run_exits: bool, halting: bool, output_hidden_states: bool,
-        output_attentions: bool,
-    ) -> tuple[EncoderState, dict]:
+        self, tokens: torch.Tensor, layout: TokenLayout, settings: StepSettings, exits_ran: bool,
+        output_hidden_states: bool, output_attentions: bool,
+    ) -> EncoderOutputs:
         """
         Run the blocks on the packed tokens of `layout`, with one class token per image in front. After each exit
-        block (when `run_exits`) its head classifies the tokens still in; with `halting`, confident ones leave the
-        sequence (`exits.halt`: one host sync per exit, none with `config.exit_keep_tokens`) and the rest are
-        re-packed. Returns the state and the outputs laid out as `StepModelOutput` documents them: the last hidden
-        state and its mask, and, when asked, the hidden states and attention weights, which lie on the computation's
-        path (a gradient reaches them).
+        block (when `exits_ran`) its head classifies the tokens still in, and with `settings.halting` confident ones
+        leave the sequence (`exits.run_exit`). The hidden states and attention weights asked for lie on the
+        computation's path (a gradient reaches them).
         """
         config, batch = self.config, layout.batch
         class_tokens = (self.cls_token + self.pos_embed[:, :1]).expand(batch.batch_size, -1, -1)
@@ -696,58 +757,53 @@ class StepModel(StepPreTrainedModel):
         packed = insert_per_image(tokens, class_tokens, batch, at_start=True)
         laid_out = output_hidden_states or output_attentions
         places = places_by_layout(packed, survivors.index, layout) if laid_out else None
-        exits = self.exits() if run_exits else {}
+        exits = self.exits(settings) if exits_ran else {}
         exit_predictions, hidden_states, attentions = [], [], []
-
-        def recorded(packed: PackedSequence) -> PackedSequence:
-            """Record the hidden state in its padded layout and go on from it (so that it is on the path)."""
-            if not output_hidden_states:
-                return packed
-            hidden_states.append(places.pad(packed.sequence))
-            return packed._replace(sequence=places.unpad(hidden_states[-1]))
-
-        packed = recorded(packed)
+        packed = record_hidden_state(packed, places, hidden_states) if output_hidden_states else packed
         for layer, block in enumerate(self.blocks, start=1):
             sequence, weights = block(packed.sequence, packed.batch, output_attentions, places)
-            packed = recorded(packed._replace(sequence=sequence))
-            if output_attentions:
-                attentions.append(weights)
-            if layer not in exits:
-                continue
-            head, rule = exits[layer]
-            tokens = packed.tokens
-            prediction = head(tokens, survivors.batch)
-            token_logits = prediction.token_logits
-            exit_predictions.append(prediction._replace(token_logits=token_logits.new_zeros(
-                len(survivors.exit_layer), token_logits.shape[1]).index_copy(0, survivors.index, token_logits)))
-            if halting:
-                log_probabilities = exit_log_probabilities(prediction, survivors.batch.image_index(tokens.shape[0]))
-                survivors, order = halt(survivors, log_probabilities, layer, rule)
-                packed = insert_per_image(tokens[order], packed.extras, survivors.batch, at_start=True)
+            packed = packed._replace(sequence=sequence)
+            attentions += [weights] if output_attentions else []
+            packed = record_hidden_state(packed, places, hidden_states) if output_hidden_states else packed
+            if layer in exits:
+                packed, survivors, prediction = run_exit(*exits[layer], packed, survivors, layer, settings.halting)
+                exit_predictions.append(prediction)
                 places = places_by_layout(packed, survivors.index, layout) if laid_out else None
         sequence = self.norm(packed.sequence)
         final_places = places if places is not None else places_by_layout(packed, survivors.index, layout)
-        state = EncoderState(
-            layout=layout,
-            tokens=sequence[packed.token_positions],
-            class_tokens=sequence[packed.extra_positions[:, 0]],
-            survivors=survivors,
-            exit_predictions=tuple(exit_predictions) if exit_predictions else None,
-        )
-        return state, {
-            "last_hidden_state": final_places.pad(sequence),
-            "sequence_mask": final_places.filled.long(),
-            "hidden_states": tuple(hidden_states) or None,
-            "attentions": tuple(attentions) or None,
-        }
+        state = EncoderState(layout, sequence[packed.token_positions], sequence[packed.extra_positions[:, 0]],
+                             survivors, tuple(exit_predictions) or None)
+        return EncoderOutputs(state, final_places.pad(sequence), final_places.filled.long(),
+                              tuple(hidden_states) or None, tuple(attentions) or None)
 
-    def exits(self) -> dict[int, tuple[nn.Module, ExitRule]]:
-        """Each exit block's head and keep rule, by block (1-based)."""
-        config = self.config
-        keep_counts = config.exit_keep_tokens or [None] * len(config.exit_layers)
-        rules = [ExitRule(threshold, keep, config.exit_keep_topk_per_class, config.exit_keep_rule)
-                 for threshold, keep in zip(config.exit_thresholds, keep_counts)]
-        return dict(zip(config.exit_layers, zip(self.exit_heads, rules)))
+    def exits(self, settings: StepSettings) -> dict[int, tuple[nn.Module, ExitRule]]:
+        """Each exit block's head and keep rule under `settings`, by block (1-based)."""
+        keep_counts = settings.exit_keep_tokens or [None] * len(self.config.exit_layers)
+        rules = [ExitRule(threshold, keep, settings.exit_keep_topk_per_class, settings.exit_keep_rule)
+                 for threshold, keep in zip(settings.exit_thresholds, keep_counts)]
+        return dict(zip(self.config.exit_layers, zip(self.exit_heads, rules)))
+
+
+def record_hidden_state(
+    packed: PackedSequence, places: PaddedPlaces, hidden_states: list[torch.Tensor]
+) -> PackedSequence:
+    """Append the hidden state, padded by `places`, to `hidden_states` and go on from the sequence read back from
+    it, so that the recorded tensor lies on the computation's path."""
+    hidden_states.append(places.pad(packed.sequence))
+    return packed._replace(sequence=places.unpad(hidden_states[-1]))
+
+
+def setting_overrides(kwargs: dict, model_name: str) -> dict:
+    """The run-time settings given by name among a forward's extra keywords; the library's shared keywords
+    (`TransformersKwargs`) are accepted and unused, anything else is refused with the closest valid name."""
+    unknown = [name for name in kwargs if name not in RUN_SETTINGS and name not in _IGNORED_FORWARD_KWARGS]
+    if unknown:
+        valid = [*FORWARD_ARGUMENTS[model_name], *RUN_SETTINGS]
+        raise TypeError(
+            f"{model_name}.forward() got an unexpected keyword argument {unknown[0]!r}{closest_name(unknown[0], valid)}"
+            f". It takes {list(FORWARD_ARGUMENTS[model_name])}, and run-time settings by name ({list(RUN_SETTINGS)})."
+        )
+    return {name: value for name, value in kwargs.items() if name in RUN_SETTINGS}
 
 
 def exit_head(config: StepConfig) -> nn.Module:
@@ -834,9 +890,7 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         labels: torch.LongTensor | None = None,
         superpatch_targets: torch.Tensor | None = None,
         superpatch_map: torch.LongTensor | None = None,
-        partition_source: str | None = None,
-        halting: bool | None = None,
-        attention_mode: str | None = None,
+        settings: StepSettings | dict | None = None,
         policy_only: bool = False,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -851,18 +905,16 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             labels (`torch.LongTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
                 Class id per pixel, `config.semantic_loss_ignore_index` for void. Any resolution: the logits are
                 upsampled to it for the loss.
-            superpatch_targets, superpatch_map, partition_source, halting, attention_mode, policy_only,
-            output_attentions, output_hidden_states:
-                As in [`StepModel.forward`]. With `superpatch_targets` and a policy that ran, the policy loss is
-                added to the loss.
+            superpatch_targets, superpatch_map, settings, policy_only, output_attentions, output_hidden_states:
+                As in [`StepModel.forward`] (run-time settings by name too). With `superpatch_targets` and a policy
+                that ran, the policy loss is added to the loss.
             window_offsets (`torch.LongTensor`, *optional*):
                 Sliding-window bookkeeping from `StepImageProcessor`, returned unchanged in the output.
         """
-        # Over 60 lines only through its documented arguments: encode -> decode and merge exits -> losses -> outputs.
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        settings = resolve_settings(self.config, settings, **setting_overrides(kwargs, type(self).__name__))
         encoded = self.step(
-            pixel_values, superpatch_map=superpatch_map, superpatch_targets=superpatch_targets,
-            partition_source=partition_source, halting=halting, attention_mode=attention_mode,
+            pixel_values, superpatch_map=superpatch_map, superpatch_targets=superpatch_targets, settings=settings,
             policy_only=policy_only, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             return_dict=True,
         )
@@ -871,14 +923,15 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         if state is not None:  # not `policy_only`
             if not self.training:
                 warn_if_untrained(self.config, ["decoder"])
-            halting = self.config.halting if halting is None else halting
             token_logits = merge_exit_predictions(
                 self.decoder(state.tokens, state.survivors.batch), state.survivors, state.exit_predictions,
-                self.config.exit_layers, state.layout.image_index, self.config.exit_merge if halting else "logits",
+                self.config.exit_layers, state.layout.image_index, settings.exit_merge if settings.halting else "logits",
             )
             logits = unshare(token_logits, state.layout)
-            exit_map, halted_share = exit_statistics(state.survivors.exit_layer, state.layout, self.config.exit_layers)
-        losses = self.compute_losses(logits, encoded, labels, superpatch_targets)
+            if settings.halting:
+                exit_map, halted_share = exit_statistics(state.survivors.exit_layer, state.layout,
+                                                         self.config.exit_layers)
+        losses = self.compute_losses(logits, encoded, labels)
         output = StepSemanticSegmenterOutput(
             loss=losses.total,
             logits=logits,
@@ -894,44 +947,39 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             halted_share=halted_share,
             window_offsets=window_offsets,
             encoder_state=state,
+            run=encoded.run,
         )
         return output if return_dict else output.to_tuple()
 
     def compute_losses(
-        self, logits: torch.Tensor | None, encoded: StepModelOutput, labels: torch.Tensor | None,
-        superpatch_targets: torch.Tensor | None,
+        self, logits: torch.Tensor | None, encoded: StepModelOutput, labels: torch.Tensor | None
     ) -> "StepLosses":
         """The segmentation loss (with `labels`), the exit heads' deep supervision (with `labels`, in training, when
-        the exits ran) and the policy loss (with `superpatch_targets`, when the policy ran), and their weighted sum
-        (`None` when there is nothing to learn from)."""
+        the exits ran), the encoder's policy loss (with `superpatch_targets`, when the policy ran), and their
+        weighted sum (`None` when there is nothing to learn from)."""
         config, state = self.config, encoded.encoder_state
-        segmentation = policy = exits = None
+        segmentation = exits = None
         if logits is not None and labels is not None:
             check_labels(labels, logits.shape[0], config)  # once: the exit losses reuse the labels
             segmentation = self.loss_function(logits, labels)
             if self.training and state.exit_predictions is not None:
                 exits = exit_loss(state.exit_predictions, state.survivors.exit_layer, state.layout, labels,
                                   config.exit_layers, self.loss_function, config.semantic_loss_ignore_index)
-        if superpatch_targets is not None and encoded.policy_logits is not None:
-            superpatch_map = encoded.superpatch_map
-            check_superpatch_targets(superpatch_targets, superpatch_map.shape[0], len(config.shared_sizes),
-                                     tuple(superpatch_map.shape[1:]))
-            policy = policy_loss(encoded.policy_logits, superpatch_targets, config.shared_sizes)
+        policy = encoded.policy_loss
         terms = [term for term in (segmentation, policy if policy is None else config.policy_loss_weight * policy,
                                    exits if exits is None else config.exit_loss_weight * exits) if term is not None]
         return StepLosses(sum(terms) if terms else None, segmentation, policy, exits)
 
     def set_training_stage(self, stage: str) -> None:
         """
-        Choose what trains (the STEP recipe): `"policy"` trains the policy network alone (stage 1, use
-        `policy_only=True`); `"segmenter"` trains the encoder, exit heads and decoder with the policy frozen (stage 2,
-        with the policy's or oracle partitions, halting off: the exit heads learn by deep supervision); `"prune"` is
-        stage 2 with halting on (the pruning fine-tune); `"all"` trains everything.
+        Choose which parameters train (the STEP recipe): `"policy"` trains the policy network alone (stage 1, run
+        with `policy_only=True`); `"segmenter"` and `"prune"` train the encoder, exit heads and decoder with the
+        policy frozen (stage 2 runs with halting off, the exit heads learning by deep supervision; the pruning
+        fine-tune with `settings={"halting": True}`); `"all"` trains everything. What a saved model runs with is
+        its saved settings, which this does not change.
         """
         if stage not in ("policy", "segmenter", "prune", "all"):
             raise ValueError(f"Unknown training stage {stage!r}; choose 'policy', 'segmenter', 'prune' or 'all'.")
-        if stage in ("segmenter", "prune"):
-            self.config.update_settings(halting=stage == "prune")
         policy = set(self.parameter_groups()["policy"])
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(stage == "all" or (stage == "policy") == (name in policy))
@@ -1028,21 +1076,12 @@ def check_pixel_values(pixel_values: torch.Tensor, config: StepConfig) -> tuple[
 
 
 
-def check_superpatch_targets(targets: torch.Tensor | None, batch_size: int, num_sizes: int, grid_size) -> None:
-    """Refuse missing or mis-shaped `superpatch_targets`, saying where they come from."""
-    expected = (batch_size, num_sizes, *grid_size)
-    if targets is None:
-        raise ValueError(
-            "The 'oracle' partition and the policy loss need `superpatch_targets`; `StepImageProcessor` emits them "
-            "when given segmentation maps."
-        )
-    if tuple(targets.shape) != expected:
-        raise ValueError(
-            f"`superpatch_targets` must have shape {expected} (batch, superpatch sizes above 1, grid), got "
-            f"{tuple(targets.shape)}; build them with the model's `superpatch_sizes`."
-        )
 
-
+# Each forward's named arguments, for the message that refuses an unknown one.
+FORWARD_ARGUMENTS = {
+    model.__name__: [name for name in inspect.signature(model.forward).parameters if name not in ("self", "kwargs")]
+    for model in (StepModel, StepForSemanticSegmentation)
+}
 
 
 __all__ = [
@@ -1051,4 +1090,6 @@ __all__ = [
     "StepForSemanticSegmentation",
     "StepModelOutput",
     "StepSemanticSegmenterOutput",
+    "StepRun",
+    "StepSettings",
 ]

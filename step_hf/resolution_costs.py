@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
-from .accounting import flops_per_image
+from .accounting import flops_for_token_counts
 from .configuration_step import StepConfig
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
@@ -56,16 +56,17 @@ def token_counts(model, images, labels, size: tuple[int, int]) -> dict[str, list
         counts["dense"].append(cells)
         for name, source in (("dCTS oracle", "oracle"), ("dCTS policy", "policy")):
             output = model.step(inputs["pixel_values"], superpatch_targets=inputs["superpatch_targets"],
-                                partition_source=source, policy_only=True)
+                                settings={"partition_source": source}, policy_only=True)
             counts[name].append(int(output.token_counts[0]))
     return counts
 
 
 def flops(config: StepConfig, size: tuple[int, int], counts: list[int], variant: str, halted: list[float]) -> dict:
     """Mean analytic FLOPs per image (2 per multiply-add) of a variant, by part."""
-    sharing, policy_ran = variant != "dense", variant in ("dCTS policy", "STEP")
-    halted_shares = [halted] * len(counts) if variant == "STEP" else None
-    return {part: sum(flops_per_image(config, size, counts, halted_shares, sharing, policy_ran, part)) / len(counts)
+    sides = [1] if variant == "dense" else [1, *config.shared_sizes]
+    policy_ran, halted_shares = variant in ("dCTS policy", "STEP"), [halted] * len(counts) if variant == "STEP" else None
+    return {part: sum(flops_for_token_counts(config, size, counts, halted_shares, sides, policy_ran,
+                                             exits_ran=variant == "STEP", part=part)) / len(counts)
             for part in ("total", "encoder", "decoder", "policy")}
 
 

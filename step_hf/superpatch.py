@@ -149,6 +149,23 @@ def partition_from_policy(
     return partition_from_decisions(decisions_from_thresholds(block_logits, thresholds), grid_size), None
 
 
+def check_superpatch_targets(
+    targets: torch.Tensor | None, batch_size: int, num_sizes: int, grid_size: tuple[int, int]
+) -> None:
+    """Refuse missing or mis-shaped `superpatch_targets`, saying where they come from."""
+    expected = (batch_size, num_sizes, *grid_size)
+    if targets is None:
+        raise ValueError(
+            "The 'oracle' partition and the policy loss need `superpatch_targets`; `StepImageProcessor` emits them "
+            "when given segmentation maps."
+        )
+    if tuple(targets.shape) != expected:
+        raise ValueError(
+            f"`superpatch_targets` must have shape {expected} (batch, superpatch sizes above 1, grid), got "
+            f"{tuple(targets.shape)}; build them with the model's `superpatch_sizes`."
+        )
+
+
 def check_superpatch_map(
     superpatch_map: torch.Tensor, sizes: list[int], grid_size: tuple[int, int], batch_size: int | None = None
 ) -> None:
@@ -269,10 +286,12 @@ __all__ = [
     "budget_token_count",
     "cells_to_blocks",
     "check_superpatch_map",
+    "check_superpatch_targets",
     "decisions_for_budget",
     "decisions_from_targets",
     "decisions_from_thresholds",
     "layout_from_superpatch_map",
     "partition_from_decisions",
+    "partition_from_policy",
     "superpatch_targets_from_labels",
 ]

@@ -164,7 +164,7 @@ def refuse_in_export(what: str) -> None:
         raise ValueError(
             f"torch.export needs static shapes, but {what} depends on the image. Export a model whose token counts "
             "are fixed: `partition_source=\"dense\"` or a `token_budget` (policy partitions), and for halting "
-            "`exit_keep_tokens` instead of thresholds (set them with `config.update_settings`)."
+            "`exit_keep_tokens` instead of thresholds (`settings=` of the forward, or `config.update_settings`)."
         )
 
 

@@ -56,14 +56,14 @@ def test_invalid_configs_name_the_field(overrides, field):
 
 def test_run_time_settings_are_checked_again_when_changed_and_nothing_changes_on_error():
     config = tiny_config(superpatch_sizes=[2, 8], exit_layers=[1])
-    before = config.settings()
+    before = config.settings
     with pytest.raises(ValueError, match="consecutive powers of two"):
         config.update_settings(partition_source="policy", token_budget=10)  # sizes 2, 8 cannot give a budget
     with pytest.raises(ValueError, match="at least one exit"):
         tiny_config(exit_layers=[], exit_thresholds=[]).update_settings(halting=True)
     with pytest.raises(ValueError, match="cannot change on a built model"):
         config.update_settings(hidden_size=64)
-    assert config.settings() == before
+    assert config.settings == before
     config.update_settings(halting=True, exit_thresholds=(0.5,))
     assert config.halting and config.exit_thresholds == [0.5]
 
@@ -75,7 +75,7 @@ def test_forward_settings_override_the_saved_ones_for_one_call_only():
     with torch.no_grad():
         halted = model(pixels, halting=True)
         plain = model(pixels)
-    assert not model.config.halting and (plain.exit_map == 2).all()  # the saved default: no halting
+    assert not model.config.halting and plain.exit_map is None and not plain.run.halting  # the saved default
     assert halted.halted_share.sum() > 0 and (halted.exit_map == 1).any()
     with pytest.raises(ValueError, match="attention_mode"):
         model(pixels, attention_mode="sparse")

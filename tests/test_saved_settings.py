@@ -118,7 +118,7 @@ def test_the_best_sweep_row_saved_into_a_model_reproduces_the_row(runs, scene_da
     save_settings.main(["--model_name_or_path", str(runs / "all-policy"), "--sweep", str(tmp_path / "sweep.json"),
                         "--output_dir", str(tmp_path / "tuned")])
     model = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "tuned")
-    assert model.config.settings() == best["settings"]
+    assert model.config.settings.to_dict() == best["settings"]
     measured = evaluate(model, eval_loader(scene_dataset, AutoImageProcessor.from_pretrained(tmp_path / "tuned")))
     for metric in ("mean_iou", "tokens_per_image", "gflops_per_image"):
         assert measured[metric] == pytest.approx(best[metric], rel=1e-9), metric
