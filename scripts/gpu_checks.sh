@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# All GPU checks of a session in one run (correctness first, then timings), on an H100/H200:
-#   bash scripts/fetch_gpu_wheels.sh                 # here, first: wheels into .whl/, CamVid frames into .bench_data/
-#   device run: bash scripts/gpu_checks.sh $OUT      # with carry [".whl", ".bench_data"]
+# All GPU checks in one run (correctness first, then timings), on a GPU machine (H100/H200):
+#   bash scripts/fetch_gpu_wheels.sh                 # first, with PyPI access: wheels into .whl/, CamVid into .bench_data/
+#   bash scripts/gpu_checks.sh OUT                   # on the GPU machine, with .whl/ and .bench_data/ beside the checkout
 # Prints Markdown tables and writes JSON to OUT_DIR. PRESET / SIZE / SMALL_SIZE override the models for a dry run on
-# CPU (e.g. TINY=1 PRESET=tiny SIZE=128 SMALL_SIZE=64: TINY keeps this machine's packages).
+# CPU (e.g. TINY=1 PRESET=tiny SIZE=128 SMALL_SIZE=64: TINY keeps the installed packages).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench_out}

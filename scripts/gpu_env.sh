@@ -1,6 +1,6 @@
 # Sourced by scripts/gpu_session.sh and scripts/gpu_checks.sh on the GPU machine, from the repository root. The
 # machine reaches no registry: newer transformers / huggingface_hub and datasets come as the wheels carried in .whl/
-# (scripts/fetch_gpu_wheels.sh), installed once into /tmp/site. A CPU dry run (TINY=1) keeps this machine's packages.
+# (scripts/fetch_gpu_wheels.sh), installed once into /tmp/site. A CPU dry run (TINY=1) keeps the installed packages.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf_home TOKENIZERS_PARALLELISM=false
 if [ -z "${TINY:-}" ] && ls .whl/*.whl >/dev/null 2>&1 && [ ! -f /tmp/site/.installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

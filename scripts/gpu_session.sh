@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# Everything a GPU session (an H100/H200) does, in order of priority, inside one device call of < 10 minutes:
-#   here first: bash scripts/fetch_gpu_wheels.sh      (wheels into .whl/, CamVid into .bench_data/: both ignored)
-#   device run: bash scripts/gpu_session.sh $OUT       (carry [".whl", ".bench_data"], timeout_s 600)
+# Every GPU measurement, in order of priority, in one run of under 10 minutes on a GPU machine (H100/H200):
+#   first, with PyPI access: bash scripts/fetch_gpu_wheels.sh   (wheels into .whl/, CamVid into .bench_data/)
+#   on the GPU machine, with .whl/ and .bench_data/ copied beside the checkout: bash scripts/gpu_session.sh OUT
 # 1. the speed ladder: correctness of the batching modes on the GPU, then the ViT-L ladder (scripts/gpu_checks.sh);
 # 2. the CamVid recipe (scripts/camvid_recipe.sh), dense and dCTS -> STEP trained side by side;
 # 3. sweeps of policy / exit thresholds, throughput of the trained models at batch 8, the token analysis.
 # Results (JSON, logs, tables, pictures; no weights) are re-packed into OUT/results.tar.gz after every part, so a
-# part cut short by the deadline loses only itself. CPU dry run: TINY=1 bash scripts/gpu_session.sh /tmp/dry
+# part cut short by a time limit loses only itself. CPU dry run: TINY=1 bash scripts/gpu_session.sh /tmp/dry
 # The recipe's step counts (SEGMENTER_STEPS, ...) pass through to scripts/camvid_recipe.sh; SKIP_BENCHMARK=1 leaves
 # part 1 out and gives its minutes to training; BENCHMARK_SECONDS (default 225) bounds part 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?an output folder}
 mkdir -p "$out"
-res=${RESULTS:-/tmp/step_session} && rm -rf "$res" && mkdir -p "$res"
+res=${RESULTS:-/tmp/step_gpu_results} && rm -rf "$res" && mkdir -p "$res"
 exec > >(tee -a "$out/log.txt") 2>&1
-deadline=${DEADLINE:-585}  # seconds: the device call's limit is 600
+deadline=${DEADLINE:-585}  # seconds: under a 600-second run limit
 left() { echo $(( deadline - SECONDS )); }
 pack() { tar -czf "$out/results.tar.gz" -C "$res" --exclude='*.safetensors' --exclude='checkpoints' . ; }
 source scripts/gpu_env.sh
@@ -24,7 +24,7 @@ data=.bench_data/camvid
 python3 -c "import torch, transformers, datasets, accelerate; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'datasets', datasets.__version__, 'accelerate', accelerate.__version__)"
 echo "== part 1: batching correctness and the ViT-L ladder ($(left) s left)"
-if [ -n "${SKIP_BENCHMARK:-}" ]; then  # e.g. a session that spends its minutes on longer training
+if [ -n "${SKIP_BENCHMARK:-}" ]; then  # e.g. a run that spends its minutes on longer training
     echo "skipped (SKIP_BENCHMARK)"
 elif [ -n "${TINY:-}" ]; then
     PRESET=tiny SIZE=128 SMALL_SIZE=64 DATA=$data timeout "$(left)" bash scripts/gpu_checks.sh "$res/bench"

@@ -87,7 +87,7 @@ def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
     of a local folder laid out like a Hub dataset."""
     try:
         from datasets import load_dataset
-    except ImportError:  # scripts/gpu_env.sh removes a `datasets` that cannot import on the GPU machine's image
+    except ImportError:  # scripts/gpu_env.sh removes a `datasets` that cannot import on some GPU images
         import glob
         import io
 

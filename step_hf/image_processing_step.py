@@ -332,7 +332,7 @@ class StepImageProcessor(PilBackend):
                 "`do_resize=False`; resize it or enable `do_resize`."
             )
         # Rescale and normalise in place in float32 (channels first): the generic helpers go through float64 and
-        # transposed copies, a third of the time of a training sample at 720x720.
+        # transposed copies, a large share of a training sample's preprocessing time.
         pixels = image.astype(np.float32)
         if do_rescale:
             pixels *= np.float32(rescale_factor)

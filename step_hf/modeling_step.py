@@ -278,6 +278,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """The block's MLP: Linear, activation, Linear (timm's `fc1`, `fc2`)."""
+
     def __init__(self, dim: int, hidden_dim: int, activation: str):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
@@ -322,8 +324,9 @@ class Block(GradientCheckpointingLayer):
         return x + drop_path(mlp, batch, self.drop_path_rate, self.training), weights
 
 
-
 class PatchEmbed(nn.Module):
+    """The patch embedding (timm's `patch_embed.proj`): one strided convolution, a patch per output."""
+
     def __init__(self, config: StepConfig):
         super().__init__()
         self.proj = PatchConv2d(config.num_channels, config.hidden_size, config.patch_size)
@@ -334,11 +337,11 @@ class PatchEmbed(nn.Module):
         return self.proj(pixel_values).permute(0, 2, 3, 1)
 
 
-
 # ---------------------------------------------------------------------------------------------------- policy
 
 
 def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    """A policy layer: convolution, per-image group norm, ReLU."""
     # Strided convolutions tile the image exactly, like patches; the others keep its size.
     if stride == 1:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
@@ -349,7 +352,6 @@ def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, stride
     # GroupNorm, not BatchNorm: per-image statistics, so a partition never depends on the rest of the batch or on
     # train/eval mode, and the coarsest levels (often 1x1) train at any batch size.
     return nn.Sequential(conv, ImageNorm(out_channels), nn.ReLU(inplace=True))
-
 
 
 class PolicyNetwork(nn.Module):
@@ -392,7 +394,6 @@ class PolicyNetwork(nn.Module):
         return block_logits
 
 
-
 def policy_loss(
     block_logits: dict[int, torch.Tensor], superpatch_targets: torch.Tensor, sizes: list[int]
 ) -> torch.Tensor:
@@ -409,7 +410,6 @@ def policy_loss(
     return torch.stack(per_size).mean()
 
 
-
 # ---------------------------------------------------------------------------------------------------- encoder
 
 
@@ -417,9 +417,10 @@ def policy_loss(
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
-
-
 class StepPreTrainedModel(PreTrainedModel):
+    """The base of STEP models: configuration class, weight initialisation, the parameter groups by part, and a
+    `from_pretrained` that refuses folders that are not STEP models."""
+
     config_class = StepConfig
     config: StepConfig
     base_model_prefix = "step"
@@ -502,7 +503,6 @@ class StepPreTrainedModel(PreTrainedModel):
             init.normal_(module.proj_classes, std=scale)
 
 
-
 def check_direct_parameters_placed(module: nn.Module, name: str) -> None:
     """Refuse a forward whose module's own (direct) parameters were offloaded to disk apart from the module:
     Accelerate loads offloaded weights through hooks on the module that owns them, and a module left out of the
@@ -534,7 +534,6 @@ def warn_if_untrained(config: StepConfig, parts: list[str]) -> None:
         f"This model's {', '.join(untrained)} never trained (config.trained_components = {trained}), so outputs that "
         f"use them are arbitrary: {fixes}."
     )
-
 
 
 class StepModel(StepPreTrainedModel):
@@ -871,7 +870,6 @@ class MaskTransformerDecoder(nn.Module):
         return self.mask_norm(scores)
 
 
-
 # ---------------------------------------------------------------------------------------------------- segmentation head
 
 
@@ -995,7 +993,6 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         return per_image_mean(losses, labels != ignore)
 
 
-
 # ---------------------------------------------------------------------------------------------------- losses and checks
 
 
@@ -1073,8 +1070,6 @@ def check_pixel_values(pixel_values: torch.Tensor, config: StepConfig) -> tuple[
             f"resize or pad the images (`StepImageProcessor` does this)."
         )
     return height // patch, width // patch
-
-
 
 
 # Each forward's named arguments, for the message that refuses an unknown one.

@@ -10,7 +10,8 @@ import re
 import torch
 from safetensors.torch import load_file
 
-from .modeling_step import StepForSemanticSegmentation, StepModel, resize_grid_bicubic
+from .fast_ops import resize_grid_bicubic
+from .modeling_step import StepForSemanticSegmentation, StepModel
 
 # Hugging Face ViT names (v5 modules, then v4 modules as still saved on disk) -> timm names used by StepModel.
 _HF_RENAMES = [

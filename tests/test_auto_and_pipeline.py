@@ -3,7 +3,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from transformers import (
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel
 
 from .conftest import tiny_config
+from .reference import REMOTE_SCRIPT, check_pipeline_output
 
 
 @pytest.fixture
@@ -34,18 +34,6 @@ def saved(model, tmp_path):
     model.save_pretrained(tmp_path)
     StepImageProcessor(size={"height": 64, "width": 64}, num_labels=4).save_pretrained(tmp_path)
     return tmp_path
-
-
-def check_pipeline_output(result, image, id2label):
-    assert isinstance(result, list) and result
-    for segment in result:
-        assert set(segment) == {"score", "label", "mask"}
-        assert segment["score"] is None and segment["label"] in id2label.values()
-        assert segment["mask"].mode == "L" and segment["mask"].size == image.size
-        assert set(np.unique(np.array(segment["mask"]))) <= {0, 255}
-    # Each pixel belongs to exactly one segment.
-    total = sum(np.array(segment["mask"]) // 255 for segment in result)
-    assert (total == 1).all()
 
 
 def test_auto_classes_in_process(saved, model):
@@ -80,32 +68,6 @@ def test_pipeline_in_process(saved, monkeypatch):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
     segmenter = pipeline("image-segmentation", model=str(saved))
     check_pipeline_output(segmenter(image), image, segmenter.model.config.id2label)
-
-
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.modules["step_hf"] = None  # any `import step_hf` now fails: only the saved code may be used
-    import json, numpy as np, torch
-    from PIL import Image
-    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation,
-                              pipeline)
-    folder = sys.argv[1]
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8))
-    with torch.no_grad():
-        logits = model(**processor(image, return_tensors="pt")).logits
-    segments = pipeline("image-segmentation", model=folder, trust_remote_code=True)(image)
-    print(json.dumps({
-        "classes": [type(x).__name__ for x in (config, encoder, model, processor)],
-        "logits": logits.tolist(),
-        "segments": [[s["label"], s["mask"].size, np.array(s["mask"]).tolist()] for s in segments],
-    }))
-    """
-)
 
 
 def test_remote_code_without_step_hf(saved, model, tmp_path):

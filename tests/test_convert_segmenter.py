@@ -18,7 +18,7 @@ from transformers import AutoModelForSemanticSegmentation, pipeline
 
 from step_hf.convert_segmenter import convert_segmenter
 
-from .test_auto_and_pipeline import REMOTE_SCRIPT, check_pipeline_output
+from .reference import REMOTE_SCRIPT, check_pipeline_output
 
 WIDTH, DEPTH, HEADS, CLASSES, IMAGE = 128, 2, 4, 5, 64  # heads: not width // 64, so they must come from the source
 GRID = IMAGE // 16

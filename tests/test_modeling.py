@@ -11,43 +11,7 @@ from step_hf.fast_ops import ImageNorm, PatchConv2d, resize_grid_bicubic
 from step_hf.token_layout import PackedBatch, dense_token_layout, insert_per_image, packed_attention
 
 from .conftest import tiny_config
-
-
-def reference_block(block, x):
-    """A timm-style pre-norm block on a plain (batch, tokens, dim) tensor, attention written out by hand."""
-    batch, tokens, dim = x.shape
-    heads = block.attn.num_heads
-    q, k, v = block.attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    weights = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5).softmax(-1)
-    x = x + block.attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
-    return x + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(x))))
-
-
-def reference_vit_segmenter(model, pixel_values):
-    """Plain ViT + Segmenter mask transformer on fixed grids, with the model's parameters: what STEP must equal
-    when it shares and prunes nothing."""
-    encoder, decoder = model.step, model.decoder
-    batch, _, height, width = pixel_values.shape
-    rows, cols = height // 16, width // 16
-    x = encoder.patch_embed.proj(pixel_values).flatten(2).transpose(1, 2)
-    stored = encoder.config.image_grid_size
-    grid = encoder.pos_embed[:, 1:].reshape(1, *stored, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
-    cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(batch, -1, -1)
-    x = torch.cat([cls, x + grid], dim=1)
-    for block in encoder.blocks:
-        x = reference_block(block, x)
-    x = encoder.norm(x)[:, 1:]
-
-    num_labels = decoder.cls_emb.shape[1]
-    x = torch.cat([decoder.proj_dec(x), decoder.cls_emb.expand(batch, -1, -1)], dim=1)
-    for block in decoder.blocks:
-        x = reference_block(block, x)
-    x = decoder.decoder_norm(x)
-    patches = F.normalize(x[:, :-num_labels] @ decoder.proj_patch, dim=-1)
-    classes = F.normalize(x[:, -num_labels:] @ decoder.proj_classes, dim=-1)
-    masks = decoder.mask_norm(patches @ classes.transpose(1, 2))
-    return masks.transpose(1, 2).reshape(batch, num_labels, rows, cols)
+from .reference import reference_vit_segmenter
 
 
 @pytest.mark.parametrize("size", [(64, 64), (48, 96), (80, 32)])

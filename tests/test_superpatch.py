@@ -20,7 +20,7 @@ from step_hf.superpatch import (
 from step_hf.token_layout import unshare
 
 from .conftest import tiny_config
-from .test_modeling import reference_vit_segmenter
+from .reference import reference_vit_segmenter
 
 SIZES = [2, 4, 8, 16]
 GRIDS = [(5, 7), (16, 16), (17, 33), (3, 40), (1, 1)]
