@@ -100,3 +100,27 @@ def test_pipeline_with_sliding_windows(model, tmp_path):
     assert inputs["pixel_values"].shape[1:] == (3, 64, 64) and len(windows) == len(inputs["pixel_values"]) > 2
     assert windows[:, 2].min() == 0 and windows[:, 2].max() == 192 - 64
     check_pipeline_output(segmenter(image), image, segmenter.model.config.id2label)
+
+
+@pytest.mark.parametrize("window_size", [None, 64])
+def test_batched_pipeline_equals_one_image_at_a_time(model, tmp_path, window_size):
+    """Images of different sizes and modes (and, with windows, of several windows each) in batches of 4: every
+    result equals the image's own single-image result, with the saved settings or a call's."""
+    model.save_pretrained(tmp_path)
+    StepImageProcessor(size={"shortest_edge": 64}, num_labels=4, window_size=window_size).save_pretrained(tmp_path)
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in [(60, 90), (80, 80), (64, 200), (60, 90), (50, 50)]]
+    images[1], images[4] = images[1].convert("L"), images[4].convert("RGBA")
+
+    def maps(results):
+        return [[(segment["label"], np.array(segment["mask"]).tobytes()) for segment in result] for result in results]
+
+    for settings in (None, {"partition_source": "dense"}):
+        call = {} if settings is None else {"settings": settings}
+        single = maps([segmenter(image, **call) for image in images])
+        assert maps(segmenter(images, batch_size=4, **call)) == single
+        assert maps(segmenter(images, batch_size=2, **call)) == single
+        for result, image in zip(segmenter(images, batch_size=4, **call), images):
+            check_pipeline_output(result, image, model.config.id2label)
