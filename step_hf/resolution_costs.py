@@ -20,11 +20,11 @@ import json
 import math
 
 import torch
-from PIL import Image, ImageDraw
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
 from .accounting import flops_for_token_counts
+from .charts import Curve, draw_chart
 from .configuration_step import StepConfig
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
@@ -109,35 +109,16 @@ def growth_exponent(pixels: list[float], values: list[float]) -> float:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """GFLOPs per image against pixels, log-log, one line per preset and variant."""
-    width, height, margin = 900, 600, 70
-    points = [(row["pixels"], row["gflops"]) for row in rows]
-    (low_x, high_x), (low_y, high_y) = [(math.log(min(v)), math.log(max(v))) for v in zip(*points)]
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (margin + (math.log(x) - low_x) / (high_x - low_x or 1) * (width - 2 * margin),
-                height - margin - (math.log(y) - low_y) / (high_y - low_y or 1) * (height - 2 * margin))
-
-    picture = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(picture)
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    """GFLOPs per image against pixels, log-log, one line per preset and variant (square inputs)."""
     colours = {"dense": (0, 0, 0), "dCTS oracle": (31, 119, 180), "dCTS policy": (44, 160, 44), "STEP": (214, 39, 40)}
-    for key_index, (preset, variant) in enumerate(sorted({(row["preset"], row["variant"]) for row in rows})):
-        line = sorted((row["pixels"], row["gflops"]) for row in rows
-                      if (row["preset"], row["variant"]) == (preset, variant) and row["square"])
-        draw.line([at(x, y) for x, y in line], fill=colours[variant], width=2 if preset == "large" else 1)
-        draw.text((margin + 10, margin + 10 + 14 * key_index), f"ViT-{preset} {variant}", fill=colours[variant])
-    for pixels in sorted({row["pixels"] for row in rows if row["square"]}):  # x ticks: the square sizes
-        x, _ = at(pixels, math.exp(low_y))
-        draw.line([(x, height - margin), (x, height - margin + 5)], fill="black")
-        draw.text((x - 25, height - margin + 8), f"{math.isqrt(pixels)}x{math.isqrt(pixels)}", fill="black")
-    for power in range(math.ceil(low_y / math.log(10)), math.floor(high_y / math.log(10)) + 1):  # y ticks: decades
-        _, y = at(math.exp(low_x), 10.0**power)
-        draw.line([(margin - 5, y), (margin, y)], fill="black")
-        draw.text((margin - 55, y - 6), f"{10.0**power:g}", fill="black")
-    draw.text((width // 2 - 120, height - margin + 30), "pixels per image (log), square inputs", fill="black")
-    draw.text((10, margin - 30), "GFLOPs per image (log)", fill="black")
-    picture.save(path)
+    curves = [Curve(f"ViT-{preset} {variant}",
+                    sorted((row["pixels"], row["gflops"]) for row in rows
+                           if (row["preset"], row["variant"]) == (preset, variant) and row["square"]),
+                    colours[variant], width=2 if preset == "large" else 1)
+              for preset, variant in sorted({(row["preset"], row["variant"]) for row in rows})]
+    sides = sorted({row["pixels"] for row in rows if row["square"]})
+    draw_chart(curves, path, "pixels per image (log), square inputs", "GFLOPs per image (log)", log_x=True,
+               log_y=True, x_ticks=[(pixels, f"{math.isqrt(pixels)}x{math.isqrt(pixels)}") for pixels in sides])
 
 
 def main(argv=None) -> None:
