@@ -17,6 +17,10 @@ LFS or Xet transfer ever happens. Each repo has a single branch, `main`, whose f
 the Hub's for regular files. Missing repos, revisions and files get 404s with the `X-Error-Code` that
 huggingface_hub turns into its own errors (a missing optional file is then skipped cleanly). A request that matches
 no endpoint is printed to stderr, kept in `unhandled` and answered 501.
+
+`HubServer(faults={"commit": "drop"})` misbehaves on every request to an endpoint (named by its method here) until
+the entry is removed from `hub.faults`: "drop" closes the connection without an answer, "stall" never answers (until
+the server stops), as a failing or unresponsive Hub does.
 """
 
 import base64
@@ -65,7 +69,9 @@ def git_blob_id(data: bytes) -> str:
 class HubServer:
     """`with HubServer() as hub:` serves at `hub.url` until the block ends, then stops and deletes its files."""
 
-    def __init__(self):
+    def __init__(self, faults: dict[str, str] | None = None):
+        self.faults = dict(faults or {})  # endpoint name -> "drop" | "stall"
+        self._released = threading.Event()  # stalled requests end when the server stops
         self._routes = [
             ("POST", re.compile(r"/api/repos/create"), self.create_repo),
             ("GET", re.compile(r"/api/agent-harnesses"), self.agent_harnesses),
@@ -94,6 +100,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._released.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
@@ -101,6 +108,14 @@ class HubServer:
 
     def repo_folder(self, repo_id: str) -> Path:
         return self.root / repo_id
+
+    def fault(self, method: str, raw_path: str) -> str | None:
+        """The fault planned for this request's endpoint, if any."""
+        path = urlsplit(raw_path).path
+        for route_method, pattern, endpoint in self._routes:
+            if route_method == method and pattern.fullmatch(path):
+                return self.faults.get(endpoint.__name__)
+        return None
 
     def handle(self, method: str, raw_path: str, headers: Message, body: bytes) -> Response:
         path, query = urlsplit(raw_path)[2:4]
@@ -246,6 +261,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        fault = self.server.hub.fault(self.command, self.path)
+        if fault == "stall":
+            self.server.hub._released.wait()
+        if fault in ("drop", "stall"):
+            self.close_connection = True  # no answer at all: the client sees the connection end
+            return
         status, headers, payload = self.server.hub.handle(self.command, self.path, self.headers, body)
         self.send_response(status)
         for name, value in {"Content-Length": str(len(payload)), **headers}.items():
