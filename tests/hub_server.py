@@ -18,9 +18,10 @@ the Hub's for regular files. Missing repos, revisions and files get 404s with th
 huggingface_hub turns into its own errors (a missing optional file is then skipped cleanly). A request that matches
 no endpoint is printed to stderr, kept in `unhandled` and answered 501.
 
-`HubServer(faults={"commit": "drop"})` misbehaves on every request to an endpoint (named by its method here) until
-the entry is removed from `hub.faults`: "drop" closes the connection without an answer, "stall" never answers (until
-the server stops), as a failing or unresponsive Hub does.
+`HubServer(faults=[("create_repo", "stall"), ("commit", "drop")])` misbehaves once per entry, on the next request to
+that endpoint (named by its method here): "drop" closes the connection without an answer, "stall" never answers
+(until the server stops), as a failing or unresponsive Hub does. (huggingface_hub retries some requests, pre-upload
+and commit among them, five times: a fault there needs six entries to be seen.)
 """
 
 import base64
@@ -69,8 +70,8 @@ def git_blob_id(data: bytes) -> str:
 class HubServer:
     """`with HubServer() as hub:` serves at `hub.url` until the block ends, then stops and deletes its files."""
 
-    def __init__(self, faults: dict[str, str] | None = None):
-        self.faults = dict(faults or {})  # endpoint name -> "drop" | "stall"
+    def __init__(self, faults: list[tuple[str, str]] = ()):
+        self.faults = list(faults)  # (endpoint name, "drop" | "stall"), each used once
         self._released = threading.Event()  # stalled requests end when the server stops
         self._routes = [
             ("POST", re.compile(r"/api/repos/create"), self.create_repo),
@@ -110,12 +111,12 @@ class HubServer:
         return self.root / repo_id
 
     def fault(self, method: str, raw_path: str) -> str | None:
-        """The fault planned for this request's endpoint, if any."""
+        """The next fault planned for this request's endpoint, if any (used up)."""
         path = urlsplit(raw_path).path
-        for route_method, pattern, endpoint in self._routes:
-            if route_method == method and pattern.fullmatch(path):
-                return self.faults.get(endpoint.__name__)
-        return None
+        name = next((e.__name__ for m, p, e in self._routes if m == method and p.fullmatch(path)), None)
+        with self._lock:
+            index = next((i for i, (endpoint, _) in enumerate(self.faults) if endpoint == name), None)
+            return None if index is None else self.faults.pop(index)[1]
 
     def handle(self, method: str, raw_path: str, headers: Message, body: bytes) -> Response:
         path, query = urlsplit(raw_path)[2:4]
