@@ -6,8 +6,10 @@
 STEP trains in three stages, each starting from the previous stage's weights: `policy` (the dCTS policy network
 alone, on the processor's superpatch targets), `segmenter` (encoder + decoder with the policy frozen; the exit heads
 learn by deep supervision, halting off) and `prune` (a short fine-tune with halting on). `--stage all` runs them in
-order. Checkpoints are written atomically every `--checkpointing_steps`; `--resume_from_checkpoint latest` continues
-the same run with the same data order. The final model, processor, code and model card go to `--output_dir`.
+order. Checkpoints are written atomically every `--checkpointing_steps` and on SIGTERM (then the run exits with
+143); `--resume_from_checkpoint latest` continues the same run with the same data order, and refuses flags that
+would change it. A non-finite loss, gradient or weight stops the run naming the last good checkpoint. The final
+model, processor, code and model card go to `--output_dir`.
 
 Results on the built-in scenes mean nothing about real data: they exist so that the whole path runs offline.
 """
@@ -19,6 +21,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -27,7 +30,7 @@ import zipfile
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, set_seed
 from data import load_data
 from PIL import Image as PILImage
 from PIL import ImageEnhance, ImageOps
@@ -40,9 +43,33 @@ from step_hf.configuration_step import (
     ATTENTION_MODES, EXIT_HEAD_TYPES, PARTITION_SOURCES, TRAINABLE_COMPONENTS, resolve_settings,
 )
 from step_hf.evaluation import EvalTransform, evaluate
+from step_hf.hub import HubError, create_repository, push_folder
+from step_hf.image_processing_step import reduce_labels as reduce_label_values
 from step_hf.model_card import model_card
 
 STAGES = ("policy", "segmenter", "prune")
+# Flags a resumed run may change: where and how often it writes, logs and evaluates, and where it publishes. Every
+# other flag defines the run (what trains, on what data, with which schedule) and must match the checkpoint's.
+RESUMABLE_FLAGS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "eval_steps", "logging_steps",
+                   "report_to", "push_to_hub", "hub_model_id", "num_workers", "per_device_eval_batch_size",
+                   "gradient_checkpointing", "stage")
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+class RunStopped(Exception):
+    """The run stopped before its end, saying why and where to resume; `exit_code` is the script's exit status."""
+
+    exit_code = 1
+
+
+class TrainingDiverged(RunStopped):
+    """A non-finite loss, gradient norm or weight: nothing after it is saved."""
+
+
+class Preempted(RunStopped):
+    """SIGTERM: a checkpoint at the current step was saved."""
+
+    exit_code = PREEMPTED_EXIT_CODE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -162,6 +189,26 @@ def data_arguments(args) -> dict:
             "image_column_name": args.image_column_name, "label_column_name": args.label_column_name,
             "id2label_source": args.id2label, "reduce_labels": args.reduce_labels,
             "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples, "seed": args.seed}
+
+
+def check_splits_are_labelled(dataset, args, ignore: int = 255) -> None:
+    """Refuse a split in which every pixel is void: there would be nothing to learn (a NaN loss) or to measure (a NaN
+    mIoU). Reads label maps up to the first labelled pixel, the first map in any usable split."""
+    for split, flag, name in (("train", "--train_split", args.train_split),
+                              ("validation", "--eval_split", args.eval_split)):
+        labels = dataset[split].select_columns(["label"])
+        for row in range(len(labels)):
+            values = np.unique(np.asarray(labels[row]["label"]))
+            if args.reduce_labels:
+                values = reduce_label_values(values, ignore)
+            if (values != ignore).any():
+                break
+        else:
+            void = f"{ignore}, or 0 with --reduce_labels" if args.reduce_labels else str(ignore)
+            purpose = "train on (the loss would be NaN)" if split == "train" else "measure (the mIoU would be NaN)"
+            raise ValueError(f"Every pixel of the {split} split ({flag} {name}, {len(labels)} images) is void (label "
+                             f"{void}): there is nothing to {purpose}. Check --label_column_name and "
+                             f"--reduce_labels, or choose another {flag}.")
 
 
 class TrainTransform:
@@ -332,12 +379,80 @@ def runnable_partition_source(config: StepConfig) -> str:
     return "policy" if policy_trained(config) else "dense"
 
 
+def check_mixed_precision(accelerator) -> None:
+    """Refuse a mixed precision that would not run: Accelerate accepts fp16 on a CPU and then trains in fp32 without
+    a word (bf16 does autocast there), and the run would record a precision it never used."""
+    precision = accelerator.mixed_precision
+    managed = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if precision in ("fp16", "bf16") and not accelerator.native_amp and not managed:
+        device = accelerator.device.type
+        alternative = " or bf16, which autocasts on CPU" if device == "cpu" else ""
+        raise ValueError(f"--mixed_precision {precision} (the flag or Accelerate's config) does not run on {device}: "
+                         f"Accelerate would train in fp32 instead. Choose --mixed_precision no{alternative}, or train "
+                         "on a device that supports it.")
+
+
+# ---------------------------------------------------------------------------------------------------- run records
+
+
+def command_line(argv: list[str]) -> str:
+    return "accelerate launch examples/train.py " + " ".join(shlex.quote(a) for a in argv)
+
+
+def run_arguments(args, accelerator) -> dict:
+    """What defines the run, as a checkpoint records it: every flag but `RESUMABLE_FLAGS` (a local dataset folder as
+    an absolute path), the mixed precision that runs and the number of processes (which, with the per-device batch,
+    make the global batch)."""
+    values = {name: value for name, value in vars(args).items() if name not in RESUMABLE_FLAGS}
+    if args.dataset_name and os.path.isdir(args.dataset_name):
+        values["dataset_name"] = os.path.abspath(args.dataset_name)
+    values["mixed_precision"] = accelerator.mixed_precision
+    values["num_processes"] = accelerator.num_processes
+    return json.loads(json.dumps(values))  # as read back from a checkpoint: lists, not tuples
+
+
+def check_same_run(state: dict, current: dict, checkpoint: str) -> None:
+    """Refuse to resume `checkpoint` with flags that change the run (batch, data, steps, schedule, model, ...),
+    naming each flag with the run's value and this command's, before any weights load."""
+    saved = state.get("run_arguments")
+    if saved is None:  # a checkpoint written before runs were recorded
+        return
+    changed = [name for name in sorted({*saved, *current}) if saved.get(name) != current.get(name)]
+    if not changed:
+        return
+
+    def flag(name: str) -> str:
+        return {"num_processes": "the number of processes (accelerate launch --num_processes)",
+                "mixed_precision": "--mixed_precision (the flag or Accelerate's config)"}.get(name, f"--{name}")
+
+    def shown(value) -> str:
+        return "not given" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    lines = [f"{flag(name)}: the run used {shown(saved.get(name))}, this command gives {shown(current.get(name))}"
+             for name in changed]
+    raise ValueError(f"Cannot resume from {checkpoint} with flags that change the run:\n  " + "\n  ".join(lines)
+                     + "\nResume with the run's values, or start a new run in another --output_dir. Only "
+                     + ", ".join(f"--{name}" for name in RESUMABLE_FLAGS) + " may change on resume.")
+
+
+def json_safe(value):
+    """`value` with every NaN or infinity replaced by None, so that the JSON written is valid (no bare `NaN`)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(accelerator, args, stage: str, step: int, history: list) -> None:
+def save_checkpoint(accelerator, args, stage: str, step: int, history: list, run: dict | None = None) -> str:
     """Write to a temporary folder, then rename: a crash never leaves a half-written checkpoint, and a failed write
-    (a full disk, say) removes its partial folder."""
+    (a full disk, say) removes its partial folder. `trainer_state.json` holds the stage, step, history and `run`
+    (the run's arguments and commands); returns the checkpoint's folder."""
     root = os.path.join(args.output_dir, "checkpoints")
     final = os.path.join(root, f"{STAGES.index(stage)}-{stage}-{step:07d}")
     temporary = final + ".tmp"
@@ -345,7 +460,8 @@ def save_checkpoint(accelerator, args, stage: str, step: int, history: list) -> 
         accelerator.save_state(temporary)
         if accelerator.is_main_process:
             with open(os.path.join(temporary, "trainer_state.json"), "w") as f:
-                json.dump({"stage": stage, "step": step, "history": history}, f)
+                json.dump(json_safe({"stage": stage, "step": step, "history": history, **(run or {})}), f,
+                          allow_nan=False)
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
         raise disk_error(error, f"writing the checkpoint {final}") from error
@@ -354,6 +470,7 @@ def save_checkpoint(accelerator, args, stage: str, step: int, history: list) -> 
             shutil.rmtree(final)
         os.replace(temporary, final)
     accelerator.wait_for_everyone()
+    return final
 
 
 def disk_error(error: OSError, doing: str) -> OSError:
@@ -376,14 +493,21 @@ def checkpoint_problem(path: str) -> str | None:
         file = os.path.join(path, name)
         try:
             if name.endswith(".safetensors"):
-                with safe_open(file, "pt"):
-                    pass
+                with safe_open(file, "pt") as tensors:
+                    bad = [key for key in tensors.keys() if not finite(tensors.get_tensor(key))]
+                if bad:
+                    return (f"{name} holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"
+                            "): the run had diverged")
             elif name.endswith((".bin", ".pkl", ".pt")) and (not zipfile.is_zipfile(file)
                                                              or zipfile.ZipFile(file).testzip() is not None):
                 return f"{name} is truncated or corrupt"
         except Exception as error:  # safetensors' own error type for a short file
             return f"{name} is truncated or corrupt ({error})"
     return None
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
 
 
 def find_checkpoint(args, log=print) -> str | None:
@@ -399,17 +523,29 @@ def find_checkpoint(args, log=print) -> str | None:
             raise ValueError(f"Cannot resume from {args.resume_from_checkpoint}: {problem}.")
         return args.resume_from_checkpoint
     root = os.path.join(args.output_dir, "checkpoints")
-    names = sorted((n for n in os.listdir(root) if not n.endswith(".tmp")), reverse=True) if os.path.isdir(root) else []
-    if not names:
+    if not checkpoint_names(root):
         raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {root}. Leave the flag out to start a new "
                          "run, or point --output_dir at the run to continue.")
-    for name in names:
+    newest = newest_whole_checkpoint(root, log)
+    if newest is None:
+        raise ValueError(f"None of the checkpoints in {root} can be resumed from (see above); leave out "
+                         "--resume_from_checkpoint to start again.")
+    return newest
+
+
+def checkpoint_names(root: str) -> list[str]:
+    """The finished checkpoints in `root`, newest first."""
+    return sorted((n for n in os.listdir(root) if not n.endswith(".tmp")), reverse=True) if os.path.isdir(root) else []
+
+
+def newest_whole_checkpoint(root: str, log=print) -> str | None:
+    """The newest checkpoint in `root` that can be resumed from (whole files, finite weights), naming those skipped."""
+    for name in checkpoint_names(root):
         problem = checkpoint_problem(os.path.join(root, name))
         if problem is None:
             return os.path.join(root, name)
         log(f"skipping checkpoint {name}: {problem}")
-    raise ValueError(f"None of the checkpoints in {root} can be resumed from (see above); leave out "
-                     "--resume_from_checkpoint to start again.")
+    return None
 
 
 def remove_partial_checkpoints(args, log=print) -> None:
@@ -437,21 +573,26 @@ def check_output_dir(args) -> None:
 def check_hub_repository(args) -> None:
     """Create (or find) the Hub repository before training, as `transformers`' examples do: an unreachable Hub or a
     missing permission then stops the run before any work is lost."""
-    from huggingface_hub import HfApi
-
+    advice = ("Check the network and your token (`hf auth login`), or train without --push_to_hub and upload the "
+              "folder later (python -m step_hf.hub).")
     try:
-        HfApi().create_repo(args.hub_model_id, exist_ok=True)
-    except Exception as error:  # offline, unreachable, no token, no permission: all stop the run here
+        create_repository(args.hub_model_id)
+    except HubError as error:  # offline, unreachable, silent, no token, no permission: all stop the run here
+        raise ValueError(f"--push_to_hub: cannot create or reach the Hub repository {args.hub_model_id} at "
+                         f"{error.host} ({error.cause}). {advice}") from None
+    except Exception as error:  # an invalid repository id, say
         raise ValueError(f"--push_to_hub: cannot create or reach the Hub repository {args.hub_model_id} "
-                         f"({type(error).__name__}: {error}). Check the network and your token (`hf auth login`), "
-                         "or train without --push_to_hub and upload the folder later.") from None
+                         f"({type(error).__name__}: {error}). {advice}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def run_stage(stage, model, data, accelerator, args, history, resume, progress_label) -> StepForSemanticSegmentation:
-    """Train one stage and return the (unwrapped) model; resumes mid-stage from `resume` if given."""
+def run_stage(stage, model, data, accelerator, args, history, resume, progress_label, run: dict | None = None,
+              stop: "StopSignal | None" = None) -> StepForSemanticSegmentation:
+    """Train one stage and return the (unwrapped) model; resumes mid-stage from `resume` if given. `run` goes into
+    each checkpoint; after SIGTERM (`stop`) the stage saves one at the current step and raises `Preempted`. A
+    non-finite loss or gradient norm, or non-finite weights about to be checkpointed, raise `TrainingDiverged`."""
     num_steps = {"policy": args.policy_steps, "segmenter": args.segmenter_steps, "prune": args.prune_steps}[stage]
     if stage == "policy" and model.step.policy is None:
         accelerator.print("no policy network (superpatch_sizes has no size above 1): skipping the policy stage")
@@ -463,23 +604,39 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
                                                                       resume)
     progress = tqdm(range(num_steps), initial=start, desc=progress_label, disable=not accelerator.is_main_process)
     losses, step = LossLog(stage, history, accelerator, progress), start
+
+    def read_back() -> None:
+        problem = losses.read_back()
+        if problem:
+            raise diverged(args, stage, *problem)
+
+    def checkpoint(step: int) -> str:
+        if not all_finite(model):  # an update made them so; the loss that shows it is the next step's
+            raise diverged(args, stage, step, "the weights became non-finite", scheduler.get_last_lr()[0])
+        return save_checkpoint(accelerator, args, stage, step, history, run)
+
     model.train()
-    for step, loss in optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, accelerator, args,
-                                      start, num_steps):
+    for step, loss, grad_norm in optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, accelerator,
+                                                 args, start, num_steps):
         progress.update(1)
-        losses.add(step, accelerator.reduce(loss.detach(), reduction="mean"), scheduler.get_last_lr()[0])
+        losses.add(step, accelerator.reduce(loss.detach(), reduction="mean"), grad_norm, scheduler.get_last_lr()[0])
         evaluate_now = args.eval_steps and step % args.eval_steps == 0 and stage != "policy"
         checkpoint_now = args.checkpointing_steps and step % args.checkpointing_steps == 0
-        if len(losses) >= args.logging_steps or evaluate_now or checkpoint_now or step == num_steps:
-            losses.read_back()
+        stop_now = stop is not None and stop.agreed(accelerator)
+        if len(losses) >= args.logging_steps or evaluate_now or checkpoint_now or stop_now or step == num_steps:
+            read_back()
         if evaluate_now:
             log_eval(model, data, accelerator, args, history, stage, step)
-        if checkpoint_now:
-            save_checkpoint(accelerator, args, stage, step, history)
-    losses.read_back()
+        if checkpoint_now or stop_now:
+            path = checkpoint(step)
+        if stop_now:
+            progress.close()
+            raise Preempted(f"Stopped by SIGTERM after {stage} step {step} of {num_steps}, and saved the checkpoint "
+                            f"{path}. Resume with the same command and --resume_from_checkpoint {path} (or latest).")
+    read_back()
     progress.close()
     if args.checkpointing_steps and step % args.checkpointing_steps:  # the stage's end, unless just saved
-        save_checkpoint(accelerator, args, stage, step, history)
+        checkpoint(step)
     if stage != "policy":  # the segmenter is untrained after stage 1: nothing to measure yet
         log_eval(model, data, accelerator, args, history, stage, step)
     model = accelerator.unwrap_model(model)
@@ -487,12 +644,16 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
     return model
 
 
+def stage_learning_rate(args, stage: str) -> float:
+    return {"policy": args.policy_learning_rate, "segmenter": args.learning_rate,
+            "prune": args.prune_learning_rate or args.learning_rate}[stage]
+
+
 def prepare_stage(stage, model, data, accelerator, args, num_steps: int, resume: dict | None):
     """What trains in `stage`, its optimiser, schedule and shuffled loader, all prepared by Accelerate (and restored
     from `resume`); returns them with the step to start from."""
     configure_stage(model, stage)
-    learning_rate = {"policy": args.policy_learning_rate, "segmenter": args.learning_rate,
-                     "prune": args.prune_learning_rate or args.learning_rate}[stage]
+    learning_rate = stage_learning_rate(args, stage)
     optimizer, scheduler = optimizer_and_scheduler(model, args, learning_rate, num_steps, accelerator.num_processes)
     train_loader = DataLoader(data["train"], batch_size=args.per_device_train_batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(args.seed), drop_last=True,
@@ -510,8 +671,10 @@ def prepare_stage(stage, model, data, accelerator, args, num_steps: int, resume:
 
 def optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, accelerator, args, start: int,
                     num_steps: int):
-    """Train from step `start` to `num_steps`, yielding `(step, loss)` after each optimiser step. Epochs follow from
-    the micro-batches done, so that a resumed run skips exactly the batches it already saw."""
+    """Train from step `start` to `num_steps`, yielding `(step, loss, gradient norm)` after each optimiser step (the
+    norm before clipping, or None without clipping or with fp16's loss scaling, whose skipped steps have infinite
+    norms by design). Epochs follow from the micro-batches done, so that a resumed run skips exactly the batches it
+    already saw."""
     step, micro = start, start * args.gradient_accumulation_steps
     batches_per_epoch = len(train_loader)
     while step < num_steps:
@@ -520,44 +683,101 @@ def optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, acce
         train_loader.set_epoch(epoch)  # the shuffle order of this epoch, the same on every process and on resume
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in loader:
+            grad_norm = None
             with accelerator.accumulate(model):
                 loss = model(**stage_inputs(stage, batch, args.partition_source)).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    grad_norm = grad_norm if accelerator.scaler is None else None
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             micro += 1
             if accelerator.sync_gradients:
                 step += 1
-                yield step, loss
+                yield step, loss, grad_norm
                 if step == num_steps:
                     return
 
 
 class LossLog:
-    """Training losses kept on the device and read back together (each read waits for the device), then added to
-    the run's history, its trackers and the progress bar."""
+    """Training losses (and gradient norms) kept on the device and read back together (each read waits for the
+    device), then added to the run's history, its trackers and the progress bar."""
 
     def __init__(self, stage: str, history: list, accelerator, progress):
         self.stage, self.history, self.accelerator, self.progress = stage, history, accelerator, progress
-        self.pending = []  # (step, mean loss on the device, learning rate)
+        self.pending = []  # (step, mean loss on the device, gradient norm on the device or None, learning rate)
 
     def __len__(self) -> int:
         return len(self.pending)
 
-    def add(self, step: int, loss: torch.Tensor, learning_rate: float) -> None:
-        self.pending.append((step, loss, learning_rate))
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, learning_rate: float) -> None:
+        self.pending.append((step, loss, grad_norm, learning_rate))
 
-    def read_back(self) -> None:
-        values = torch.stack([loss for _, loss, _ in self.pending]).tolist() if self.pending else []
-        for (step, _, lr), value in zip(self.pending, values):
+    def read_back(self) -> tuple[int, str, float] | None:
+        """Log what is pending; return `(step, what, learning rate)` for the first non-finite loss or gradient norm,
+        or None."""
+        pairs = [torch.stack([loss, loss.new_zeros(()) if norm is None else norm.to(loss)])
+                 for _, loss, norm, _ in self.pending]
+        values = torch.stack(pairs).tolist() if pairs else []
+        problem = None
+        for (step, _, _, lr), (value, norm) in zip(self.pending, values):
             self.history.append({"stage": self.stage, "step": step, "loss": value, "lr": lr})
             self.accelerator.log({f"{self.stage}/loss": value, f"{self.stage}/lr": lr}, step=len(self.history))
+            if problem is None and not math.isfinite(value):
+                problem = (step, f"the loss is {value}", lr)
+            elif problem is None and not math.isfinite(norm):
+                problem = (step, f"the gradient norm is {norm}", lr)
         if values:
-            self.progress.set_postfix(loss=f"{values[-1]:.4f}")
+            self.progress.set_postfix(loss=f"{values[-1][0]:.4f}")
         self.pending.clear()
+        return problem
+
+
+def all_finite(model) -> bool:
+    """Whether every weight of `model` is finite (one read from the device)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+
+
+def diverged(args, stage: str, step: int, what: str, learning_rate: float) -> TrainingDiverged:
+    """The error for a run that diverged at `stage` step `step`, naming the learning rate and the last good
+    checkpoint."""
+    flag = {"policy": "--policy_learning_rate", "segmenter": "--learning_rate",
+            "prune": "--prune_learning_rate"}[stage]
+    last = newest_whole_checkpoint(os.path.join(args.output_dir, "checkpoints"), log=lambda message: None)
+    where = (f"The last good checkpoint is {last}, but resume is exact: resumed with the same flags the run diverges "
+             "again." if last else "No checkpoint was written before it.")
+    return TrainingDiverged(
+        f"Training diverged: {what} at {stage} step {step} (learning rate {stage_learning_rate(args, stage):g} for the "
+        f"{stage} stage, scheduled at {learning_rate:.3g} after this step). The run stopped; no checkpoint or model was saved after "
+        f"it. {where} Start a new run (another --output_dir, or without --resume_from_checkpoint) with a lower "
+        f"{flag}, more --warmup_steps or a lower --max_grad_norm.")
+
+
+class StopSignal:
+    """SIGTERM (a cluster preempting the job) asks the run to stop after the current optimiser step, saving a
+    checkpoint there, instead of ending it where it stands. Processes save together, so with several they agree on
+    the step (a one-number reduction per step)."""
+
+    def __init__(self):
+        self.received = False
+
+    def __enter__(self) -> "StopSignal":
+        self.previous = signal.signal(signal.SIGTERM, self.receive)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def receive(self, signum, frame) -> None:
+        self.received = True
+
+    def agreed(self, accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor(float(self.received), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum") > 0)
 
 
 def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
@@ -578,6 +798,13 @@ def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
 
 
 def main(argv=None) -> None:
+    """Run the script; with SIGTERM's handler in place for the whole run (see `StopSignal`)."""
+    with StopSignal() as stop:
+        run_training(argv, stop)
+
+
+def run_training(argv: list[str] | None, stop: StopSignal) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     started = time.time()
     check_output_dir(args)
@@ -591,9 +818,11 @@ def main(argv=None) -> None:
         # The shuffle order is seed + epoch on every process: resumable, and the same for any process count.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_mixed_precision(accelerator)
     if args.push_to_hub and accelerator.is_main_process:
         check_hub_repository(args)
     dataset, id2label = load_data(**data_arguments(args))
+    check_splits_are_labelled(dataset, args)
     model = build_model(args, id2label)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -612,20 +841,23 @@ def main(argv=None) -> None:
         remove_partial_checkpoints(args, accelerator.print)
     accelerator.wait_for_everyone()
     checkpoint, history = find_checkpoint(args, accelerator.print), []
-    resume = None
+    resume, run = None, {"run_arguments": run_arguments(args, accelerator), "commands": [command_line(argv)]}
     if checkpoint:
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             state = json.load(f)
+        check_same_run(state, run["run_arguments"], checkpoint)
         if state["stage"] not in stages:
             raise ValueError(f"{checkpoint} is from stage {state['stage']!r}, which this run ({stages}) does not run.")
         for done in stages[:stages.index(state["stage"])]:
             mark_trained(model.config, done)
         stages = stages[stages.index(state["stage"]):]
         resume, history = {"path": checkpoint, "step": state["step"]}, state["history"]
+        run["commands"] = [*state.get("commands", []),
+                           f"# resumed from {state['stage']} step {state['step']}:\n{command_line(argv)}"]
         accelerator.print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
     for index, stage in enumerate(stages):
         model = run_stage(stage, model, data, accelerator, args, history, resume if index == 0 else None,
-                          f"{stage} ({index + 1}/{len(stages)})")
+                          f"{stage} ({index + 1}/{len(stages)})", run, stop)
 
     notes = []
     if model.config.partition_source == "oracle":
@@ -636,7 +868,7 @@ def main(argv=None) -> None:
         model.config.update_settings(**final["settings"])
     final_eval = final["eval"] if final is not None else None
     if accelerator.is_main_process:
-        save_final(model, processor, args, history, final_eval, time.time() - started, notes)
+        save_final(model, processor, args, history, final_eval, time.time() - started, notes, run)
     accelerator.end_training()
 
 
@@ -656,16 +888,21 @@ def save_runnable_settings(model, data, accelerator, args, history) -> str:
     return note
 
 
-def save_final(model, processor, args, history, final_eval, seconds, notes: list[str]) -> None:
+def save_final(model, processor, args, history, final_eval, seconds, notes: list[str], run: dict | None = None) -> None:
     """Model, processor, code, `metrics.json` and the model card in `--output_dir`; optionally pushed. `final_eval`
-    was measured with the settings saved in the configuration. Everything is written to a temporary folder first and
-    then moved in, `config.json` last, so that a failed write (a full disk) never leaves a folder that looks like a
-    model without its weights."""
+    was measured with the settings saved in the configuration; `run` holds the run's arguments and its commands (the
+    first, then each resume), which the card shows. Everything is written to a temporary folder first and then moved
+    in, `config.json` last, so that a failed write (a full disk) never leaves a folder that looks like a model without
+    its weights."""
     dataset_name = args.dataset_name or "built-in procedural scenes"
     if args.dataset_name and os.path.isdir(args.dataset_name):
         dataset_name = os.path.basename(os.path.normpath(args.dataset_name))
-    command = "accelerate launch examples/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run = run or {"commands": [command_line(sys.argv[1:])]}
+    command = "\n".join(run["commands"])
     name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+    precision = run.get("run_arguments", {}).get("mixed_precision", "no")
+    if precision != "no":
+        notes = [*notes, f"Trained in {precision} mixed precision (autocast)."]
     if not args.dataset_name:
         notes = [*notes, "Trained on the built-in procedural scenes: its results say nothing about real images."]
     temporary = tempfile.mkdtemp(prefix=".final-", dir=args.output_dir)
@@ -673,8 +910,10 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
         model.save_pretrained(temporary)
         processor.save_pretrained(temporary)
         with open(os.path.join(temporary, "metrics.json"), "w") as f:
-            json.dump({"history": history, "final_eval": final_eval, "settings": model.config.settings.to_dict(),
-                       "trained_components": model.config.trained_components, "train_seconds": seconds}, f, indent=1)
+            json.dump(json_safe({"history": history, "final_eval": final_eval,
+                                 "settings": model.config.settings.to_dict(),
+                                 "trained_components": model.config.trained_components, "train_seconds": seconds,
+                                 **run}), f, indent=1, allow_nan=False)
         started = f"Started from `{args.model_name_or_path}`." if args.model_name_or_path else None
         card = model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
                           input_size=f"shortest edge resized to {args.image_size}", provenance=started)
@@ -687,13 +926,14 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
         os.replace(os.path.join(temporary, file), os.path.join(args.output_dir, file))
     os.rmdir(temporary)
     print(f"saved the model, processor, code and model card to {args.output_dir}")
-    if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        HfApi().upload_folder(repo_id=args.hub_model_id, folder_path=args.output_dir,  # created by check_hub_repository
-                              ignore_patterns=["checkpoints/*", "runs/*", "*.tmp"])
+    if args.push_to_hub:  # the repository was created by check_hub_repository
+        push_folder(args.output_dir, args.hub_model_id, ["checkpoints/*", "runs/*", "*.tmp"], create=False)
         print(f"pushed {args.output_dir} to {args.hub_model_id}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (RunStopped, HubError) as stopped:  # said in full, without a traceback
+        print(stopped, file=sys.stderr)
+        sys.exit(getattr(stopped, "exit_code", 1))

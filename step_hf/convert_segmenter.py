@@ -328,10 +328,9 @@ def convert_segmenter(
     if output_dir:
         save_converted(model, processor, output_dir, checkpoint, source.kind)
     if push_to_hub:
-        from huggingface_hub import HfApi
+        from .hub import push_folder
 
-        HfApi().create_repo(hub_model_id, exist_ok=True)
-        HfApi().upload_folder(repo_id=hub_model_id, folder_path=output_dir)
+        push_folder(output_dir, hub_model_id)
     return model, processor
 
 

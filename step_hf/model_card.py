@@ -1,5 +1,7 @@
 """Model cards for STEP models in Hub format (YAML metadata with `model-index`, then prose)."""
 
+import math
+
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_step import StepConfig
@@ -79,8 +81,8 @@ def card_data(model_name: str, dataset_name: str | None, results: dict | None) -
                 dataset_split=results.get("split", "validation"),
             )
             for metric, name in (("mean_iou", "mIoU"), ("overall_accuracy", "Pixel accuracy"))
-            if metric in results
-        ]
+            if measured(results.get(metric))  # nothing labelled measures NaN: no number to publish
+        ] or None
     data = ModelCardData(
         library_name="transformers", pipeline_tag="image-segmentation", license="apache-2.0",
         tags=["step", "vision-transformer", "semantic-segmentation", "token-reduction"],
@@ -95,6 +97,8 @@ def results_lines(config: StepConfig, results: dict | None, dataset_name: str | 
     """The card's results: where and with which settings they were measured, then one table row."""
     if not results:
         return ["Not trained yet: no measured results.", ""]
+    if not measured(results.get("mean_iou")):
+        return ["No mIoU was measured (an evaluation split without a labelled pixel measures none).", ""]
     split = results.get("split", "validation")
     halted = ", ".join(f"{100 * s:.1f}%" for s in results.get("halted_share", [])) or "-"
     return [
@@ -106,6 +110,11 @@ def results_lines(config: StepConfig, results: dict | None, dataset_name: str | 
         f"{results.get('tokens_per_image', float('nan')):.1f} | {halted} |",
         "",
     ]
+
+
+def measured(value) -> bool:
+    """Whether `value` is a number that was measured (not missing, NaN or infinite)."""
+    return value is not None and math.isfinite(value)
 
 
 def settings_text(config: StepConfig) -> str:

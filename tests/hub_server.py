@@ -17,6 +17,11 @@ LFS or Xet transfer ever happens. Each repo has a single branch, `main`, whose f
 the Hub's for regular files. Missing repos, revisions and files get 404s with the `X-Error-Code` that
 huggingface_hub turns into its own errors (a missing optional file is then skipped cleanly). A request that matches
 no endpoint is printed to stderr, kept in `unhandled` and answered 501.
+
+`HubServer(faults=[("create_repo", "stall"), ("commit", "drop")])` misbehaves once per entry, on the next request to
+that endpoint (named by its method here): "drop" closes the connection without an answer, "stall" never answers
+(until the server stops), as a failing or unresponsive Hub does. (huggingface_hub retries some requests, pre-upload
+and commit among them, five times: a fault there needs six entries to be seen.)
 """
 
 import base64
@@ -65,7 +70,9 @@ def git_blob_id(data: bytes) -> str:
 class HubServer:
     """`with HubServer() as hub:` serves at `hub.url` until the block ends, then stops and deletes its files."""
 
-    def __init__(self):
+    def __init__(self, faults: list[tuple[str, str]] = ()):
+        self.faults = list(faults)  # (endpoint name, "drop" | "stall"), each used once
+        self._released = threading.Event()  # stalled requests end when the server stops
         self._routes = [
             ("POST", re.compile(r"/api/repos/create"), self.create_repo),
             ("GET", re.compile(r"/api/agent-harnesses"), self.agent_harnesses),
@@ -94,6 +101,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._released.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
@@ -101,6 +109,14 @@ class HubServer:
 
     def repo_folder(self, repo_id: str) -> Path:
         return self.root / repo_id
+
+    def fault(self, method: str, raw_path: str) -> str | None:
+        """The next fault planned for this request's endpoint, if any (used up)."""
+        path = urlsplit(raw_path).path
+        name = next((e.__name__ for m, p, e in self._routes if m == method and p.fullmatch(path)), None)
+        with self._lock:
+            index = next((i for i, (endpoint, _) in enumerate(self.faults) if endpoint == name), None)
+            return None if index is None else self.faults.pop(index)[1]
 
     def handle(self, method: str, raw_path: str, headers: Message, body: bytes) -> Response:
         path, query = urlsplit(raw_path)[2:4]
@@ -246,6 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        fault = self.server.hub.fault(self.command, self.path)
+        if fault == "stall":
+            self.server.hub._released.wait()
+        if fault in ("drop", "stall"):
+            self.close_connection = True  # no answer at all: the client sees the connection end
+            return
         status, headers, payload = self.server.hub.handle(self.command, self.path, self.headers, body)
         self.send_response(status)
         for name, value in {"Content-Length": str(len(payload)), **headers}.items():

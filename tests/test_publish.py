@@ -126,3 +126,72 @@ def test_load_vit_weights_from_a_hub_id(tmp_path):
                      env, cwd=tmp_path)
         assert not hub.unhandled, hub.unhandled
     assert json.loads(result.stdout.strip().splitlines()[-1])["max_difference"] < 1e-5
+
+
+FAULTY_HUB_SCRIPT = textwrap.dedent(
+    """
+    import shlex, sys
+    from step_hf import StepConfig, StepForSemanticSegmentation
+    from step_hf.hub import HubError, hub_timeout, main, push_folder
+    folder, repo = sys.argv[1], sys.argv[2]
+    model = StepForSemanticSegmentation(StepConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=64, image_size=32, num_labels=2))
+    def failure(push):
+        try:
+            push()
+        except HubError as error:
+            return str(error)
+    def push_model():
+        with hub_timeout(repo_id=repo, doing="push to"):
+            model.push_to_hub(repo)
+    print("silent:", failure(lambda: push_folder(folder, repo, ["checkpoints/*"])))
+    print("silent push_to_hub:", failure(push_model))
+    dropped = failure(lambda: push_folder(folder, repo, ["checkpoints/*"]))
+    print("dropped:", dropped)
+    retry = shlex.split(dropped.split("uploading again is safe: ")[1])
+    print("retry:", retry)
+    main(retry[3:])  # the command the error gives, run as `python -m step_hf.hub` runs it
+    """
+)
+
+
+def test_hub_waits_are_bounded_and_failures_name_the_repo_and_host(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "step"}')
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# model\n")  # validated by the Hub on upload
+    before = files_under(folder)
+    # The Hub accepts the connection and never answers (twice), then drops the connection in the middle of an
+    # upload (the metadata check of the commit, a request huggingface_hub does not retry), then is back.
+    faults = [("create_repo", "stall"), ("create_repo", "stall"), ("validate_yaml", "drop")]
+    with HubServer(faults=faults) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token", "HF_HOME": str(tmp_path / "hf_home"),
+               "HF_HUB_OFFLINE": "0", "STEP_HF_HUB_TIMEOUT": "1"}
+        result = run("pushes to a faulty Hub", ["-c", FAULTY_HUB_SCRIPT, folder, REPO_ID], env, cwd=tmp_path)
+        pushed = files_under(hub.repo_folder(REPO_ID))
+        assert not hub.faults and not hub.unhandled, (hub.faults, hub.unhandled)
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    silent = f"Could not upload to the Hub repository {REPO_ID} at {hub.url}: no answer within 1 s"
+    assert lines["silent"].startswith(silent), lines
+    assert lines["silent push_to_hub"].startswith(f"Could not push to the Hub repository {REPO_ID} at {hub.url}: no "
+                                                  "answer within 1 s"), lines
+    assert lines["dropped"].startswith(f"Could not upload to the Hub repository {REPO_ID} at {hub.url}: the "
+                                       "connection failed or dropped (RemoteProtocolError: Server disconnected"), lines
+    assert f"The local folder {folder} is complete and unchanged" in lines["dropped"]
+    assert lines["retry"] == str(["python", "-m", "step_hf.hub", str(folder), REPO_ID, "--exclude", "checkpoints/*"])
+    assert f"pushed {folder} to {REPO_ID}" in result.stdout
+    assert files_under(folder) == before and pushed == before
+
+
+def test_train_push_to_hub_with_a_silent_hub_stops_before_training(tmp_path):
+    output_dir = tmp_path / "run"
+    with HubServer(faults=[("create_repo", "stall")]) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token", "HF_HOME": str(tmp_path / "hf_home"),
+               "HF_HUB_OFFLINE": "0", "STEP_HF_HUB_TIMEOUT": "1"}
+        result = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), "--output_dir", str(output_dir),
+                                 "--push_to_hub", "--hub_model_id", REPO_ID], env=env, capture_output=True, text=True,
+                                timeout=300, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"cannot create or reach the Hub repository {REPO_ID} at {hub.url} (no answer within 1 s" in result.stderr, \
+        result.stderr[-2000:]
+    assert not (output_dir / "checkpoints").exists()

@@ -4,8 +4,10 @@ one process with the same global batch."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -224,3 +226,144 @@ def test_learning_rates_per_stage_and_new_models_exits(tmp_path, scene_dataset):
                              "--output_dir", str(tmp_path / "refused")], cwd=tmp_path, capture_output=True,
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert result.returncode != 0 and "--exit_head_type mlp chooses a new model's architecture" in result.stderr
+
+
+# ---- long runs: divergence, preemption, resuming another run, precision, nothing labelled --------------------------
+
+
+SEGMENTER_ONLY = ["--image_size", "64", "--stage", "segmenter", "--partition_source", "dense",
+                  "--per_device_train_batch_size", "4", "--max_train_samples", "8", "--max_eval_samples", "2"]
+
+
+def strict_json(path):
+    """The file parsed as JSON proper: a bare NaN or Infinity (which Python writes and reads by default) fails."""
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_diverging_run_stops_naming_the_last_good_checkpoint(tmp_path, scene_dataset):
+    out = tmp_path / "run"
+    with pytest.raises(train.TrainingDiverged) as raised:
+        train.main([*SEGMENTER_ONLY, "--dataset_name", str(scene_dataset), "--output_dir", str(out),
+                    "--segmenter_steps", "8", "--learning_rate", "1e6", "--warmup_steps", "0",
+                    "--checkpointing_steps", "1", "--logging_steps", "4"])
+    message = str(raised.value)
+    assert "segmenter step" in message and "learning rate 1e+06" in message and "--learning_rate" in message
+    # Nothing that looks like a model, and every checkpoint written holds finite weights.
+    assert not {"model.safetensors", "config.json", "README.md", "metrics.json"} & set(os.listdir(out))
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert checkpoints, "the run diverged before any checkpoint: raise the test's learning rate margin"
+    assert all(train.checkpoint_problem(str(c)) is None for c in checkpoints)
+    last_good = checkpoints[-1]
+    assert f"The last good checkpoint is {last_good}" in message
+    stopped_at = int(message.split("segmenter step ")[1].split()[0])
+    assert stopped_at > int(last_good.name.split("-")[-1])
+
+    # A checkpoint with non-finite weights (as written before this check existed) is skipped by `latest`.
+    diverged = last_good.with_name(f"1-segmenter-{stopped_at:07d}")
+    shutil.copytree(last_good, diverged)
+    weights = load_file(diverged / "model.safetensors")
+    first = sorted(weights)[0]
+    weights[first] = weights[first] * float("nan")
+    from safetensors.torch import save_file
+    save_file(weights, diverged / "model.safetensors", metadata={"format": "pt"})
+    messages = []
+    found = train.find_checkpoint(train.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", "latest"]),
+                                  log=messages.append)
+    assert found == str(last_good)
+    assert len(messages) == 1 and diverged.name in messages[0] and "non-finite weights" in messages[0] \
+        and first in messages[0]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, scene_dataset):
+    args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "2", "--per_device_train_batch_size", "4"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train.main([*map(str, args), "--output_dir", str(full)])
+
+    command = [sys.executable, str(EXAMPLES / "train.py"), *map(str, args), "--output_dir", str(stopped)]
+    process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_checkpoint = stopped / "checkpoints" / "0-policy-0000002"  # the policy stage's end
+    while not first_checkpoint.exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # a preemption somewhere in the segmenter stage
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == train.PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "Stopped by SIGTERM after segmenter step" in stderr, stderr[-3000:]
+    resume_argument = stderr.split("--resume_from_checkpoint ")[1].split()[0]
+    step = int(stderr.split("Stopped by SIGTERM after segmenter step ")[1].split()[0])
+    assert resume_argument == str(stopped / "checkpoints" / f"1-segmenter-{step:07d}")
+    assert train.checkpoint_problem(resume_argument) is None
+    assert not (stopped / "model.safetensors").exists()
+
+    train.main([*map(str, args), "--output_dir", str(stopped), "--resume_from_checkpoint", resume_argument])
+    assert losses(stopped) == losses(full)
+    assert weight_differences(full, stopped) == (0, 0)
+    metrics = strict_json(stopped / "metrics.json")  # per-class IoUs of absent classes are null, not NaN
+    assert metrics["commands"][1].startswith(f"# resumed from segmenter step {step}:")
+
+
+def test_resuming_with_flags_that_change_the_run_is_refused(tmp_path, scene_dataset):
+    out = tmp_path / "run"
+    base = [*SEGMENTER_ONLY, "--dataset_name", str(scene_dataset), "--output_dir", str(out), "--segmenter_steps", "2",
+            "--checkpointing_steps", "1"]
+    train.main(base)
+    shutil.rmtree(out / "checkpoints" / "1-segmenter-0000002")  # as if stopped after step 1
+    other_data = shutil.copytree(scene_dataset, tmp_path / "other-data")
+    resume = [*base, "--resume_from_checkpoint", "latest"]
+    for change, expected in [
+        (["--per_device_train_batch_size", "2"], "--per_device_train_batch_size: the run used 4, this command gives 2"),
+        (["--segmenter_steps", "1"], "--segmenter_steps: the run used 2, this command gives 1"),
+        (["--dataset_name", str(other_data)], f"this command gives {other_data}"),
+        (["--preset", "small"], "--preset: the run used tiny, this command gives small"),
+    ]:
+        with pytest.raises(ValueError, match="flags that change the run") as raised:
+            train.main([*resume, *change])
+        assert expected in str(raised.value) and "size mismatch" not in str(raised.value)
+        assert "--checkpointing_steps" in str(raised.value)  # says what may change
+
+    # Flags that only change where and how often the run writes and logs are accepted, and the card shows both
+    # commands, the resume with where it started.
+    train.main([*resume, "--logging_steps", "5", "--checkpointing_steps", "0"])
+    card = (out / "README.md").read_text()
+    first = card.index(train.command_line(base))
+    assert card.index("# resumed from segmenter step 1:") > first
+    assert train.command_line([*resume, "--logging_steps", "5", "--checkpointing_steps", "0"]) in card
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 runs on a GPU")
+def test_fp16_on_a_cpu_is_refused_rather_than_run_in_fp32(tmp_path, scene_dataset):
+    result = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), *SEGMENTER_ONLY, "--dataset_name",
+                             str(scene_dataset), "--output_dir", str(tmp_path / "run"), "--mixed_precision", "fp16"],
+                            cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode != 0
+    assert "--mixed_precision fp16 (the flag or Accelerate's config) does not run on cpu" in result.stderr
+    assert "bf16, which autocasts on CPU" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_validation_split_with_nothing_labelled_is_refused(tmp_path):
+    folder = write_dataset(tmp_path / "data", scene_rows(), splits=("train",))
+    from datasets import Dataset, Image
+
+    void = Dataset.from_dict(scene_rows(label_value=255)).cast_column("image", Image()).cast_column("label", Image())
+    void.to_parquet(str(folder / "data" / "validation-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match=r"Every pixel of the validation split \(--eval_split validation, 2 images\) "
+                                         r"is void \(label 255\): there is nothing to measure"):
+        train.main(["--dataset_name", str(folder), "--image_size", "64", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_card_never_publishes_an_unmeasured_number():
+    """Results measured on nothing labelled are NaN: the card's model-index leaves them out instead of `.nan`."""
+    from step_hf.model_card import model_card
+
+    from .conftest import tiny_config
+
+    nan = float("nan")
+    card = str(model_card("m", tiny_config(), "train.py", "data", {"mean_iou": nan, "overall_accuracy": nan}))
+    assert "nan" not in card.lower() and "model-index" not in card and "No mIoU was measured" in card
+    card = str(model_card("m", tiny_config(), "train.py", "data", {"mean_iou": 0.5, "overall_accuracy": 0.75}))
+    assert "model-index" in card and "value: 50.0" in card and "value: 75.0" in card
