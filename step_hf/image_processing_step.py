@@ -3,11 +3,10 @@
 Shipped as Hub code next to saved weights: imports only numpy, torch and transformers.
 """
 
+import base64
 import math
-from io import BytesIO
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from huggingface_hub.utils import httpx  # the HTTP client transformers' own `load_image` uses
@@ -82,7 +81,7 @@ def _pair(value: int | dict[str, int] | None, name: str) -> tuple[int, int] | No
     raise ValueError(f"`{name}` must be an int or a dict with 'height' and 'width', got {value!r}.")
 
 
-def load_image(image: str | PIL.Image.Image, timeout: float | None = URL_TIMEOUT_S) -> PIL.Image.Image:
+def load_image(image: "str | PIL.Image.Image", timeout: float | None = URL_TIMEOUT_S) -> "PIL.Image.Image":
     """
     `transformers.image_utils.load_image` (a URL, a local path, a base64 string or a PIL image, turned upright by
     its EXIF orientation and converted to RGB), with every failure naming the input. A URL is fetched here, with
@@ -106,14 +105,13 @@ def load_image(image: str | PIL.Image.Image, timeout: float | None = URL_TIMEOUT
                 f"Cannot load the image at {url}: the server answered {response.status_code} "
                 f"{response.reason_phrase}, not an image."
             )
-        try:
-            image = PIL.Image.open(BytesIO(response.content))
-            image.load()
-        except (OSError, ValueError) as error:  # PIL's message names neither the URL nor what came back
+        try:  # the bytes decoded by transformers' own `load_image`, given them as a base64 string
+            return transformers_load_image(base64.b64encode(response.content).decode("ascii"))
+        except (OSError, ValueError):  # its message names neither the URL nor what came back
             content_type = response.headers.get("content-type", "no content type")
             raise OSError(
                 f"Cannot load the image at {url}: the server answered {response.status_code} with "
-                f"{len(response.content)} bytes of {content_type}, which PIL cannot read as an image ({error})."
+                f"{len(response.content)} bytes of {content_type}, which PIL cannot read as an image."
             ) from None
     try:
         return transformers_load_image(image)
@@ -290,7 +288,9 @@ class StepImageProcessor(PilBackend):
     aspect ratio is kept and each side rounded to a multiple of `size_divisor` (the patch size), since the model
     accepts any height and width that are multiples of 16. With `window_size`, each resized image larger than the
     window is cut into overlapping windows (padded where smaller), and `post_process_semantic_segmentation` stitches
-    the windows' logits back together by averaging where they overlap.
+    the windows' logits back together by averaging where they overlap. A model input (a resized image or a window)
+    with more than `max_tokens_per_image` patch tokens is refused before any work, with the fixes. URLs and paths
+    load with `load_image` (upright by EXIF orientation; errors name the URL and the HTTP status).
 
     Every image is first brought to 8 bits: 16-bit greyscale (PIL modes 'I;16', 'I;16B', 'I;16L', uint16 arrays) is
     divided by 257; other integer images (PIL mode 'I', int arrays) must hold 0..255 and are refused otherwise; bool
