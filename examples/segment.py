@@ -2,7 +2,8 @@
 
     python examples/segment.py --model_name_or_path outputs/demo --image photo.jpg --output segmentation.png
 
-Without `--image`, a generated road scene is segmented (and its ground truth shown). The third panel outlines the
+`--image` is a file or a URL, loaded as the pipeline loads images (turned upright by its EXIF orientation, as phone
+photos need). Without it, a generated road scene is segmented (and its ground truth shown). The third panel outlines the
 superpatches the model used and shades each cell by the block after which its token halted (darker = earlier).
 """
 
@@ -11,17 +12,17 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
 from scenes import make_scene
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
+from step_hf import load_image
 from step_hf.analysis import colourise, draw_tokens, panel
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="a saved STEP model folder or Hub id")
-    parser.add_argument("--image", help="an image file; default: a generated scene")
+    parser.add_argument("--image", help="an image file or URL; default: a generated scene")
     parser.add_argument("--output", default="segmentation.png")
     args = parser.parse_args()
 
@@ -32,11 +33,9 @@ def main() -> None:
     truth = None
     if args.image:
         try:
-            image = Image.open(args.image)
-            image.load()
+            image = load_image(args.image)  # upright by its EXIF orientation, RGB; errors name the file or URL
         except (OSError, ValueError) as error:
-            raise SystemExit(f"Cannot read {args.image} as an image: {error}") from None
-        image = image.convert("RGB")
+            raise SystemExit(f"--image: {error}") from None
     else:
         image, truth = make_scene(360, 480, seed=12345)
     with torch.no_grad():

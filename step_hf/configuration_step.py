@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # hidden size, attention heads, layers, MLP size: the standard ViT presets (timm / "An Image is Worth 16x16 Words").
 VIT_PRESETS: dict[str, dict[str, int]] = {
@@ -30,6 +33,12 @@ EXIT_MERGES = ("probabilities", "logits")
 # What a configuration saved before a field existed ran with, where that differs from the field's default for new
 # models: `from_dict` (so `from_pretrained`) fills these in, so that a saved model runs as it was evaluated.
 BEHAVIOUR_BEFORE_FIELD = {"exit_keep_rule": "class_column", "exit_merge": "logits"}
+# The keys of a saved configuration that `PreTrainedConfig` reads itself, besides the dataclass fields.
+PRETRAINED_CONFIG_KEYS = frozenset({
+    "model_type", "auto_map", "transformers_version", "torch_dtype", "num_labels", "name_or_path", "_name_or_path",
+    "_commit_hash", "output_attentions", "attn_implementation", "experts_implementation",
+    "_attn_implementation_internal", "_experts_implementation_internal",
+})
 # The parts of a STEP model that train separately (`trained_components`).
 TRAINABLE_COMPONENTS = ("policy", "encoder", "decoder", "exit_heads")
 # The published halting thresholds: 0.95 for ViT-L, 0.9 for ViT-B (and here the smaller ViTs).
@@ -230,6 +239,21 @@ def default_exit_layers(num_hidden_layers: int) -> list[int]:
     """
     first = num_hidden_layers // 2 if num_hidden_layers <= 18 else num_hidden_layers // 3
     return sorted({layer for layer in (first, 2 * num_hidden_layers // 3) if 1 <= layer < num_hidden_layers})
+
+def warn_unknown_fields(config_class: type, config_dict: dict) -> None:
+    """Warn, naming them, about the keys of a saved configuration that this version does not know (written by a newer
+    one, or edited by hand): `PreTrainedConfig` keeps them as attributes that nothing reads, which would otherwise
+    go unsaid."""
+    known = {field.name for field in dataclasses.fields(config_class)} | PRETRAINED_CONFIG_KEYS
+    unknown = sorted(set(config_dict) - known - set(config_class.attribute_map))
+    if unknown:
+        logger.warning_once(
+            f"The configuration holds fields this version of {config_class.__name__} does not know: {unknown}. They "
+            "are kept but nothing reads them, so a model saved by a newer version may not run as it did there: "
+            "load it with the step-hf version (or the Hub model code) that wrote it, or remove the fields if they "
+            "were added by hand."
+        )
+
 
 DEFAULT_AUTO_MAP = {
     "AutoConfig": "configuration_step.StepConfig",
@@ -540,7 +564,8 @@ class StepConfig(PreTrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """As `PreTrainedConfig.from_dict`; a saved configuration that predates a field of `BEHAVIOUR_BEFORE_FIELD`
-        gets the value it ran with, not the new default."""
+        gets the value it ran with, not the new default; fields this version does not know are named in a warning."""
+        warn_unknown_fields(cls, config_dict)
         return super().from_dict({**BEHAVIOUR_BEFORE_FIELD, **config_dict}, **kwargs)
 
     def validate_token_sharing(self) -> None:

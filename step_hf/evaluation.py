@@ -6,6 +6,7 @@ so that a saved model is measured exactly as its training run measured it; `Eval
 reads.
 """
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -84,15 +85,26 @@ def evaluate(model, loader, accelerator=None, settings: StepSettings | dict | No
     model.eval()
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long, device=device)
     tokens, halted, flops = [], [], []
+    images_seen = 0
     for batch, outputs, prediction in predictions(model, loader, device, settings):
         # Per-image matrices, so that gather_for_metrics can drop the duplicates even batches add at the end.
-        confusion += gather(confusion_matrices(batch["original_labels"], prediction, num_labels, ignore)).sum(0)
+        labels = batch["original_labels"]
+        confusion += gather(confusion_matrices(labels, prediction, num_labels, ignore, images_seen)).sum(0)
+        images_seen += len(labels)
         tokens.append(gather(outputs.token_counts.float()))
         if outputs.halted_share is not None:
             halted.append(gather(outputs.halted_share.float()))
         image_flops = flops_per_image(config, batch["pixel_values"].shape[-2:], outputs)
         flops.append(gather(torch.tensor(image_flops, dtype=torch.float64, device=device)))
     model.train(was_training)
+    if not tokens:
+        raise ValueError("The evaluation loader yielded no batch: the evaluation split is empty.")
+    if not confusion.any():
+        raise ValueError(
+            f"No pixel of the {len(torch.cat(tokens))} evaluation images is labelled (every label is the ignore index "
+            f"{ignore}), so there is nothing to measure. Check the label column, and `do_reduce_labels` (which "
+            "makes 0 void), or evaluate on a split with labels."
+        )
     tokens = torch.cat(tokens).double()
     return {
         **segmentation_metrics(confusion, config.id2label),
@@ -104,10 +116,31 @@ def evaluate(model, loader, accelerator=None, settings: StepSettings | dict | No
     }
 
 
-def confusion_matrices(labels: torch.Tensor, prediction: torch.Tensor, num_labels: int, ignore: int) -> torch.Tensor:
-    """`(batch, num_labels, num_labels)` per-image confusion matrices (row: label, column: prediction); pixels
-    labelled `ignore` are left out."""
+def confusion_matrices(labels: torch.Tensor, prediction: torch.Tensor, num_labels: int, ignore: int,
+                       first_image: int = 0) -> torch.Tensor:
+    """`(batch, num_labels, num_labels)` per-image confusion matrices (row: label, column: prediction) of integer
+    `(batch, height, width)` label and prediction maps; pixels labelled `ignore` are left out. Maps of different
+    shapes, and values that are not class ids in `[0, num_labels)` (nor `ignore`, for labels), are refused, naming the
+    image (numbered from `first_image`) and the value: counted, they would land in another image's or class's
+    cells."""
+    if prediction.shape != labels.shape or labels.ndim != 3:
+        raise ValueError(
+            f"`prediction` has shape {tuple(prediction.shape)} and `labels` {tuple(labels.shape)}: pass one "
+            "prediction per label map, both (batch, height, width) and of the same size."
+        )
+    if labels.is_floating_point() or prediction.is_floating_point():
+        raise ValueError(f"`labels` ({labels.dtype}) and `prediction` ({prediction.dtype}) must be integer class ids.")
     valid = labels != ignore
+    for name, values, bad in (("labels", labels, valid & ((labels < 0) | (labels >= num_labels))),
+                              ("prediction", prediction, (prediction < 0) | (prediction >= num_labels))):
+        if bad.any():  # one host sync per batch: a clear error instead of counts in the wrong cells
+            image = int(bad.flatten(1).any(1).nonzero()[0])
+            value = int(values[image][bad[image]][0])
+            void = f" nor the ignore index {ignore}; map it to a class or to {ignore}" if name == "labels" else ""
+            raise ValueError(
+                f"The {name} of image {first_image + image} hold the value {value}, which is not a class id in "
+                f"[0, {num_labels}){void}."
+            )
     image = torch.arange(len(labels), device=labels.device)[:, None, None].expand_as(labels)
     cells = (image * num_labels + labels) * num_labels + prediction
     return torch.bincount(cells[valid], minlength=len(labels) * num_labels**2).view(-1, num_labels, num_labels)
@@ -116,14 +149,19 @@ def confusion_matrices(labels: torch.Tensor, prediction: torch.Tensor, num_label
 def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str]) -> dict:
     """mIoU, per-class IoU and pixel accuracy from a confusion matrix summed over the dataset, as the Hub's
     `mean_iou` computes them: per class intersection / union of areas over the whole dataset, then the mean over the
-    classes present in labels or predictions (nan-mean)."""
+    classes present in labels or predictions. Where the Hub's gives NaN, this gives `None`: the IoU of a class
+    absent from both, and every metric when no pixel is labelled; so the values are floats or `None`, which
+    `json.dump` writes as valid JSON."""
     area_label, area_prediction = confusion.sum(1).double(), confusion.sum(0).double()
     intersection = confusion.diag().double()
-    iou = (intersection / (area_label + area_prediction - intersection)).tolist()  # nan for absent classes
+    iou = [None if math.isnan(value) else value  # 0 / 0 for absent classes
+           for value in (intersection / (area_label + area_prediction - intersection)).tolist()]
+    present = [value for value in iou if value is not None]
+    labelled = float(area_label.sum())
     return {
-        "mean_iou": float(np.nanmean(iou)),
+        "mean_iou": float(np.mean(present)) if present else None,
         "per_category_iou": {id2label[i]: iou[i] for i in range(len(iou))},
-        "overall_accuracy": float(intersection.sum() / area_label.sum()),
+        "overall_accuracy": float(intersection.sum()) / labelled if labelled else None,
     }
 
 

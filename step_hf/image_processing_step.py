@@ -3,11 +3,14 @@
 Shipped as Hub code next to saved weights: imports only numpy, torch and transformers.
 """
 
+import base64
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import PIL.Image
+from huggingface_hub.utils import httpx  # the HTTP client transformers' own `load_image` uses
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
@@ -19,6 +22,7 @@ from transformers.image_utils import (
     SizeDict,
     is_pil_image,
 )
+from transformers.image_utils import load_image as transformers_load_image
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import logging
 
@@ -33,6 +37,10 @@ COLOUR_LABELS_HINT = (
     "np.uint8)` then `ids[(rgb == colour).all(-1)] = class_id` for each (colour, class_id) of the palette, or save "
     "the map as a PIL mode 'P' image whose palette indices are the class ids."
 )
+# Seconds `load_image` waits for a URL to answer (transformers' own `load_image` waits without limit by default).
+URL_TIMEOUT_S = 30.0
+# The default `max_tokens_per_image`: sixteen times the 4096 tokens of a 1024x1024 image.
+MAX_TOKENS_PER_IMAGE = 16 * 4096
 
 
 class StepImageProcessorKwargs(ImagesKwargs, total=False):
@@ -49,6 +57,9 @@ class StepImageProcessorKwargs(ImagesKwargs, total=False):
     ignore_index (`int`): the void label (255).
     superpatch_sizes (`list[int]`): the superpatch sizes (set it to the model's `superpatch_sizes`) for which
         `superpatch_targets` are emitted along with `labels`; sizes of 1 are skipped, `[]` emits none.
+    max_tokens_per_image (`int`): the most patch tokens one model input (an image after resizing, or a window) may
+        have, `(height / 16) * (width / 16)`; larger inputs are refused with the fix (windows, resizing) before any
+        work, since attention over them costs the square of their tokens. `None` (per call) sets no limit.
     """
 
     do_reduce_labels: bool
@@ -58,6 +69,7 @@ class StepImageProcessorKwargs(ImagesKwargs, total=False):
     num_labels: int | None
     ignore_index: int
     superpatch_sizes: list[int] | None
+    max_tokens_per_image: int | None
 
 
 def _pair(value: int | dict[str, int] | None, name: str) -> tuple[int, int] | None:
@@ -68,6 +80,95 @@ def _pair(value: int | dict[str, int] | None, name: str) -> tuple[int, int] | No
     if isinstance(value, dict) and set(value) == {"height", "width"}:
         return value["height"], value["width"]
     raise ValueError(f"`{name}` must be an int or a dict with 'height' and 'width', got {value!r}.")
+
+
+def load_image(image: "str | PIL.Image.Image", timeout: float | None = URL_TIMEOUT_S) -> "PIL.Image.Image":
+    """
+    `transformers.image_utils.load_image` (a URL, a local path, a base64 string or a PIL image, turned upright by
+    its EXIF orientation and converted to RGB), with every failure naming the input. A URL is fetched here, with
+    the same HTTP client, so that a server that refuses the connection, does not answer within `timeout` seconds
+    (`None`: no limit), answers with an HTTP error (a 404 page), or answers with something that is not an image is
+    said so, with the URL and the status; all of these raise `OSError` (`ConnectionError`, `TimeoutError`).
+    """
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        url = image
+        try:
+            response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        except httpx.TimeoutException:
+            raise TimeoutError(
+                f"Cannot load the image at {url}: no answer within {timeout} s. Check the URL, or pass a longer "
+                "`timeout`."
+            ) from None
+        except httpx.HTTPError as error:  # refused, unknown host, TLS, a broken connection
+            raise ConnectionError(f"Cannot load the image at {url}: {type(error).__name__}: {error}") from None
+        if not response.is_success:
+            raise OSError(
+                f"Cannot load the image at {url}: the server answered {response.status_code} "
+                f"{response.reason_phrase}, not an image."
+            )
+        try:  # the bytes decoded by transformers' own `load_image`, given them as a base64 string
+            return transformers_load_image(base64.b64encode(response.content).decode("ascii"))
+        except (OSError, ValueError):  # its message names neither the URL nor what came back
+            content_type = response.headers.get("content-type", "no content type")
+            raise OSError(
+                f"Cannot load the image at {url}: the server answered {response.status_code} with "
+                f"{len(response.content)} bytes of {content_type}, which PIL cannot read as an image."
+            ) from None
+    try:
+        return transformers_load_image(image)
+    except OSError as error:  # a local file that is not a whole image: PIL does not always name it
+        shown = image if isinstance(image, str) else "the image"
+        raise OSError(f"Cannot read {shown} as an image: {error}") from None
+
+
+def check_processor_fields(fields: dict) -> None:
+    """Refuse processor settings that cannot give correct pixels, naming the field: at construction (so at
+    `from_pretrained`) and for the resolved settings of every call."""
+    for name in ("image_mean", "image_std"):
+        value = fields.get(name)
+        if value is None:
+            continue
+        try:
+            values = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            values = None
+        if values is None or values.ndim > 1 or values.size not in (1, 3):
+            raise ValueError(f"`{name}` must be one number or three (one per RGB channel), got {value!r}.")
+        values = values.reshape(-1)
+        if not np.isfinite(values).all():
+            raise ValueError(f"`{name}` {values.tolist()} holds NaN or infinity; it must hold finite numbers.")
+        if name == "image_std" and (values <= 0).any():
+            raise ValueError(
+                f"`image_std` {values.tolist()} holds {values[values <= 0][0]:g}: normalisation divides by it, which "
+                "gives infinite or sign-flipped pixel values. Use the training images' per-channel standard "
+                "deviations (ImageNet's [0.229, 0.224, 0.225], or [0.5, 0.5, 0.5])."
+            )
+    rescale_factor = fields.get("rescale_factor")
+    if rescale_factor is not None and not (math.isfinite(rescale_factor) and rescale_factor > 0):
+        raise ValueError(f"`rescale_factor` must be a positive finite number (1/255 for 8-bit images), got "
+                         f"{rescale_factor}.")
+    divisor = fields.get("size_divisor") or 16
+    size = fields.get("size")
+    if size is not None:
+        size = dict(size)
+        if size.get("height") is not None and size.get("width") is not None:
+            if min(size["height"], size["width"]) < divisor or size["height"] % divisor or size["width"] % divisor:
+                raise ValueError(f"`size` {size['height']}x{size['width']} is not a multiple of {divisor} (both sides "
+                                 "positive): the model needs multiples of its patch size.")
+        elif not (isinstance(size.get("shortest_edge"), int) and size["shortest_edge"] > 0):
+            raise ValueError(f"`size` must have 'height' and 'width' or a positive 'shortest_edge', got {size}.")
+    for name in ("window_size", "window_stride"):
+        pair = _pair(fields.get(name), name)
+        if pair is not None and min(pair) <= 0:
+            raise ValueError(f"`{name}` must be positive, got {fields[name]!r}.")
+        if name == "window_size" and pair is not None and (pair[0] % divisor or pair[1] % divisor):
+            raise ValueError(f"`window_size` must be a multiple of {divisor}, got {fields[name]!r}.")
+    if fields.get("window_merge", "cells") not in ("cells", "pixels"):
+        raise ValueError(f"`window_merge` must be 'cells' or 'pixels', got {fields['window_merge']!r}.")
+    for name in ("num_labels", "max_tokens_per_image"):
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
 
 
 def reduce_labels(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray:
@@ -188,7 +289,9 @@ class StepImageProcessor(PilBackend):
     aspect ratio is kept and each side rounded to a multiple of `size_divisor` (the patch size), since the model
     accepts any height and width that are multiples of 16. With `window_size`, each resized image larger than the
     window is cut into overlapping windows (padded where smaller), and `post_process_semantic_segmentation` stitches
-    the windows' logits back together by averaging where they overlap.
+    the windows' logits back together by averaging where they overlap. A model input (a resized image or a window)
+    with more than `max_tokens_per_image` patch tokens is refused before any work, with the fixes. URLs and paths
+    load with `load_image` (upright by EXIF orientation; errors name the URL and the HTTP status).
 
     Every image is first brought to 8 bits: 16-bit greyscale (PIL modes 'I;16', 'I;16B', 'I;16L', uint16 arrays) is
     divided by 257; other integer images (PIL mode 'I', int arrays) must hold 0..255 and are refused otherwise; bool
@@ -227,9 +330,24 @@ class StepImageProcessor(PilBackend):
     num_labels = None
     ignore_index = 255
     superpatch_sizes = [2, 4, 8, 16]
+    max_tokens_per_image = MAX_TOKENS_PER_IMAGE
 
     def __init__(self, **kwargs: Unpack[StepImageProcessorKwargs]):
         super().__init__(**kwargs)
+        check_processor_fields({name: getattr(self, name, None) for name in self.valid_kwargs.__annotations__})
+
+    def _validate_preprocess_kwargs(self, **kwargs) -> None:
+        super()._validate_preprocess_kwargs(**kwargs)
+        check_processor_fields(kwargs)  # the settings of this call: attributes changed since, or overrides
+
+    def fetch_images(self, image_url_or_urls):
+        """As `transformers`' `fetch_images`, but URLs and paths load with `load_image`, whose errors name the
+        input (and a URL that never answers fails after `URL_TIMEOUT_S` seconds)."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, str):
+            return load_image(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
 
     def preprocess(
         self,
@@ -295,6 +413,7 @@ class StepImageProcessor(PilBackend):
                 raise ValueError(
                     f"Image {index} has {image.shape[0]} channels; pass RGB images or keep `do_convert_rgb=True`."
                 )
+            self._check_token_count(index, image, **kwargs)
             label = None if label_maps is None else self._prepare_label(label_maps[index], index, image, **kwargs)
             image = self._prepare_pixels(image, **kwargs)
             if kwargs["window_size"] is None:
@@ -321,6 +440,30 @@ class StepImageProcessor(PilBackend):
             data["window_offsets"] = np.array(window_offsets, dtype=np.int64)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def _check_token_count(self, index: int, image: np.ndarray, do_resize, size, window_size, max_tokens_per_image,
+                           **kwargs) -> None:
+        """Refuse, before any work, a model input (the resized image, or a window of it) with more patch tokens than
+        `max_tokens_per_image`: attention over it costs the square of its tokens, so it would not finish."""
+        if max_tokens_per_image is None:
+            return
+        height, width = self.output_size(*image.shape[1:], size) if do_resize else image.shape[1:]
+        input_height, input_width = _pair(window_size, "window_size") or (height, width)
+        tokens = (input_height // self.size_divisor) * (input_width // self.size_divisor)
+        if tokens <= max_tokens_per_image:
+            return
+        reference = 1024 * 1024 // self.size_divisor**2  # the tokens of a 1024x1024 image
+        resized = f"{height}x{width} after resizing" if do_resize else "not resized (do_resize=False)"
+        windows = "smaller windows" if window_size is not None else "windows"
+        raise ValueError(
+            f"Image {index} is {image.shape[1]}x{image.shape[2]} pixels, {resized}: "
+            f"{'each of its windows' if window_size is not None else 'it'} would be a model input of "
+            f"{input_height}x{input_width} pixels = {tokens} tokens ({self.size_divisor}x{self.size_divisor} "
+            f"patches), {tokens / reference:.1f}x the tokens of a 1024x1024 image and {(tokens / reference) ** 2:,.0f}x"
+            f" its attention cost, above `max_tokens_per_image` ({max_tokens_per_image}). Cut it into {windows} "
+            "(`window_size=1024`; `post_process_semantic_segmentation` stitches them back), resize it "
+            "(`do_resize=True` with e.g. `size={'shortest_edge': 1024}`), or raise `max_tokens_per_image`."
+        )
+
     def _prepare_pixels(self, image: np.ndarray, do_resize, size, resample, do_rescale, rescale_factor,
                         do_normalize, image_mean, image_std, **kwargs) -> np.ndarray:
         if do_resize:
@@ -337,8 +480,8 @@ class StepImageProcessor(PilBackend):
         if do_rescale:
             pixels *= np.float32(rescale_factor)
         if do_normalize:
-            pixels -= np.asarray(image_mean, dtype=np.float32)[:, None, None]
-            pixels /= np.asarray(image_std, dtype=np.float32)[:, None, None]
+            pixels -= np.asarray(image_mean, dtype=np.float32).reshape(-1, 1, 1)  # one value or one per channel
+            pixels /= np.asarray(image_std, dtype=np.float32).reshape(-1, 1, 1)
         return pixels
 
     def _prepare_label(self, label: np.ndarray, index: int, image: np.ndarray, do_resize, size, do_reduce_labels,
@@ -386,8 +529,6 @@ class StepImageProcessor(PilBackend):
         (0 for pixels, the ignore index for labels)."""
         window_height, window_width = _pair(window_size, "window_size")
         stride = _pair(window_stride, "window_stride") or (window_height * 2 // 3, window_width * 2 // 3)
-        if any(side % self.size_divisor for side in (window_height, window_width)):
-            raise ValueError(f"`window_size` must be a multiple of {self.size_divisor}, got {window_size}.")
         height, width = image.shape[1:]
         pad = ((0, max(0, window_height - height)), (0, max(0, window_width - width)))
         image = np.pad(image, ((0, 0), *pad))
@@ -460,4 +601,4 @@ class StepImageProcessor(PilBackend):
         return [total / count for total, count in zip(sums, counts)]
 
 
-__all__ = ["StepImageProcessor", "reduce_labels"]
+__all__ = ["StepImageProcessor", "load_image", "reduce_labels"]

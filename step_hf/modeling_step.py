@@ -464,7 +464,46 @@ class StepPreTrainedModel(PreTrainedModel):
                     f"{cls.config_class.model_type!r}. To start a STEP model from ViT weights, build a StepConfig "
                     "and use `step_hf.load_vit_weights`; or pass `config=` explicitly."
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, config=config, output_loading_info=True, **kwargs
+        )
+        cls._refuse_lost_weights(model, loading_info, pretrained_model_name_or_path)
+        return (model, loading_info) if wants_loading_info else model
+
+    @staticmethod
+    def _refuse_lost_weights(model: nn.Module, loading_info: dict, source) -> None:
+        """
+        Refuse a checkpoint that lacks some weights of a part it holds (a renamed or damaged entry): `transformers`
+        would run them re-initialised at random and only say so in its load report. A part missing whole is new by
+        design and loads as `transformers` loads a new head: the decoder on a saved encoder (`StepModel`), the
+        policy, or an exit head added by `exit_layers=`. The ViT encoder must always be there.
+        """
+        missing = set(loading_info["missing_keys"])
+        if not missing:
+            return
+        state_keys = model.state_dict().keys()
+        encoder = model.base_model
+        module_names = {id(module): name for name, module in model.named_modules()}
+        for part in (getattr(model, "decoder", None), encoder.policy, *encoder.exit_heads):
+            if part is None:
+                continue
+            prefix = module_names[id(part)] + "."
+            keys = {key for key in state_keys if key.startswith(prefix)}
+            if keys <= missing:
+                missing -= keys
+        if not missing:
+            return
+        lost = sorted(missing)
+        roots = {key.split(".")[0] for key in lost}  # entries of the same top-level module may be them, renamed
+        strays = sorted(key for key in loading_info["unexpected_keys"] if key.split(".")[0] in roots)
+        renamed = f" It holds entries this model does not have, e.g. {strays[:3]}: renamed?" if strays else ""
+        raise OSError(
+            f"The checkpoint at {source} lacks weights of parts it holds ({len(lost)}: {lost[:5]}); loaded, they "
+            f"would run re-initialised at random.{renamed} The weights file is damaged or was edited: restore it, or "
+            "save the model again from where it came from. To start exactly these weights afresh on purpose, build "
+            "the model from its config and load the rest with `model.load_state_dict(state_dict, strict=False)`."
+        )
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """

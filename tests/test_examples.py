@@ -50,6 +50,24 @@ def test_segment_saves_a_picture(tmp_path):
                     cwd=tmp_path)
 
 
+def test_segment_turns_a_phone_photo_upright_by_its_exif_orientation(tmp_path):
+    """A photo stored 96 wide and 64 high with EXIF orientation 6 (rotate 90 degrees clockwise to view) is drawn
+    upright, 64 wide and 96 high, as the pipeline (`transformers.image_utils.load_image`) sees it."""
+    StepForSemanticSegmentation(tiny_config()).save_pretrained(tmp_path / "m")
+    StepImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "m")
+    stored = Image.fromarray(torch.randint(0, 256, (64, 96, 3), generator=torch.Generator().manual_seed(0),
+                                           dtype=torch.uint8).numpy())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the Orientation tag
+    stored.save(tmp_path / "photo.png", exif=exif)
+    run_example("segment.py", "--model_name_or_path", tmp_path / "m", "--image", tmp_path / "photo.png",
+                "--output", tmp_path / "seg.png", cwd=tmp_path)
+    picture = Image.open(tmp_path / "seg.png")
+    assert picture.size == (3 * 64, 96)  # image | prediction | tokens, each upright
+    upright = stored.transpose(Image.Transpose.ROTATE_270)  # orientation 6 is viewed rotated 90 degrees clockwise
+    assert picture.crop((0, 0, 64, 96)).tobytes() == upright.tobytes()
+
+
 def test_plot_sweep_draws_the_curve_and_writes_its_data(tmp_path):
     rows = [{"partition_source": "policy", "policy_threshold": t, "exit_threshold": None, "mean_iou": m,
              "gflops_per_image": g, "tokens_per_image": n, "halted_share": []}
