@@ -7,9 +7,9 @@ import base64
 import math
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
-import PIL.Image
 from huggingface_hub.utils import httpx  # the HTTP client transformers' own `load_image` uses
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
