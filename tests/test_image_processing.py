@@ -144,7 +144,8 @@ def test_images_with_other_channel_counts_need_as_many_means():
     """A model may take other than 3 channels (`num_channels`): such images pass with one mean and std per channel,
     and are refused, naming both counts, with the RGB defaults."""
     images = [np.random.default_rng(seed).integers(0, 256, (32, 48, 4), dtype=np.uint8) for seed in range(2)]
-    processor = StepImageProcessor(size={"height": 32, "width": 48}, do_convert_rgb=False)
+    processor = StepImageProcessor(size={"height": 32, "width": 48}, do_convert_rgb=False,
+                                   input_data_format="channels_last")  # older transformers guess 1 or 3 only
     out = processor(images, image_mean=[0.5] * 4, image_std=[0.5] * 4, return_tensors="pt")
     assert out["pixel_values"].shape == (2, 4, 32, 48)
     with pytest.raises(ValueError, match="Image 0 has 4 channels but `image_mean` has 3 values"):

@@ -93,6 +93,8 @@ def test_models_build_on_the_meta_device_and_materialise(fields):
     torch.manual_seed(0)
     model.init_weights()
     assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+    assert torch.equal(model.step.norm.weight, torch.ones(32)) and torch.equal(model.step.norm.bias, torch.zeros(32))
+    torch.testing.assert_close(model.step.pos_embed.std(), torch.tensor(config.initializer_range), rtol=0.2, atol=0)
     with torch.no_grad():
         assert torch.isfinite(model.eval()(PIXELS).logits).all()
 
