@@ -58,13 +58,9 @@ CONFIGURATIONS = {
 }
 TOKENS = {"dense": 20, "policy": 8, "halting": 20, "static": 14}  # tokens per image of each, before any exit
 
-# Upstream tests that cannot apply to STEP, with the reason. Tests that skip themselves (no accelerator, no
-# flash-attention, a text or audio model's feature) are not listed.
-NOT_APPLICABLE_MODEL = {
-    "test_inputs_embeds": "STEP takes pixel_values only: a vision model has no inputs_embeds.",
-    "test_inputs_embeds_matches_input_ids": "STEP takes pixel_values only: a vision model has no input_ids.",
-    "test_resize_tokens_embeddings": "a vision model has no token embeddings to resize.",
-}
+# Upstream tests that cannot apply to STEP, with the reason. Not listed: tests that skip themselves, saying why (no
+# accelerator, no flash-attention, `inputs_embeds`, token embeddings to resize, a text, audio or composite model's
+# feature), and `test_model_get_set_embeddings`, which `StepModelTestBase` replaces as in-tree vision models do.
 NOT_APPLICABLE_IMAGE_PROCESSING = {
     "test_backends_equivalence": "loads a COCO image from the Hub (tests never reach the Hub), and STEP has one "
     "processor class (PIL and NumPy) for both backend names.",
@@ -175,7 +171,6 @@ class StepModelTestBase(ModelTesterMixin):
     # Upstream dates a model by the copyright line of its config file, which STEP's lacks, and would skip as for
     # models added before 2023: STEP's `_init_weights` covers every weight, so the test runs.
     test_can_init_all_missing_weights_before_2023 = True
-    has_attentions = True
 
     @classmethod
     def setUpClass(cls):
@@ -215,35 +210,32 @@ class StepModelTestBase(ModelTesterMixin):
         self.model_tester.create_and_check_for_semantic_segmentation(*self.model_tester.prepare_config_and_inputs())
 
     def test_model_get_set_embeddings(self):
-        """Upstream's version expects a token table (`nn.Embedding`); STEP's input embedding is its patch
-        embedding, a convolution that turns images into tokens, as in `transformers`' ViT."""
+        """Upstream's version expects a token table (`nn.Embedding`) to swap; STEP's input embedding is its patch
+        embedding, a convolution that turns images into tokens, as in `transformers`' ViT, and it has no output
+        embeddings."""
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
         for model_class in self.all_model_classes:
             model = model_class(config)
-            self.assertIsInstance(model.get_input_embeddings(), torch.nn.Module)
             self.assertIsInstance(model.get_input_embeddings().proj, torch.nn.Conv2d)
+            self.assertIsNone(model.get_output_embeddings())
 
 
 @slow(SLOW_MODEL)
-@not_applicable(NOT_APPLICABLE_MODEL)
 class StepDenseModelTest(StepModelTestBase, unittest.TestCase):
     configuration = "dense"
 
 
 @slow(SLOW_MODEL)
-@not_applicable(NOT_APPLICABLE_MODEL)
 class StepPolicyModelTest(StepModelTestBase, unittest.TestCase):
     configuration = "policy"
 
 
 @slow(SLOW_MODEL)
-@not_applicable(NOT_APPLICABLE_MODEL)
 class StepHaltingModelTest(StepModelTestBase, unittest.TestCase):
     configuration = "halting"
 
 
 @slow(SLOW_MODEL)
-@not_applicable(NOT_APPLICABLE_MODEL)
 class StepStaticModelTest(StepModelTestBase, unittest.TestCase):
     configuration = "static"
 

@@ -10,6 +10,7 @@ what it replaces, and only where the sdist lacks the real one.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -36,28 +37,31 @@ def sdist_tests_folder(version: str = transformers.__version__) -> Path:
         raise UpstreamTestsUnavailable(f"transformers {version} is not a release: PyPI has no sdist of it.")
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
-        download = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-             "--dest", scratch, f"transformers=={version}"],
-            capture_output=True, text=True, timeout=600,
-        )
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                   "--dest", scratch, f"transformers=={version}"]
+        try:
+            download = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            failure = ((download.stderr or download.stdout).strip().splitlines() or ["no output"])[-1][:500]
+        except subprocess.TimeoutExpired:
+            download, failure = None, "no answer within 10 minutes"
         archives = list(Path(scratch).glob("transformers-*.tar.gz"))
-        if download.returncode != 0 or not archives:
-            last_lines = "\n".join((download.stderr or download.stdout).strip().splitlines()[-3:])
+        if download is None or download.returncode != 0 or not archives:
             raise UpstreamTestsUnavailable(
                 f"`pip download transformers=={version}` (its sdist) failed, so transformers' common tests cannot "
-                f"run: {last_lines}"
+                f"run: {failure}"
             )
         prefix = f"transformers-{version}/tests/"
         with tarfile.open(archives[0]) as archive:
             members = [member for member in archive.getmembers() if member.name.startswith(prefix)]
-            archive.extractall(scratch, members=members, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python 3.10.12 and newer
+            archive.extractall(scratch, members=members, **safe)
         unpacked = Path(scratch) / f"transformers-{version}" / "tests"
         if not (unpacked / "test_modeling_common.py").is_file():
             raise UpstreamTestsUnavailable(f"The transformers {version} sdist holds no tests/test_modeling_common.py.")
         # The repository's tests/__init__.py is empty and the sdist leaves it out; `test_configuration_common`
         # executes it (`direct_transformers_import(tests folder)`).
         (unpacked / "__init__.py").touch()
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier copy
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(unpacked, folder)  # whole or not at all: an interrupted download leaves nothing half-unpacked
     return folder
@@ -116,7 +120,10 @@ def _configuration_kwargs(name: str) -> types.ModuleType:
     fields = {field.name for field in dataclasses.fields(transformers.PreTrainedConfig)} - {"transformers_version"}
     unknown = sorted(fields - non_defaults.keys())
     if unknown:  # a newer PreTrainedConfig: say which fields this stand-in must learn
-        raise UpstreamTestsUnavailable(f"config_common_kwargs has no value for PreTrainedConfig fields {unknown}.")
+        raise UpstreamTestsUnavailable(
+            f"The config_common_kwargs stand-in in {__file__} has no value for the PreTrainedConfig fields {unknown}: "
+            "add one for each."
+        )
     module = types.ModuleType(name, _configuration_kwargs.__doc__)
     module.config_common_kwargs = {key: value for key, value in non_defaults.items() if key in fields}
     return module
