@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the test suite on CPU. Extra arguments go to pytest.
+# In CI (CI=true, no arguments) it also runs transformers' common tests that are marked slow, and the contract tests
+# against the oldest torch and transformers that pyproject.toml allows (scripts/test_oldest.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q "$@"
+if [ "${CI:-}" != "true" ] || [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+.venv/bin/python -m pytest -q
+.venv/bin/python -m pytest -q -m slow tests/test_transformers_common.py
+bash scripts/test_oldest.sh

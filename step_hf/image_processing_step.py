@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.utils import httpx  # the HTTP client transformers' own `load_image` uses
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
     IMAGENET_STANDARD_MEAN,
@@ -132,8 +133,8 @@ def check_processor_fields(fields: dict) -> None:
             values = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
             values = None
-        if values is None or values.ndim > 1 or values.size not in (1, 3):
-            raise ValueError(f"`{name}` must be one number or three (one per RGB channel), got {value!r}.")
+        if values is None or values.ndim > 1 or values.size == 0:
+            raise ValueError(f"`{name}` must be one number or one per channel (three for RGB), got {value!r}.")
         values = values.reshape(-1)
         if not np.isfinite(values).all():
             raise ValueError(f"`{name}` {values.tolist()} holds NaN or infinity; it must hold finite numbers.")
@@ -409,10 +410,13 @@ class StepImageProcessor(PilBackend):
 
         pixel_values, labels, window_offsets = [], [], []
         for index, image in enumerate(images):
-            if image.shape[0] != 3:
-                raise ValueError(
-                    f"Image {index} has {image.shape[0]} channels; pass RGB images or keep `do_convert_rgb=True`."
-                )
+            channels = image.shape[0]  # any number: a model's `num_channels` need not be 3
+            for name in ("image_mean", "image_std"):
+                if kwargs["do_normalize"] and len(kwargs[name]) != channels:
+                    raise ValueError(
+                        f"Image {index} has {channels} channels but `{name}` has {len(kwargs[name])} values; pass "
+                        "RGB images (keep `do_convert_rgb=True`), or one mean and std per channel."
+                    )
             self._check_token_count(index, image, **kwargs)
             label = None if label_maps is None else self._prepare_label(label_maps[index], index, image, **kwargs)
             image = self._prepare_pixels(image, **kwargs)
@@ -540,8 +544,8 @@ class StepImageProcessor(PilBackend):
                 yield top, left, image[:, rows, cols], None if label is None else label[rows, cols]
 
     def post_process_semantic_segmentation(
-        self, outputs, target_sizes: list[tuple[int, int]] | None = None
-    ) -> list[torch.Tensor]:
+        self, outputs, target_sizes: list[tuple[int, int]] | None = None, return_segmentation_scores: bool = False
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """
         Turn model outputs into one class-id map per image.
 
@@ -551,11 +555,23 @@ class StepImageProcessor(PilBackend):
             target_sizes (`list[tuple[int, int]]`, *optional*): (height, width) of each original image. The logits
                 are bilinearly resized to it; without it the maps stay on the patch grid (for windows: the grid of
                 the resized image).
+            return_segmentation_scores (`bool`, *optional*, defaults to `False`): also return the per-pixel scores
+                the maps are the argmax of: the model's `logits` (log-probabilities when the model ran with
+                halting), stitched and resized like the maps.
 
         Returns:
-            `list[torch.Tensor]`: one `(height, width)` int64 map of class ids per image.
+            `list[torch.Tensor]`: one `(height, width)` int64 map of class ids per image; with
+            `return_segmentation_scores=True`, one `SemanticSegmentationPostProcessorOutput` per image instead, with
+            `segmentation` (that map) and `segmentation_scores` `(num_labels, height, width)`.
         """
-        return [image_logits.argmax(dim=0) for image_logits in self.semantic_logits(outputs, target_sizes)]
+        scores = self.semantic_logits(outputs, target_sizes)
+        maps = [image_scores.argmax(dim=0) for image_scores in scores]
+        if not return_segmentation_scores:
+            return maps
+        return [
+            SemanticSegmentationPostProcessorOutput(data={"segmentation": image_map, "segmentation_scores": image_scores})
+            for image_map, image_scores in zip(maps, scores)
+        ]
 
     def semantic_logits(self, outputs, target_sizes: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
         """The per-image class logits `post_process_semantic_segmentation` takes the argmax of: windows stitched

@@ -602,8 +602,10 @@ class StepModel(StepPreTrainedModel):
         Segmenter). Recorded in `config.drop_path_rate`; inference never drops."""
         check_drop_path_rate(rate)
         self.config.drop_path_rate = rate
-        for block, block_rate in zip(self.blocks, torch.linspace(0, rate, len(self.blocks)).tolist()):
-            block.drop_path_rate = block_rate
+        # Plain Python, no tensor: a model built on the meta device has no data to read back.
+        last = max(len(self.blocks) - 1, 1)
+        for index, block in enumerate(self.blocks):
+            block.drop_path_rate = rate * index / last
 
     def position_grid(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Patch position embeddings `(rows, cols, dim)` for an input grid, resized from the stored grid when the

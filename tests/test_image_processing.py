@@ -120,6 +120,39 @@ def test_post_process_without_target_sizes(model):
         processor.post_process_semantic_segmentation(outputs, target_sizes=[(1, 1)])
 
 
+def test_segmentation_scores_beside_the_maps():
+    """`return_segmentation_scores=True`: per image the class map and the scores it is the argmax of, stitched from
+    the windows and resized like the map."""
+    processor = StepImageProcessor(size={"height": 96, "width": 160}, window_size=64, window_stride=32)
+    out = processor([rgb(96, 160), rgb(96, 160, seed=1)], return_tensors="pt")
+    windows = torch.randn(len(out["window_offsets"]), 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    outputs = StepSemanticSegmenterOutput(logits=windows, window_offsets=out["window_offsets"])
+    maps = processor.post_process_semantic_segmentation(outputs, target_sizes=[(96, 160), (48, 80)])
+    scored = processor.post_process_semantic_segmentation(outputs, target_sizes=[(96, 160), (48, 80)],
+                                                          return_segmentation_scores=True)
+    assert len(scored) == 2
+    for image, size in enumerate([(96, 160), (48, 80)]):
+        assert torch.equal(scored[image].segmentation, maps[image])
+        assert scored[image].segmentation_scores.shape == (5, *size)
+        assert torch.equal(scored[image].segmentation_scores.argmax(0), maps[image])
+    stitched = processor.stitch_windows(windows, out["window_offsets"])  # on the patch grid without target sizes
+    unsized = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True)
+    torch.testing.assert_close(unsized[1].segmentation_scores, stitched[1])
+
+
+def test_images_with_other_channel_counts_need_as_many_means():
+    """A model may take other than 3 channels (`num_channels`): such images pass with one mean and std per channel,
+    and are refused, naming both counts, with the RGB defaults."""
+    images = [np.random.default_rng(seed).integers(0, 256, (32, 48, 4), dtype=np.uint8) for seed in range(2)]
+    processor = StepImageProcessor(size={"height": 32, "width": 48}, do_convert_rgb=False,
+                                   input_data_format="channels_last")  # older transformers guess 1 or 3 only
+    out = processor(images, image_mean=[0.5] * 4, image_std=[0.5] * 4, return_tensors="pt")
+    assert out["pixel_values"].shape == (2, 4, 32, 48)
+    with pytest.raises(ValueError, match="Image 0 has 4 channels but `image_mean` has 3 values"):
+        processor(images, return_tensors="pt")
+    assert processor(images, do_normalize=False, return_tensors="pt")["pixel_values"].shape == (2, 4, 32, 48)
+
+
 def test_save_and_reload(tmp_path):
     processor = StepImageProcessor(size={"height": 32, "width": 32}, window_size=32, num_labels=4)
     processor.save_pretrained(tmp_path)

@@ -79,6 +79,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(halting):
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
 
 
+@pytest.mark.parametrize("fields", [dict(), dict(partition_source="policy", exit_layers=[1], halting=True)])
+def test_models_build_on_the_meta_device_and_materialise(fields):
+    """As sharded training sets a model up (FSDP2's `fully_shard` after building on the meta device): no parameter
+    or buffer holds data until `to_empty`, and `init_weights` then gives a working model. Drop path's per-block
+    rates, set at construction, rise linearly from 0 to the rate."""
+    config = tiny_config(num_hidden_layers=3, drop_path_rate=0.2, **fields)
+    with torch.device("meta"):
+        model = StepForSemanticSegmentation(config)
+    assert all(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+    assert [block.drop_path_rate for block in model.step.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    assert not any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+    assert torch.equal(model.step.norm.weight, torch.ones(32)) and torch.equal(model.step.norm.bias, torch.zeros(32))
+    torch.testing.assert_close(model.step.pos_embed.std(), torch.tensor(config.initializer_range), rtol=0.2, atol=0)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(PIXELS).logits).all()
+
+
 def test_input_embeddings_are_the_patch_embedding_and_can_require_grads():
     model = StepForSemanticSegmentation(tiny_config())
     assert model.get_input_embeddings() is model.step.patch_embed is model.step.get_input_embeddings()
