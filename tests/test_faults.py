@@ -183,7 +183,7 @@ PROCESSOR_FIELD_CASES = [
             ValueError, "`image_std`", "holds 0"),
     refused("a saved processor with image_mean of two values",
             lambda: StepImageProcessor.from_pretrained(saved_processor_with(image_mean=[0.5, 0.5])),
-            ValueError, "`image_mean`", "three (one per RGB channel)", "(0.5, 0.5)"),
+            ValueError, "`image_mean`", "three for RGB images", "(0.5, 0.5)"),
     refused("NaN in image_mean", lambda: StepImageProcessor(image_mean=[0.5, float("nan"), 0.5]), ValueError,
             "`image_mean`", "NaN"),
     refused("image_std holding 0 for one call", lambda: pixels_of_call(image_std=[1.0, 0.0, 1.0]), ValueError,
