@@ -11,6 +11,9 @@ per call:
 The settings travel with the call to the model's forward, so one pipeline may serve calls with different settings
 from several threads at once.
 
+Images given by URL or path are loaded by `step_hf.load_image` (errors name the URL and the HTTP status, and a
+server that does not answer is given up after `URL_TIMEOUT_S` seconds, or the call's `timeout=`).
+
 Batches (`batch_size=N`) of a STEP model are made of whole images, whatever their sizes, modes or windows: the
 images of one input size run as one forward (all their windows together), and each image's logits and window
 offsets are cut back out for its own post-processing, so a batched result is exactly the single-image result.
@@ -25,6 +28,8 @@ from transformers.pipelines import SUPPORTED_TASKS
 from transformers.pipelines.image_segmentation import ImageSegmentationPipeline
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.utils import ModelOutput
+
+from .image_processing_step import URL_TIMEOUT_S, load_image
 
 # The key of a batch's per-image outputs: the pipeline's iterator hands out one entry of its list per image.
 IMAGE_OUTPUTS = "image_outputs"
@@ -45,6 +50,13 @@ class StepSegmentationPipeline(ImageSegmentationPipeline):
 
     def takes_settings(self) -> bool:
         return "settings" in inspect.signature(self.model.forward).parameters
+
+    def preprocess(self, image, subtask=None, timeout=None):
+        """As the parent's; for a STEP model an image given by URL or path is loaded by `step_hf`'s `load_image`
+        (the same decoding, errors that name the URL and the status, `URL_TIMEOUT_S` unless `timeout` is given)."""
+        if self.takes_settings():
+            image = load_image(image, timeout=URL_TIMEOUT_S if timeout is None else timeout)
+        return super().preprocess(image, subtask=subtask, timeout=timeout)
 
     def get_iterator(self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params,
                      postprocess_params):

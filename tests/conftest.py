@@ -38,6 +38,12 @@ def tiny_config(**overrides) -> StepConfig:
     return StepConfig(**fields)
 
 
+def tiny_model(**overrides) -> StepForSemanticSegmentation:
+    """A `tiny_config` model in eval mode, its random weights fixed by seed 0."""
+    torch.manual_seed(0)
+    return StepForSemanticSegmentation(tiny_config(**overrides)).eval()
+
+
 @pytest.fixture
 def config() -> StepConfig:
     return tiny_config()

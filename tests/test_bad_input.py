@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,48 +27,12 @@ from transformers import ViTConfig, ViTModel
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel, load_vit_weights
 from step_hf.evaluation import EvalTransform
 
-from .conftest import EXAMPLES, tiny_config
+from .cases import assert_equal, case_id, refused, run_case, works
+from .conftest import EXAMPLES, tiny_config, tiny_model
 from .hub_server import HubServer
 
 import train  # examples/train.py (conftest puts examples/ on the path)
 from data import load_data
-
-
-@dataclass
-class Case:
-    name: str
-    run: Callable[[], object]
-    error: type[Exception] | None = None  # the error `run` must raise, or None: `run` must succeed
-    words: tuple[str, ...] = ()  # each must appear in the error message
-    check: Callable[[object], None] | None = None  # checks what `run` returned
-
-
-def refused(name: str, run: Callable[[], object], error: type[Exception], *words: str) -> Case:
-    return Case(name, run, error=error, words=words)
-
-
-def works(name: str, run: Callable[[], object], check: Callable[[object], None] | None = None) -> Case:
-    return Case(name, run, check=check)
-
-
-def run_case(case: Case) -> None:
-    if case.error is None:
-        result = case.run()
-        if case.check is not None:
-            case.check(result)
-        return
-    with pytest.raises(case.error) as raised:
-        case.run()
-    for word in case.words:
-        assert word in str(raised.value), f"{word!r} not in: {raised.value}"
-
-
-def assert_equal(got, expected) -> None:
-    assert got == expected, f"{got!r} != {expected!r}"
-
-
-def case_id(case: Case) -> str:
-    return case.name
 
 
 # ---- processor ----------------------------------------------------------------------------------------------------
@@ -201,11 +164,6 @@ def test_config(case):
 
 
 # ---- model --------------------------------------------------------------------------------------------------------
-
-
-def tiny_model(**overrides) -> StepForSemanticSegmentation:
-    torch.manual_seed(0)
-    return StepForSemanticSegmentation(tiny_config(**overrides)).eval()
 
 
 def images(batch_size: int) -> torch.Tensor:

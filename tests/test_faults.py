@@ -26,8 +26,8 @@ from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor,
 from step_hf.configuration_step import logger as config_logger
 from step_hf.evaluation import EvalTransform, confusion_matrices, evaluate, segmentation_metrics
 
-from .conftest import tiny_config
-from .test_bad_input import assert_equal, case_id, refused, run_case, tiny_model, works
+from .conftest import tiny_config, tiny_model
+from .cases import assert_equal, case_id, refused, run_case, works
 
 RGB = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
 EXITS = dict(num_hidden_layers=3, exit_layers=[1, 2])
@@ -121,12 +121,13 @@ def pixels_of(image) -> torch.Tensor:
     return StepImageProcessor(size={"height": 32, "width": 48})(image, return_tensors="pt")["pixel_values"]
 
 
-def segments_of(image) -> list[tuple[str, bytes]]:
+def segments_of(image, **call) -> list[tuple[str, bytes]]:
     """What `pipeline("image-segmentation")` finds in `image`, with a tiny saved model."""
     folder = tempfile.mkdtemp()
     tiny_model().save_pretrained(folder)
     StepImageProcessor(size={"height": 32, "width": 48}).save_pretrained(folder)
-    return [(segment["label"], segment["mask"].tobytes()) for segment in pipeline("image-segmentation", folder)(image)]
+    segments = pipeline("image-segmentation", folder)(image, **call)
+    return [(segment["label"], segment["mask"].tobytes()) for segment in segments]
 
 
 URL_CASES = [
@@ -137,7 +138,12 @@ URL_CASES = [
     works("guard: the pipeline given load_image(URL): the image's segments",
           lambda: segments_of(load_image(url("image"))),
           lambda result: assert_equal(result, segments_of(Image.fromarray(RGB)))),
+    works("guard: the pipeline given the URL: the image's segments", lambda: segments_of(url("image")),
+          lambda result: assert_equal(result, segments_of(Image.fromarray(RGB)))),
     refused("a 404 page", lambda: load_image(url("missing")), OSError, url("missing"), "404 Not Found"),
+    refused("the pipeline given a 404 page", lambda: segments_of(url("missing")), OSError, url("missing"), "404"),
+    refused("the pipeline given a server that never answers", lambda: segments_of(url("silent"), timeout=0.5),
+            TimeoutError, url("silent"), "no answer within 0.5 s"),
     refused("the processor given a 404 page", lambda: pixels_of(url("missing")), OSError, url("missing"), "404"),
     refused("a 200 HTML page", lambda: load_image(url("page")), OSError, url("page"), "200", "text/html",
             "cannot read as an image"),
