@@ -240,6 +240,7 @@ def default_exit_layers(num_hidden_layers: int) -> list[int]:
     first = num_hidden_layers // 2 if num_hidden_layers <= 18 else num_hidden_layers // 3
     return sorted({layer for layer in (first, 2 * num_hidden_layers // 3) if 1 <= layer < num_hidden_layers})
 
+
 def warn_unknown_fields(config_class: type, config_dict: dict) -> None:
     """Warn, naming them, about the keys of a saved configuration that this version does not know (written by a newer
     one, or edited by hand): `PreTrainedConfig` keeps them as attributes that nothing reads, which would otherwise

@@ -63,7 +63,8 @@ def hub_timeout(seconds: float | None = None, repo_id: str | None = None, doing:
             model.push_to_hub("org/name")
     """
     seconds = default_timeout() if seconds is None else seconds
-    # The factory in force (the user's own, for proxies or certificates, or the default) gets a timeout added.
+    # The factory in force (the user's own, for proxies or certificates, or the default) gets a timeout added;
+    # huggingface_hub has a setter for it but no getter.
     previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
 
     def bounded_client() -> httpx2.Client:

@@ -1,6 +1,6 @@
 """Image processor for STEP (PIL / NumPy backend, no torchvision).
 
-Shipped as Hub code next to saved weights: imports only numpy, torch and transformers.
+Shipped as Hub code next to saved weights: imports only numpy, torch, transformers and huggingface_hub.
 """
 
 import base64
