@@ -416,9 +416,10 @@ class StepImageProcessor(PilBackend):
         for index, image in enumerate(images):
             channels = image.shape[0]  # any number: a model's `num_channels` need not be 3
             for name in ("image_mean", "image_std"):
-                if kwargs["do_normalize"] and len(kwargs[name]) != channels:
+                count = np.size(kwargs[name])  # one number serves every channel
+                if kwargs["do_normalize"] and count not in (1, channels):
                     raise ValueError(
-                        f"Image {index} has {channels} channels but `{name}` has {len(kwargs[name])} values; pass "
+                        f"Image {index} has {channels} channels but `{name}` has {count} values; pass "
                         "RGB images (keep `do_convert_rgb=True`), or one mean and std per channel."
                     )
             self._check_token_count(index, image, **kwargs)

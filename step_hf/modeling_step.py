@@ -483,6 +483,8 @@ class StepPreTrainedModel(PreTrainedModel):
         if not missing:
             return
         state_keys = model.state_dict().keys()
+        if missing >= set(state_keys):  # nothing loaded: built afresh on purpose (`state_dict={}`)
+            return
         encoder = model.base_model
         module_names = {id(module): name for name, module in model.named_modules()}
         for part in (getattr(model, "decoder", None), encoder.policy, *encoder.exit_heads):
