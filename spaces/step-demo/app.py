@@ -41,7 +41,7 @@ SPACE_MODEL = "step-hf/step-vit-tiny"  # the model in this Space's README metada
 CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
 MAX_PIXELS = 25_000_000  # larger uploads are refused: they would only be downscaled, after a long decode
 DISPLAY_SIDE = 640  # pictures are drawn at most this long
-MAX_EXITS = 4  # exit-threshold sliders in the page; a model's extra exits take the last one's value
+MAX_EXITS = 4  # exit-threshold sliders in the page (and `request`'s parameters); extra exits take the last value
 PARTITIONS = ("policy thresholds", "token budget", "dense")
 
 
@@ -236,12 +236,27 @@ def numbers_markdown(numbers: dict) -> str:
         f"- **GFLOPs**: {numbers['gflops']:.3f} (dense {numbers['dense_gflops']:.3f})",
         f"- **ms on this machine**: {numbers['milliseconds']:.0f} (the forward, {numbers['windows']} window(s) of "
         f"{numbers['window_size'][1]}x{numbers['window_size'][0]})",
+        f"- **ran with**: {describe_settings(numbers['settings'])}",
     ])
 
 
-def built_in_examples(folder: Path) -> list[str]:
-    """A few generated road scenes (the demo model's training distribution) and, when the CamVid folder is beside
-    the repository, three of its validation frames; written to `folder`, their paths returned."""
+def describe_settings(settings: dict) -> str:
+    """The settings a request ran with, in the words of the page's controls."""
+    if settings["partition_source"] == "dense":
+        partition = "dense"
+    elif settings["token_budget"] is not None:
+        partition = f"token budget {settings['token_budget']} per window"
+    else:
+        partition = "policy thresholds " + " / ".join(f"{t:.2f}" for t in settings["policy_thresholds"])
+    halting = "halting off"
+    if settings["halting"]:
+        halting = "exit thresholds " + " / ".join(f"{t:.2f}" for t in settings["exit_thresholds"])
+    return f"{partition}; {halting}"
+
+
+def built_in_examples(folder: Path, camvid: bool = True) -> list[str]:
+    """A few generated road scenes (the demo model's training distribution) and, with `camvid` and the CamVid
+    folder beside the repository, three of its validation frames; written to `folder`, their paths returned."""
     paths = []
     sys.path[:0] = [str(HERE), str(REPO / "examples")]  # scenes.py: beside app.py in a Space, else examples/
     try:
@@ -252,7 +267,7 @@ def built_in_examples(folder: Path) -> list[str]:
         for seed in (12345, 7, 2024):
             paths.append(str(folder / f"scene_{seed}.png"))
             make_scene(360, 480, seed=seed)[0].save(paths[-1])
-    frames = sorted(CAMVID.glob("data/validation-*.parquet"))
+    frames = sorted(CAMVID.glob("data/validation-*.parquet")) if camvid else []
     if frames:
         import io
 
@@ -264,13 +279,13 @@ def built_in_examples(folder: Path) -> list[str]:
     return paths
 
 
-def build_app(model_name: str, models: Models | None = None) -> gr.Blocks:
+def build_app(model_name: str, models: Models | None = None, camvid: bool = True) -> gr.Blocks:
     models = models or Models()
     config = models.get(model_name).model.config
     settings = config.settings
     budget = 100 * settings.token_budget / np.prod(config.image_grid_size) if settings.token_budget else 50
     exit_defaults = [*settings.exit_thresholds][:MAX_EXITS] or [0.9]
-    examples = built_in_examples(Path(tempfile.mkdtemp(prefix="step-demo-")))
+    examples = built_in_examples(Path(tempfile.mkdtemp(prefix="step-demo-")), camvid)
 
     with gr.Blocks(title="STEP: adaptive compute") as app:
         gr.Markdown("# STEP: superpatches and early exits\nUpload an image and move the knobs: a higher policy "
@@ -302,15 +317,19 @@ def build_app(model_name: str, models: Models | None = None) -> gr.Blocks:
                 run = gr.Button("Segment", variant="primary", elem_id="run")
         numbers = gr.Markdown(elem_id="numbers")
         with gr.Row():
-            overlay = gr.Image(label="segmentation", elem_id="overlay")
-            superpatches = gr.Image(label="superpatches", elem_id="superpatches")
-            exits = gr.Image(label="halted cells", elem_id="exits")
+            overlay = gr.Image(label="segmentation", elem_id="overlay", format="png")
+            superpatches = gr.Image(label="superpatches", elem_id="superpatches", format="png")
+            exits = gr.Image(label="halted cells", elem_id="exits", format="png")
         with gr.Accordion("numbers as JSON", open=False):
             numbers_json = gr.JSON(elem_id="numbers_json")
 
-        def request(path, model_name, partition, policy, budget_percent, halting, side, *exit_thresholds):
-            controls = Controls(partition, policy, budget_percent, halting, tuple(exit_thresholds), int(side))
-            result = segment(models.get(model_name), read_image(path), controls)
+        # The parameters name the API's inputs (gradio_client); one exit threshold per slider (MAX_EXITS of them).
+        def request(image, model, partition, policy_threshold, token_budget_percent, halting, shortest_side,
+                    exit_threshold_1, exit_threshold_2, exit_threshold_3, exit_threshold_4):
+            exit_thresholds = (exit_threshold_1, exit_threshold_2, exit_threshold_3, exit_threshold_4)
+            controls = Controls(partition, policy_threshold, token_budget_percent, halting, exit_thresholds,
+                                int(shortest_side))
+            result = segment(models.get(model), read_image(image), controls)
             return result.overlay, result.superpatches, result.exits, numbers_markdown(result.numbers), result.numbers
 
         def request_if_image(path, *rest):  # controls moved before any image was given: nothing to redo yet
@@ -342,9 +361,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="the address to serve on (a Space sets GRADIO_SERVER_NAME=0.0.0.0)")
+    parser.add_argument("--no_camvid", action="store_true",
+                        help="leave CamVid frames out of the examples (for screenshots: the data's licence forbids "
+                             "copying its frames)")
     args = parser.parse_args(argv)
     try:
-        app = build_app(args.model)
+        app = build_app(args.model, camvid=not args.no_camvid)
     except gr.Error as error:
         raise SystemExit(error.message) from None
     app.queue().launch(server_name=args.host, server_port=args.port, show_error=True)
