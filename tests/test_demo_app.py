@@ -37,10 +37,15 @@ def trained_model(tmp_path_factory, scene_dataset) -> Path:
                "--policy_steps", "2", "--segmenter_steps", "4", "--prune_steps", "2", "--max_eval_samples", "1",
                "--per_device_train_batch_size", "4", "--learning_rate", "5e-4", "--prune_learning_rate", "1e-4",
                "--drop_path_rate", "0", "--checkpointing_steps", "0", "--output_dir", str(folder)]
-    result = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder
+
+
+# One torch thread unless told otherwise: on a busy 2-core machine more threads spin against each other (tens of times
+# slower); the app serves several requests at once anyway.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def free_port() -> int:
@@ -53,8 +58,7 @@ def free_port() -> int:
 def server(trained_model, tmp_path_factory) -> str:
     """The app as its one command starts it; the local URL it prints."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
+    env = {**ENV, "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     process = subprocess.Popen([sys.executable, str(SPACE / "app.py"), "--model", str(trained_model), "--port",
                                 str(port), "--no_camvid"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -73,7 +77,7 @@ def server(trained_model, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def client(server):
-    return gradio_client.Client(server, verbose=False)
+    return gradio_client.Client(server, verbose=False, httpx_kwargs={"timeout": 300})
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +141,14 @@ def test_the_api_controls_move_tokens_flops_and_halting(client, scene, trained_m
     assert (np.asarray(eager["pictures"][2]) == (230, 25, 75)).all(-1).any()  # the first exit's legend swatch
 
 
-def test_requests_at_once_each_run_with_their_own_settings(client, scene):
+def test_requests_at_once_each_run_with_their_own_settings(client, server, scene):
     alone = {t: segment(client, scene, policy_threshold=t, halting=False)["tokens"] for t in (0.05, 0.95)}
     assert alone[0.05] != alone[0.95]
+    # Numbers only: requests with the same settings draw the same pictures, which Gradio caches under one name, and
+    # downloading one while another request writes it again can break off.
+    numbers_only = gradio_client.Client(server, verbose=False, download_files=False, httpx_kwargs={"timeout": 300})
     thresholds = [0.05, 0.95] * 3
-    jobs = [submit(client, scene, policy_threshold=t, halting=False) for t in thresholds]  # all queued at once
+    jobs = [submit(numbers_only, scene, policy_threshold=t, halting=False) for t in thresholds]  # queued at once
     for threshold, job in zip(thresholds, jobs):
         numbers = job.result()[-1]
         assert numbers["tokens"] == alone[threshold] and numbers["settings"]["policy_thresholds"] == [threshold] * 4
@@ -154,8 +161,13 @@ def test_bad_uploads_get_a_message(client, tmp_path):
         segment(client, not_an_image)
     huge = tmp_path / "huge.png"
     Image.new("RGB", (6000, 4500)).save(huge)  # 27 MP, a small file
-    with pytest.raises(gradio_client.exceptions.AppError, match=r"6000x4500 pixels .*up to 25 MP"):
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"^The image is 6000x4500 pixels .*up to 25 MP"):
         segment(client, huge)
+    truncated = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])  # the header, then nothing
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"truncated\.png cannot be read as an image"):
+        segment(client, truncated)
 
 
 browser_missing = not (shutil.which("chromium") and shutil.which("chromedriver"))

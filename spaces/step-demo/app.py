@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation  # noqa: E402
 
 import step_hf  # noqa: E402, F401  (registers "step" with the Auto classes)
@@ -113,15 +113,22 @@ def read_image(path: str | None) -> Image.Image:
     """The uploaded file as an RGB image, or a message that says what is wrong with it."""
     if not path:
         raise gr.Error("Upload an image (PNG, JPEG, WebP) or pick one of the examples.")
+
+    def unreadable(error: Exception) -> gr.Error:
+        return gr.Error(f"{Path(path).name} cannot be read as an image ({error}). Upload a PNG, JPEG or WebP file.")
+
     try:
-        image = Image.open(path)
-        if image.width * image.height > MAX_PIXELS:
-            raise gr.Error(f"The image is {image.width}x{image.height} pixels ({image.width * image.height / 1e6:.0f} "
-                           f"MP); this demo takes up to {MAX_PIXELS / 1e6:.0f} MP. Downscale it and upload it again.")
-        image.load()
+        image = Image.open(path)  # reads the header only
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise gr.Error(f"{Path(path).name} cannot be read as an image ({error}). Upload a PNG, JPEG or WebP file.")
-    return image.convert("RGB")
+        raise unreadable(error)
+    if image.width * image.height > MAX_PIXELS:
+        raise gr.Error(f"The image is {image.width}x{image.height} pixels ({image.width * image.height / 1e6:.0f} MP); "
+                       f"this demo takes up to {MAX_PIXELS / 1e6:.0f} MP. Downscale it and upload it again.")
+    try:
+        image.load()
+    except (OSError, ValueError) as error:  # e.g. a truncated file
+        raise unreadable(error)
+    return ImageOps.exif_transpose(image).convert("RGB")  # a phone's photo the way up it was taken
 
 
 class CheckedImage(gr.Image):
