@@ -324,9 +324,9 @@ def build_app(model_name: str, models: Models | None = None, camvid: bool = True
                 run = gr.Button("Segment", variant="primary", elem_id="run")
         numbers = gr.Markdown(elem_id="numbers")
         with gr.Row():
-            overlay = gr.Image(label="segmentation", elem_id="overlay", format="png")
-            superpatches = gr.Image(label="superpatches", elem_id="superpatches", format="png")
-            exits = gr.Image(label="halted cells", elem_id="exits", format="png")
+            overlay = gr.Image(label="segmentation", elem_id="overlay", format="png", show_label=False)
+            superpatches = gr.Image(label="superpatches", elem_id="superpatches", format="png", show_label=False)
+            exits = gr.Image(label="halted cells", elem_id="exits", format="png", show_label=False)
         with gr.Accordion("numbers as JSON", open=False):
             numbers_json = gr.JSON(elem_id="numbers_json")
 
