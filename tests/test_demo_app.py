@@ -154,7 +154,9 @@ def test_requests_at_once_each_run_with_their_own_settings(client, server, scene
         assert numbers["tokens"] == alone[threshold] and numbers["settings"]["policy_thresholds"] == [threshold] * 4
 
 
-def test_bad_uploads_get_a_message(client, tmp_path):
+def test_bad_uploads_get_a_message(client, scene, tmp_path):
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"Cannot load the model .*missing-model"):
+        segment(client, scene, model=str(tmp_path / "missing-model"))
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_bytes(b"this is text, not a picture")
     with pytest.raises(gradio_client.exceptions.AppError, match=r"notes\.png cannot be read as an image"):

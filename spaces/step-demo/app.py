@@ -57,24 +57,30 @@ class LoadedModel:
 
 
 class Models:
-    """Models by folder or Hub id, each loaded once and shared by every request (they only read it)."""
+    """Models by folder or Hub id, each loaded once and shared by every request (they only read it); the
+    `keep` most recently asked for stay loaded."""
 
-    def __init__(self):
+    def __init__(self, keep: int = 3):
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+        self.keep = keep
 
     def get(self, name: str) -> LoadedModel:
         name = name.strip()
         with self._lock:
-            if name not in self._loaded:
+            if name in self._loaded:
+                self._loaded[name] = self._loaded.pop(name)  # now the most recent
+            else:
                 try:
                     model = AutoModelForSemanticSegmentation.from_pretrained(name).eval()
                     processor = AutoImageProcessor.from_pretrained(name)
                 except (OSError, ValueError) as error:
-                    raise gr.Error(f"Cannot load the model {name!r}: {error}. Give a folder saved by "
+                    raise gr.Error(f"Cannot load the model {name!r} ({error}). Give a folder saved by "
                                    "examples/train.py (`bash scripts/demo.sh` writes outputs/demo) or a Hub id.")
                 if getattr(model.config, "model_type", None) != "step":
                     raise gr.Error(f"{name!r} is a {model.config.model_type!r} model; this demo needs a STEP model.")
+                while len(self._loaded) >= self.keep:  # the least recently asked for goes
+                    self._loaded.pop(next(iter(self._loaded)))
                 self._loaded[name] = LoadedModel(name, model, processor)
             return self._loaded[name]
 
