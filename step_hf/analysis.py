@@ -158,14 +158,15 @@ def panel(images: list[Image.Image], titles: list[str] | None = None, legend: li
         x += entry_width
     legend_height = (y + line if places else 0) + margin
     note_lines = _wrap(draw, note, font, width - 2 * margin) if note else []
-    top = line if titles else 0
+    title_lines = [_wrap(draw, title, font, image.width - margin) for title, image in zip(titles or [], images)]
+    top = line * max(map(len, title_lines), default=0)  # a title wraps within its panel
     out = Image.new("RGB", (width, top + height + legend_height + line * len(note_lines)), (255, 255, 255))
     draw = ImageDraw.Draw(out)
     left, ink = 0, (20, 20, 20)
     for index, image in enumerate(images):
         out.paste(image, (left, top))
-        if titles:
-            draw.text((left + margin, (line - font_size) // 2), titles[index], fill=ink, font=font)
+        for row, text in enumerate(title_lines[index] if titles else []):
+            draw.text((left + margin // 2, row * line + (line - font_size) // 2), text, fill=ink, font=font)
         left += image.width
     base = top + height + margin
     for x, y, colour, name in places:
