@@ -3,8 +3,9 @@
     python examples/segment.py --model_name_or_path outputs/demo --image photo.jpg --output segmentation.png
 
 `--image` is a file or a URL, loaded as the pipeline loads images (turned upright by its EXIF orientation, as phone
-photos need). Without it, a generated road scene is segmented (and its ground truth shown). The third panel outlines the
-superpatches the model used and shades each cell by the block after which its token halted (darker = earlier).
+photos need). Without it, a generated road scene is segmented (and its ground truth shown). The last panel outlines
+the superpatches the model used and shades each cell by the block after which its token halted (darker = earlier).
+Every panel is titled, and a legend below names the colours of the classes present and of the token drawing.
 """
 
 import argparse
@@ -16,7 +17,7 @@ from scenes import make_scene
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
 from step_hf import load_image
-from step_hf.analysis import colourise, draw_tokens, panel
+from step_hf.analysis import class_legend, colourise, draw_tokens, panel, token_legend
 
 
 def main() -> None:
@@ -44,12 +45,17 @@ def main() -> None:
     prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
 
     exit_map = outputs.exit_map[0].numpy() if outputs.exit_map is not None else None
-    num_labels = model.config.num_labels
-    panels = [image, colourise(prediction, num_labels),
-              draw_tokens(image, outputs.superpatch_map[0].numpy(), exit_map, model.config.num_hidden_layers)]
+    config = model.config
+    panels = [image, colourise(prediction, config.num_labels),
+              draw_tokens(image, outputs.superpatch_map[0].numpy(), exit_map, config.num_hidden_layers)]
+    titles, present = ["image", "prediction", "superpatches and halted cells"], [prediction]
     if truth is not None:
-        panels.insert(1, colourise(np.array(truth), num_labels))
-    picture = panel(panels)
+        panels.insert(1, colourise(np.array(truth), config.num_labels))
+        titles.insert(1, "ground truth")
+        present.append(np.array(truth))
+    legend = class_legend(config.id2label, np.unique(np.concatenate([p.ravel() for p in present])))
+    legend += token_legend(config.exit_layers if exit_map is not None else None, config.num_hidden_layers)
+    picture = panel(panels, titles, legend)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     picture.save(args.output)
     labels = model.config.id2label

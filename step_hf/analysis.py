@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .configuration_step import SUPERPATCH_SIZES
 
@@ -37,15 +37,12 @@ def colourise(class_map: np.ndarray, num_labels: int) -> Image.Image:
 def draw_tokens(image: Image.Image, superpatch_map: np.ndarray, exit_map: np.ndarray | None,
                 num_layers: int) -> Image.Image:
     """The image with every superpatch outlined; cells darkened by how early their token halted (`exit_map`
-    holds the block after which each cell halted, `num_layers` where it never did)."""
+    holds the block after which each cell halted, `num_layers` where it never did). `token_legend` says so."""
     rows, cols = superpatch_map.shape
     cell_height, cell_width = image.height / rows, image.width / cols
     picture = np.asarray(image.convert("RGB")).astype(np.float32)
     if exit_map is not None:
-        row_of_pixel = np.minimum((np.arange(image.height) / cell_height).astype(int), rows - 1)
-        col_of_pixel = np.minimum((np.arange(image.width) / cell_width).astype(int), cols - 1)
-        depth = exit_map[row_of_pixel][:, col_of_pixel] / num_layers
-        picture *= (0.3 + 0.7 * depth)[..., None]
+        picture *= halted_shade(_cells_to_pixels(exit_map, image.size) / num_layers)[..., None]
     picture = Image.fromarray(picture.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     for row in range(rows):
@@ -54,17 +51,129 @@ def draw_tokens(image: Image.Image, superpatch_map: np.ndarray, exit_map: np.nda
             if row % size == 0 and col % size == 0:
                 box = [col * cell_width, row * cell_height, (col + size) * cell_width - 1,
                        (row + size) * cell_height - 1]
-                draw.rectangle(box, outline=(255, 255, 0))
+                draw.rectangle(box, outline=OUTLINE_COLOUR)
     return picture
 
 
-def panel(images: list[Image.Image]) -> Image.Image:
-    """Pictures of the same size side by side."""
-    out = Image.new("RGB", (sum(i.width for i in images), images[0].height))
-    left = 0
-    for image in images:
-        out.paste(image, (left, 0))
+OUTLINE_COLOUR = (255, 255, 0)
+# One colour per exit for `draw_exits`, first exit first; chosen apart from each other and from the label palette's
+# mid-saturation hues.
+EXIT_COLOURS = np.array([[230, 25, 75], [255, 140, 0], [145, 30, 180], [0, 130, 200]], dtype=np.uint8)
+
+LegendEntry = tuple[tuple[int, int, int], str]  # (swatch colour, what it stands for)
+
+
+def halted_shade(depth: np.ndarray | float) -> np.ndarray | float:
+    """How much `draw_tokens` keeps of a pixel's brightness when its token halted after `depth` of the blocks."""
+    return 0.3 + 0.7 * depth
+
+
+def _cells_to_pixels(cell_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A patch-grid map spread over a picture of `size` = (width, height), nearest."""
+    rows, cols = cell_map.shape
+    row_of_pixel = np.minimum((np.arange(size[1]) * rows / size[1]).astype(int), rows - 1)
+    col_of_pixel = np.minimum((np.arange(size[0]) * cols / size[0]).astype(int), cols - 1)
+    return cell_map[row_of_pixel][:, col_of_pixel]
+
+
+def draw_exits(image: Image.Image, exit_map: np.ndarray, exit_layers: list[int]) -> Image.Image:
+    """The image in grey with every halted cell tinted by its exit's colour (`EXIT_COLOURS`, `exit_legend`);
+    cells that reached the decoder stay grey."""
+    grey = np.asarray(image.convert("L").convert("RGB")).astype(np.float32)
+    exit_of_pixel = np.searchsorted(np.asarray(exit_layers), _cells_to_pixels(exit_map, image.size))
+    halted = exit_of_pixel < len(exit_layers)
+    colours = EXIT_COLOURS[exit_of_pixel % len(EXIT_COLOURS)].astype(np.float32)
+    picture = np.where(halted[..., None], 0.35 * grey + 0.65 * colours, grey)
+    return Image.fromarray(picture.clip(0, 255).astype(np.uint8))
+
+
+def class_legend(id2label: dict[int, str], class_ids=None) -> list[LegendEntry]:
+    """The colour `colourise` gives each class and its name: every class, or those of `class_ids` (id order)."""
+    palette = label_palette(len(id2label))
+    ids = range(len(id2label)) if class_ids is None else sorted({int(i) for i in class_ids} & set(range(len(id2label))))
+    return [(tuple(int(v) for v in palette[i]), str(id2label[i])) for i in ids]
+
+
+def token_legend(exit_layers: list[int] | None, num_layers: int) -> list[LegendEntry]:
+    """What `draw_tokens` draws: the superpatch outlines and, when tokens halted (`exit_layers`), the shade of a mid
+    grey cell halted after each exit and of one that reached the decoder."""
+    entries = [(OUTLINE_COLOUR, "superpatch outline")]
+    if exit_layers:
+        for layer in [*exit_layers, num_layers]:
+            value = int(200 * halted_shade(layer / num_layers))
+            entries.append(((value,) * 3, "reached the decoder" if layer == num_layers else f"halted after block {layer}"))
+    return entries
+
+
+def exit_legend(exit_layers: list[int]) -> list[LegendEntry]:
+    """What `draw_exits` draws: each exit's colour."""
+    entries = [(tuple(int(v) for v in EXIT_COLOURS[i % len(EXIT_COLOURS)]), f"halted after block {layer}")
+               for i, layer in enumerate(exit_layers)]
+    return [*entries, ((160, 160, 160), "reached the decoder")]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError):  # Pillow built without FreeType: its one bitmap size
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    return [*lines, line] if line else lines
+
+
+def panel(images: list[Image.Image], titles: list[str] | None = None, legend: list[LegendEntry] | None = None,
+          note: str | None = None) -> Image.Image:
+    """Pictures of the same height side by side; with `titles`, each panel's title above it; with `legend`, colour
+    swatches and their names below (wrapped to the width); then `note`, a sentence on how to read the panels."""
+    width, height = sum(i.width for i in images), images[0].height
+    if not titles and not legend and not note:
+        out = Image.new("RGB", (width, height))
+        left = 0
+        for image in images:
+            out.paste(image, (left, 0))
+            left += image.width
+        return out
+    font_size = max(12, min(28, round(height / 22)))
+    font, line = _font(font_size), round(font_size * 1.5)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = font_size // 2
+    # Lay out the legend: entries left to right, a new row when the next one would not fit.
+    entry_widths = [font_size + margin // 2 + int(draw.textlength(name, font=font)) + 2 * margin
+                    for _, name in legend or []]
+    width = max([width, *(margin + w for w in entry_widths)])  # a narrow picture widens to its longest name
+    places, x, y = [], margin, 0
+    for (colour, name), entry_width in zip(legend or [], entry_widths):
+        if x > margin and x + entry_width > width:
+            x, y = margin, y + line
+        places.append((x, y, colour, name))
+        x += entry_width
+    legend_height = (y + line if places else 0) + margin
+    note_lines = _wrap(draw, note, font, width - 2 * margin) if note else []
+    title_lines = [_wrap(draw, title, font, image.width - margin) for title, image in zip(titles or [], images)]
+    top = line * max(map(len, title_lines), default=0)  # a title wraps within its panel
+    out = Image.new("RGB", (width, top + height + legend_height + line * len(note_lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    left, ink = 0, (20, 20, 20)
+    for index, image in enumerate(images):
+        out.paste(image, (left, top))
+        for row, text in enumerate(title_lines[index] if titles else []):
+            draw.text((left + margin // 2, row * line + (line - font_size) // 2), text, fill=ink, font=font)
         left += image.width
+    base = top + height + margin
+    for x, y, colour, name in places:
+        draw.rectangle([x, base + y, x + font_size, base + y + font_size], fill=colour, outline=ink)
+        draw.text((x + font_size + margin // 2, base + y), name, fill=ink, font=font)
+    for index, text in enumerate(note_lines):
+        draw.text((margin, top + height + legend_height + index * line), text, fill=ink, font=font)
     return out
 
 
@@ -174,14 +283,21 @@ def read_split(args: argparse.Namespace):
 
 def save_picture(path: str, image: Image.Image, labels: torch.Tensor, prediction: torch.Tensor, outputs, config,
                  without_dataset_pixels: bool) -> None:
-    """tokens | prediction | ground truth of one image, or the tokens drawn on the prediction alone."""
-    predicted = colourise(prediction[0].cpu().numpy(), config.num_labels)
+    """tokens | prediction | ground truth of one image, or the tokens drawn on the prediction alone; titled, with
+    the legend of the classes present and of the token drawing."""
+    predicted_ids, label_ids = prediction[0].cpu().numpy(), labels[0].cpu().numpy()
+    predicted = colourise(predicted_ids, config.num_labels)
     exit_map = outputs.exit_map[0].cpu().numpy() if outputs.exit_map is not None else None
     tokens = draw_tokens(predicted if without_dataset_pixels else image, outputs.superpatch_map[0].cpu().numpy(),
                          exit_map, config.num_hidden_layers)
-    if not without_dataset_pixels:
-        tokens = panel([tokens, predicted, colourise(labels[0].cpu().numpy(), config.num_labels)])
-    tokens.save(path)
+    exit_layers = config.exit_layers if exit_map is not None else None
+    if without_dataset_pixels:
+        pictures, titles, present = [tokens], ["superpatches and halted cells, on the prediction"], [predicted_ids]
+    else:
+        pictures = [tokens, predicted, colourise(label_ids, config.num_labels)]
+        titles, present = ["superpatches and halted cells", "prediction", "ground truth"], [predicted_ids, label_ids]
+    legend = class_legend(config.id2label, np.unique(np.concatenate([np.ravel(p) for p in present])))
+    panel(pictures, titles, legend + token_legend(exit_layers, config.num_hidden_layers)).save(path)
 
 
 @torch.no_grad()

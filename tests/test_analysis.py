@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from step_hf.analysis import TokenStats, colourise, draw_tokens, label_palette, token_table
+from step_hf.analysis import (EXIT_COLOURS, TokenStats, class_legend, colourise, draw_exits, draw_tokens, exit_legend,
+                              label_palette, panel, token_legend, token_table)
 
 
 def test_token_stats_on_a_hand_made_case():
@@ -78,8 +79,43 @@ def test_cli_writes_tables_and_pictures(tmp_path, scene_dataset):
     main(["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--images", "1",
           "--output_dir", str(tmp_path / "bare"), "--without_dataset_pixels"])
     picture = Image.open(tmp_path / "bare" / "tokens_1.png")
-    assert picture.size == (128, 96)
+    assert picture.width >= 128 and picture.height > 96  # the frame, with its title and legend (widened to fit)
     palette = {tuple(int(v) for v in c) for c in label_palette(len(SCENE_CLASSES))} | {(255, 255, 0)}
-    shades = np.array(sorted({tuple(int(v * f) for v in c) for c in palette for f in np.linspace(0.3, 1.0, 71)}))
+    shades = {tuple(int(v * f) for v in c) for c in palette for f in np.linspace(0.3, 1.0, 71)}
+    shades = np.array(sorted(shades | {(v, v, v) for v in range(256)}))  # titles, legend text and grey swatches
     pixels = np.unique(np.asarray(picture).reshape(-1, 3).astype(int), axis=0)
     assert np.abs(pixels[:, None] - shades[None]).sum(-1).min(1).max() <= 6  # (a scene frame: most pixels > 6)
+
+
+def test_panel_titles_and_legend():
+    left, right = Image.new("RGB", (40, 30), (10, 200, 10)), Image.new("RGB", (40, 30), (10, 10, 200))
+    legend = class_legend({0: "road", 1: "sky", 2: "car"}, class_ids=[2, 0, 2])
+    assert [name for _, name in legend] == ["road", "car"]
+    assert [colour for colour, _ in legend] == [tuple(label_palette(3)[i]) for i in (0, 2)]
+    picture = np.asarray(panel([left, right], ["left", "right"], legend, note="how to read it"))
+    assert picture.shape[1] >= 80 and picture.shape[0] > 30
+    top = int(np.argmax((picture[:, 5] == (10, 200, 10)).all(-1)))  # the first row of the left panel
+    assert top > 0 and (picture[top:top + 30, :40] == (10, 200, 10)).all()
+    assert (picture[top:top + 30, 40:80] == (10, 10, 200)).all()
+    above, below = picture[:top].reshape(-1, 3), picture[top + 30:].reshape(-1, 3)
+    assert (above.max(-1) < 100).any()  # title text
+    for colour, _ in legend:  # each swatch below the panels
+        assert (below == colour).all(-1).any()
+    assert panel([left, right]).size == (80, 30)  # without titles or legend: the pictures alone
+
+
+def test_exit_pictures_and_legends():
+    image = Image.new("RGB", (64, 32), (100, 100, 100))
+    exit_map = np.array([[4, 4, 8, 12], [4, 4, 8, 12]])
+    picture = np.asarray(draw_exits(image, exit_map, [4, 8])).astype(int)
+    first, second, survivor = picture[8, 8], picture[8, 40], picture[8, 56]
+    assert tuple(survivor) == (100, 100, 100)  # reached the decoder: the image in grey
+    assert np.abs(first - (0.35 * 100 + 0.65 * EXIT_COLOURS[0])).max() <= 1
+    assert np.abs(second - (0.35 * 100 + 0.65 * EXIT_COLOURS[1])).max() <= 1
+    assert [name for _, name in exit_legend([4, 8])] == ["halted after block 4", "halted after block 8",
+                                                          "reached the decoder"]
+    names = [name for _, name in token_legend([4, 8], 12)]
+    assert names == ["superpatch outline", "halted after block 4", "halted after block 8", "reached the decoder"]
+    shades = [colour[0] for colour, _ in token_legend([4, 8], 12)[1:]]
+    assert shades == sorted(shades) and shades[0] < shades[-1]  # darker = halted earlier, as draw_tokens shades
+    assert [name for _, name in token_legend(None, 12)] == ["superpatch outline"]

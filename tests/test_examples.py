@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -42,7 +43,9 @@ def test_segment_saves_a_picture(tmp_path):
     out = run_example("segment.py", "--model_name_or_path", tmp_path / "m", "--output", tmp_path / "seg.png",
                       cwd=tmp_path)
     picture = Image.open(tmp_path / "seg.png")
-    assert picture.size == (4 * 480, 360)  # image | ground truth | prediction | tokens
+    assert picture.width == 4 * 480 and picture.height > 360  # image | ground truth | prediction | tokens; legend
+    below = np.asarray(picture)[-40:].reshape(-1, 3)
+    assert (below == (255, 255, 0)).all(-1).any()  # the legend's superpatch-outline swatch
     assert "tokens:" in out and "classes found:" in out
     with pytest.raises(AssertionError, match="Cannot read"):
         (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
