@@ -222,6 +222,10 @@ class TrainTransform:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentations `__getitem__` draws (as a sampler's `set_epoch` chooses its order)."""
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> dict:
         args = self.args
         rng = np.random.default_rng([args.seed, self.epoch, index])
@@ -679,7 +683,7 @@ def optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, acce
     batches_per_epoch = len(train_loader)
     while step < num_steps:
         epoch, skip = divmod(micro, batches_per_epoch)
-        data["train"].epoch = epoch
+        data["train"].set_epoch(epoch)
         train_loader.set_epoch(epoch)  # the shuffle order of this epoch, the same on every process and on resume
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         for batch in loader:
