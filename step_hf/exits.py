@@ -249,7 +249,9 @@ def halt(
     keep, batch = tokens_to_keep(log_probabilities.exp(), survivors.batch, rule)
     order = first_true_positions(keep, batch.num_tokens)
     halted_here = torch.where(keep, survivors.exit_layer[survivors.index], layer)
-    exit_layer = survivors.exit_layer.index_copy(0, survivors.index, halted_here)
+    # A scatter, not `index_copy`: the ONNX exporter's rewrite of the latter guards on the number of values, which a
+    # partition by thresholds (a data-dependent size) does not allow.
+    exit_layer = survivors.exit_layer.scatter(0, survivors.index, halted_here)
     return Survivors(survivors.index[order], batch, exit_layer), order
 
 
