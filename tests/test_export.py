@@ -131,3 +131,25 @@ def test_the_oracle_partition_refuses_to_export_naming_the_settings_to_change():
     with pytest.raises(Exception, match="oracle") as raised:
         torch.export.export(model, (torch.randn(1, 3, 64, 96),))
     assert "partition_source" in str(raised.value) and "token_budget" in str(raised.value)
+
+
+@pytest.mark.slow
+def test_the_export_command_writes_the_program_processor_and_readme_running_the_given_settings(tmp_path):
+    from step_hf import StepImageProcessor
+    from step_hf.export import main
+
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(tiny_config(partition_source="policy", superpatch_sizes=[1, 2, 4],
+                                                    exit_layers=[1])).eval()
+    model.save_pretrained(tmp_path / "model")
+    StepImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
+    main(["--model_name_or_path", str(tmp_path / "model"), "--format", "dynamo", "--output_dir", str(tmp_path / "out"),
+          "--token_budget", "12", "--exit_keep_tokens", "6", "--halting"])
+    assert (tmp_path / "out" / "model.pt2").is_file() and (tmp_path / "out" / "preprocessor_config.json").is_file()
+    assert '"token_budget": 12' in (tmp_path / "out" / "README.md").read_text()
+    reloaded = exporters.ExportedModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    program = reloaded(pixel_values=pixels)
+    eager = model(pixels, token_budget=12, exit_keep_tokens=[6], halting=True)
+    torch.testing.assert_close(program.logits, eager.logits, rtol=0, atol=1e-4)
+    assert torch.equal(program.token_counts, eager.token_counts) and torch.equal(program.exit_map, eager.exit_map)
