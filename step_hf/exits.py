@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .token_layout import (
-    PackedBatch, PackedSequence, TokenLayout, insert_per_image, refuse_in_export, state_pytree, unshare,
+    PackedBatch, PackedSequence, TokenLayout, first_true_positions, insert_per_image, state_pytree,
+    top_count_first_on_ties, unshare,
 )
 
 
@@ -41,6 +42,10 @@ class ExitPrediction(NamedTuple):
 
     token_logits: torch.Tensor
     presence_logits: torch.Tensor | None = None
+
+
+# A saved `torch.export` program names every pytree node of its outputs (an encoder's `encoder_state` holds these).
+torch.utils._pytree._register_namedtuple(ExitPrediction, serialized_type_name=f"{__name__}.ExitPrediction")
 
 
 class ExitHead(nn.Module):
@@ -191,20 +196,16 @@ class Survivors:
 def keep_topk_per_class(scores: torch.Tensor, batch: PackedBatch, k: int) -> torch.Tensor:
     """
     `(num_tokens,)` bool: for every image and every column of `scores` `(num_tokens, columns)` (a class's
-    probability, say), its `k` tokens with the highest score; a score of `-inf` is never picked, so a column with
-    fewer finite scores keeps fewer. Images are padded to a common length for one `topk`; no host sync.
+    probability, say), its `k` tokens with the highest score, ties broken toward the earlier token (the same choice
+    in every runtime); a score of `-inf` is never picked, so a column with fewer finite scores keeps fewer. Images
+    are padded to a common length for one `topk`; no host sync.
     """
     num_tokens, num_columns = scores.shape
-    k = min(k, batch.max_length)
-    keep = torch.zeros(num_tokens + 1, dtype=torch.bool, device=scores.device)
-    if k == 0 or num_tokens == 0:
-        return keep[:num_tokens]
     image, position = batch.image_positions(num_tokens)
-    padded = scores.new_full((batch.batch_size, batch.max_length, num_columns), float("-inf"))
+    # At least k places per image, so that `topk` never asks for more than there are (the padding is never picked).
+    padded = scores.new_full((batch.batch_size, torch.sym_max(k, batch.max_length), num_columns), float("-inf"))
     padded[image, position] = scores
-    top = padded.topk(k, dim=1)  # (batch, k, columns), positions within each image
-    picked = torch.where(top.values > float("-inf"), batch.offsets[:-1, None, None] + top.indices, num_tokens)
-    return keep.index_fill_(0, picked.flatten(), True)[:num_tokens]
+    return top_count_first_on_ties(padded, k, dim=1)[image, position].any(-1)
 
 
 def protected_tokens(probabilities: torch.Tensor, batch: PackedBatch, rule: ExitRule) -> torch.Tensor:
@@ -227,15 +228,13 @@ def tokens_to_keep(probabilities: torch.Tensor, batch: PackedBatch, rule: ExitRu
     protected = protected_tokens(probabilities, batch, rule)
     confidence = probabilities.amax(-1)
     if rule.keep_tokens is None:
-        refuse_in_export("the number of tokens an exit keeps by threshold")
         keep = (confidence <= rule.threshold) | protected
         image = batch.image_index(keep.shape[0])
         lengths = torch.zeros_like(batch.lengths).index_add_(0, image, keep.long())
-        return keep, PackedBatch(lengths, tuple(lengths.tolist()), batch.attention_mode)
+        return keep, PackedBatch.counted(lengths, batch.attention_mode)
     priority = torch.where(protected, 2.0, 1.0 - confidence)  # the protected first, then the least confident
     keep = keep_topk_per_class(priority[:, None], batch, rule.keep_tokens)
-    host_lengths = tuple(min(rule.keep_tokens, length) for length in batch.host_lengths)
-    return keep, PackedBatch(batch.lengths.clamp(max=rule.keep_tokens), host_lengths, batch.attention_mode)
+    return keep, batch.clamp(rule.keep_tokens)
 
 
 @torch.no_grad()  # the decision to halt carries no gradient
@@ -248,9 +247,11 @@ def halt(
     stay, in their old order: take `tokens[order]` to re-pack the sequence.
     """
     keep, batch = tokens_to_keep(log_probabilities.exp(), survivors.batch, rule)
-    order = torch.argsort((~keep).to(torch.int8), stable=True)[: sum(batch.host_lengths)]
+    order = first_true_positions(keep, batch.num_tokens)
     halted_here = torch.where(keep, survivors.exit_layer[survivors.index], layer)
-    exit_layer = survivors.exit_layer.index_copy(0, survivors.index, halted_here)
+    # A scatter, not `index_copy`: the ONNX exporter's rewrite of the latter guards on the number of values, which a
+    # partition by thresholds (a data-dependent size) does not allow.
+    exit_layer = survivors.exit_layer.scatter(0, survivors.index, halted_here)
     return Survivors(survivors.index[order], batch, exit_layer), order
 
 
@@ -265,7 +266,7 @@ def run_exit(
     """
     tokens = packed.tokens
     prediction = head(tokens, survivors.batch)
-    on_layout = prediction.token_logits.new_zeros(len(survivors.exit_layer), prediction.token_logits.shape[1])
+    on_layout = prediction.token_logits.new_zeros(survivors.exit_layer.shape[0], prediction.token_logits.shape[1])
     recorded = prediction._replace(token_logits=on_layout.index_copy(0, survivors.index, prediction.token_logits))
     if halting:
         log_probabilities = exit_log_probabilities(prediction, survivors.batch.image_index(tokens.shape[0]))

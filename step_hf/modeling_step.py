@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -51,6 +52,7 @@ from .token_layout import (
     insert_per_image,
     packed_attention,
     places_by_layout,
+    refuse_in_export,
     state_pytree,
     unshare,
 )
@@ -94,7 +96,7 @@ state_pytree(StepSettings)  # a value in every output: `torch.export` carries it
 
 
 @state_pytree
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no `__dict__`: exporters that walk outputs for tensors pass it as a constant
 class StepRun:
     """
     What a forward ran, read from its output rather than the configuration.
@@ -615,7 +617,8 @@ class StepModel(StepPreTrainedModel):
         Segmenter authors' code, bilinearly as it does (`config.position_interpolation`)."""
         stored_rows, stored_cols = self.config.image_grid_size
         grid = self.pos_embed[0, 1:].view(stored_rows, stored_cols, -1)
-        if (stored_rows, stored_cols) == tuple(grid_size):
+        # Sizes that are symbols (an export with dynamic height and width) resize: at the stored size that is exact.
+        if statically_known_true(grid_size[0] == stored_rows) and statically_known_true(grid_size[1] == stored_cols):
             return grid
         if self.config.position_interpolation == "bilinear":
             resized = F.interpolate(grid.permute(2, 0, 1)[None], size=tuple(grid_size), mode="bilinear",
@@ -645,7 +648,7 @@ class StepModel(StepPreTrainedModel):
 
         side, (rows, cols) = layout.block_side, layout.grid_size
         table = (side[:, None] > torch.tensor(sides, device=side.device)).sum(1)  # each token's table: its side's index
-        table_start = F.pad(torch.tensor([len(rows_of) for rows_of in tables], device=side.device).cumsum(0), (1, 0))
+        table_start = F.pad(torch.stack([side.new_tensor(0) + rows_of.shape[0] for rows_of in tables]).cumsum(0), (1, 0))
         blocks_per_row, blocks_per_column = torch.full_like(side, cols) // side, torch.full_like(side, rows) // side
         row_in_table = (layout.image_index * blocks_per_column * blocks_per_row
                         + layout.cell_row // side * blocks_per_row + layout.cell_col // side)
@@ -753,6 +756,11 @@ class StepModel(StepPreTrainedModel):
         if settings.partition_source == "dense" or not config.shared_sizes:
             return Partition(None, block_logits)
         if settings.partition_source == "oracle":
+            refuse_in_export(
+                "the 'oracle' partition needs ground-truth labels at inference. Export with "
+                "`partition_source=\"policy\"` (`policy_thresholds`, or a `token_budget` for fixed token counts) or "
+                "`partition_source=\"dense\"` (`settings=`, or `python -m step_hf.export --partition_source ...`)."
+            )
             check_superpatch_targets(superpatch_targets, pixel_values.shape[0], len(config.shared_sizes), grid_size)
             decisions = decisions_from_targets(superpatch_targets, config.shared_sizes)
             return Partition(partition_from_decisions(decisions, grid_size), block_logits)
@@ -987,7 +995,7 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             exit_map=exit_map,
             halted_share=halted_share,
             window_offsets=window_offsets,
-            encoder_state=state,
+            encoder_state=None if torch.compiler.is_exporting() else state,  # internal wiring: no graph output
             run=encoded.run,
         )
         return output if return_dict else output.to_tuple()

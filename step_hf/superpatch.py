@@ -13,7 +13,7 @@ Shipped as Hub code next to saved weights: imports only torch and its siblings.
 import torch
 import torch.nn.functional as F
 
-from .token_layout import PackedBatch, TokenLayout, refuse_in_export
+from .token_layout import PackedBatch, TokenLayout, first_true_positions, top_count_first_on_ties
 
 TARGET_MIXED, TARGET_UNIFORM, TARGET_IGNORE = 0, 1, 255
 
@@ -102,7 +102,7 @@ def decisions_for_budget(
     most confident blocks. Sizes must be 2, 4, ... (consecutive powers of two): each chosen block is then one merge
     of four children into one token. A block's priority is the smallest logit in its quadtree (its own and all its
     descendants'), so a parent never outranks a child; a stable sort with smaller sizes first breaks ties the same
-    way. The top-k blocks by priority are therefore closed under "children of a chosen block are chosen", which
+    way (`top_count_first_on_ties`). The top-k blocks by priority are therefore closed under "children of a chosen block are chosen", which
     makes every chosen block remove exactly 3 tokens.
     """
     sizes = sorted(block_logits)
@@ -123,8 +123,7 @@ def decisions_for_budget(
         priorities.append(priority)
         child_priority = priority
     flat = torch.cat([priority.flatten(1) for priority in priorities], dim=1)
-    order = flat.sort(dim=1, descending=True, stable=True).indices[:, :num_merges]
-    selected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
+    selected = top_count_first_on_ties(flat, num_merges, dim=1)
     decisions, start = {}, 0
     for size, priority in zip(sizes, priorities):
         count = priority[0].numel()
@@ -221,17 +220,17 @@ def layout_from_superpatch_map(
     col = torch.arange(cols, device=device)
     origin_row, origin_col = row - row % superpatch_map, col - col % superpatch_map
     is_origin = (origin_row == row) & (origin_col == col)
-    lengths = is_origin.flatten(1).sum(1)
     if tokens_per_image is None:
-        refuse_in_export("the number of tokens of a partition without a token budget")
-    host_lengths = tuple(lengths.tolist()) if tokens_per_image is None else (tokens_per_image,) * batch
-    origins = torch.nonzero_static(is_origin.flatten(), size=sum(host_lengths))[:, 0]
+        packed = PackedBatch.counted(is_origin.flatten(1).sum(1), attention_mode)
+    else:
+        packed = PackedBatch.equal(tokens_per_image, batch, device, attention_mode)
+    origins = first_true_positions(is_origin.flatten(), packed.num_tokens)
     image_index, cell = origins // (rows * cols), origins % (rows * cols)
     cell_row, cell_col = cell // cols, cell % cols
     token_of_origin = (is_origin.flatten().cumsum(0) - 1).view(batch, rows, cols)
     images = torch.arange(batch, device=device)[:, None, None]
     return TokenLayout(
-        batch=PackedBatch(lengths, host_lengths, attention_mode),
+        batch=packed,
         image_index=image_index,
         cell_row=cell_row,
         cell_col=cell_col,

@@ -8,6 +8,7 @@ cell is its own token; supertokens (dCTS) and halted tokens (early exits) only c
 Shipped as Hub code next to saved weights: imports only torch.
 """
 
+import json
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -39,8 +40,16 @@ def state_pytree(cls: type) -> type:
             object.__setattr__(state, name, value)
         return state
 
+    def to_json(context) -> str:  # a saved program's spec holds the context as JSON
+        return json.dumps(context)
+
+    def from_json(dumped: str):  # JSON has no tuples: every list among the constants was one (lists are children)
+        children, constants = json.loads(dumped)
+        return children, {name: tuple(v) if isinstance(v, list) else v for name, v in constants.items()}
+
     try:
-        pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__name__}")
+        pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__name__}",
+                                    to_dumpable_context=to_json, from_dumpable_context=from_json)
     except ValueError:  # already registered: the module was imported again
         pass
     return cls
@@ -60,21 +69,27 @@ class PackedBatch:
 
     Attributes:
         lengths (`torch.LongTensor` of shape `(batch_size,)`): tokens per image, on the tokens' device.
-        host_lengths (`tuple[int, ...]`): the same numbers on the host, known when the layout was built (so that
-            attention never has to ask the device).
+        host_lengths (`tuple[int, ...]` or `None`): the same numbers on the host, known when the layout was built (so
+            that attention never has to ask the device); `None` inside an exported graph, which knows sizes only as
+            symbols (`equal_length`, `max_length`).
         attention_mode (`str`): `"packed"` (a variable-length kernel on GPU, one attention call per image
             elsewhere) or `"padded"` (images padded to the longest with a key mask). Images of equal length always
-            run as one plain batch.
+            run as one plain batch; an exported graph pads unequal ones.
         offsets (`torch.LongTensor` of shape `(batch_size + 1,)`): start of each image's segment, then the total;
             derived from `lengths` when not given.
         cu_seqlens (`torch.IntTensor`): `offsets` in int32, as variable-length attention kernels take them.
+        equal_length (`int` or `None`): the length of every image when they are all equal (a dense layout, a token
+            budget, exit keep counts), else `None`; derived from `host_lengths` when those are given.
+        max_length (`int`): the longest image's length; derived from `host_lengths` when those are given.
     """
 
     lengths: torch.Tensor
-    host_lengths: tuple[int, ...]
+    host_lengths: tuple[int, ...] | None
     attention_mode: str = "packed"
     offsets: torch.Tensor | None = field(default=None, compare=False, repr=False)
     cu_seqlens: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    equal_length: int | None = field(default=None, compare=False, repr=False)
+    max_length: int | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         # Derived once per batch, not per use: every encoder block needs them (values of the frozen lengths).
@@ -82,28 +97,58 @@ class PackedBatch:
             object.__setattr__(self, "offsets", F.pad(self.lengths.cumsum(0), (1, 0)))
         if self.cu_seqlens is None:
             object.__setattr__(self, "cu_seqlens", self.offsets.to(torch.int32))
+        if self.host_lengths is not None:
+            equal = len(set(self.host_lengths)) == 1
+            object.__setattr__(self, "equal_length", self.host_lengths[0] if equal else None)
+            object.__setattr__(self, "max_length", max(self.host_lengths))
+        elif self.max_length is None:
+            object.__setattr__(self, "max_length", self.equal_length)
 
     @classmethod
     def of(cls, host_lengths: list[int], device: torch.device | str, attention_mode: str = "packed") -> "PackedBatch":
         return cls(torch.tensor(host_lengths, device=device), tuple(host_lengths), attention_mode)
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.host_lengths)
+    @classmethod
+    def equal(cls, length: int, batch_size: int, device: torch.device | str, attention_mode: str = "packed"
+              ) -> "PackedBatch":
+        """`batch_size` images of `length` tokens each (sizes that may be symbols in an exported graph)."""
+        lengths = torch.full((batch_size,), length, dtype=torch.long, device=device)
+        host_lengths = None if torch.compiler.is_exporting() else (length,) * batch_size
+        return cls(lengths, host_lengths, attention_mode, equal_length=length)
+
+    @classmethod
+    def counted(cls, lengths: torch.Tensor, attention_mode: str = "packed") -> "PackedBatch":
+        """Lengths that only the device knows (a partition or an exit by thresholds): one host sync reads them; an
+        exported graph computes the longest in the graph instead (a data-dependent size) and pads to it."""
+        if not torch.compiler.is_exporting():
+            return cls(lengths, tuple(lengths.tolist()), attention_mode)
+        # At least 1 (padding to one empty place is harmless), so that the tracer knows a padded image never has
+        # exactly one place with its class token, a case SDPA's decomposition branches on.
+        longest = lengths.max().clamp(min=1).item()
+        torch._check(longest >= 1)
+        return cls(lengths, None, attention_mode, max_length=longest)
 
     @property
-    def max_length(self) -> int:
-        return max(self.host_lengths)
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
 
     @property
     def all_equal(self) -> bool:
-        return len(set(self.host_lengths)) == 1
+        return self.equal_length is not None
+
+    @property
+    def num_tokens(self) -> int | None:
+        """All images' tokens together, when known without reading the device (else `None`)."""
+        if self.host_lengths is not None:
+            return sum(self.host_lengths)
+        return None if self.equal_length is None else self.equal_length * self.batch_size
 
     def image_index(self, num_tokens: int) -> torch.Tensor:
         """`(num_tokens,)` the image each token belongs to: how many segments end at or before it (no host sync, and
-        plain comparisons, which every exporter knows)."""
+        plain comparisons, which every exporter knows). The last end, the total, is never reached; leaving it in keeps
+        the shapes free of `batch_size - 1`, on which a dynamic batch would specialise."""
         token = torch.arange(num_tokens, device=self.lengths.device)
-        return (token[:, None] >= self.offsets[None, 1:-1]).sum(1)
+        return (token[:, None] >= self.offsets[None, 1:]).sum(1)
 
     def image_positions(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For each of the `num_tokens` packed tokens, its image and its position within that image's segment."""
@@ -118,11 +163,46 @@ class PackedBatch:
 
     def grow(self, extra_per_image: int) -> "PackedBatch":
         """The batch after `extra_per_image` tokens are added to every image."""
-        return PackedBatch(
-            self.lengths + extra_per_image,
-            tuple(length + extra_per_image for length in self.host_lengths),
-            self.attention_mode,
-        )
+        host = None if self.host_lengths is None else tuple(length + extra_per_image for length in self.host_lengths)
+        equal = None if self.equal_length is None else self.equal_length + extra_per_image
+        return PackedBatch(self.lengths + extra_per_image, host, self.attention_mode, equal_length=equal,
+                           max_length=self.max_length + extra_per_image)
+
+    def clamp(self, most: int) -> "PackedBatch":
+        """The batch after every image keeps at most `most` tokens."""
+        host = None if self.host_lengths is None else tuple(min(most, length) for length in self.host_lengths)
+        equal = None if self.equal_length is None else torch.sym_min(most, self.equal_length)
+        return PackedBatch(self.lengths.clamp(max=most), host, self.attention_mode, equal_length=equal,
+                           max_length=torch.sym_min(most, self.max_length))
+
+
+def top_count_first_on_ties(values: torch.Tensor, count: int, dim: int) -> torch.Tensor:
+    """
+    Bool, the shape of `values`: along `dim`, the `count` largest values, ties broken by position (the earlier
+    first), i.e. exactly the first `count` of a stable descending sort, from a top-k (which every exporter has, and a
+    stable sort not; top-k alone breaks ties as each backend likes). The `count`-th largest value is the cut: every
+    value above it is in, and of those equal to it the earliest fill the places left. `-inf` is never picked.
+    """
+    if count == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    cut = values.topk(count, dim=dim).values.narrow(dim, count - 1, 1)
+    above, at_cut = values > cut, values == cut
+    places_left = count - above.sum(dim, keepdim=True)
+    return (above | (at_cut & (at_cut.cumsum(dim) <= places_left))) & (values > float("-inf"))
+
+
+def first_true_positions(mask: torch.Tensor, count: int | None) -> torch.Tensor:
+    """
+    The indices of the true entries of a 1-D `mask`, in increasing order. With their `count` known (a token budget,
+    exit keep counts) the shape is static: a top-k over a key that ranks the true entries first, earlier before
+    later (unique keys, so ties cannot reorder them; every exporter has top-k, none a stable sort). With `count`
+    `None` (thresholds inside an exported graph) the size is data-dependent: `nonzero`.
+    """
+    if count is None:
+        return torch.nonzero(mask)[:, 0]
+    position = torch.arange(mask.shape[0], device=mask.device)
+    key = torch.where(mask, mask.shape[0] - position, -position)
+    return key.topk(count).indices
 
 
 @state_pytree
@@ -158,14 +238,10 @@ class TokenLayout:
 
 
 def refuse_in_export(what: str) -> None:
-    """`torch.export` needs shapes known without the data; say which settings give them instead of failing deep in
-    the tracer on a data-dependent size."""
+    """Refuse, inside `torch.export`, what an exported graph cannot compute, saying which settings to change (`what`
+    names the problem and the fix) instead of failing deep in the tracer."""
     if torch.compiler.is_exporting():
-        raise ValueError(
-            f"torch.export needs static shapes, but {what} depends on the image. Export a model whose token counts "
-            "are fixed: `partition_source=\"dense\"` or a `token_budget` (policy partitions), and for halting "
-            "`exit_keep_tokens` instead of thresholds (`settings=` of the forward, or `config.update_settings`)."
-        )
+        raise ValueError(f"This cannot be exported: {what}")
 
 
 def dense_token_layout(
@@ -173,16 +249,19 @@ def dense_token_layout(
 ) -> TokenLayout:
     """The layout of a plain ViT: one token per cell, in raster order, for every image."""
     rows, cols = grid_size
-    cells = rows * cols
-    token = torch.arange(batch_size * cells, device=device)
-    cell = token % cells
+    # Broadcast aranges rather than `%` and `//` of a token index: the sizes may be symbols (an export with dynamic
+    # shapes), which the ONNX exporter cannot take as the divisor of a tensor.
+    shape = (batch_size, rows, cols)
+    image = torch.arange(batch_size, device=device)[:, None, None].expand(shape)
+    row = torch.arange(rows, device=device)[None, :, None].expand(shape)
+    col = torch.arange(cols, device=device)[None, None, :].expand(shape)
     return TokenLayout(
-        batch=PackedBatch(torch.full((batch_size,), cells, device=device), (cells,) * batch_size, attention_mode),
-        image_index=token // cells,
-        cell_row=cell // cols,
-        cell_col=cell % cols,
-        block_side=torch.ones_like(token),
-        cell_to_token=token.view(batch_size, rows, cols),
+        batch=PackedBatch.equal(rows * cols, batch_size, device, attention_mode),
+        image_index=image.flatten(),
+        cell_row=row.flatten(),
+        cell_col=col.flatten(),
+        block_side=torch.ones(batch_size * rows * cols, dtype=torch.long, device=device),
+        cell_to_token=torch.arange(batch_size * rows * cols, device=device).view(shape),
     )
 
 
@@ -232,14 +311,15 @@ def places_by_layout(sequence: "PackedSequence", token_index: torch.Tensor, layo
     `token_index`: the class token at position 0, token i of an image's layout at position 1 + i, in a grid of
     `1 + max_tokens` positions (so halted tokens leave their places empty)."""
     rows, batch_size = sequence.sequence.shape[0], layout.batch.batch_size
-    image = torch.empty(rows, dtype=torch.long, device=token_index.device)
-    position = torch.empty_like(image)
     token_image = layout.image_index[token_index]
-    image[sequence.token_positions] = token_image
-    position[sequence.token_positions] = 1 + token_index - layout.batch.offsets[token_image]
     class_rows = sequence.extra_positions[:, 0]
-    image[class_rows] = torch.arange(batch_size, device=image.device)
-    position[class_rows] = 0
+    # Scatters, not index assignment: the ONNX exporter's rewrite of the latter guards on the number of values, which
+    # survivors of thresholds (a data-dependent size) do not allow.
+    image = torch.empty(rows, dtype=torch.long, device=token_index.device)
+    image = image.scatter(0, sequence.token_positions, token_image)
+    image = image.scatter(0, class_rows, torch.arange(batch_size, device=image.device))
+    position = torch.zeros_like(image).scatter(0, sequence.token_positions,
+                                               1 + token_index - layout.batch.offsets[token_image])
     filled = torch.zeros(batch_size, 1 + layout.batch.max_length, dtype=torch.bool, device=image.device)
     filled[image, position] = True
     return PaddedPlaces(image, position, filled)
@@ -288,7 +368,7 @@ def packed_attention(
         q, k, v = (x.view(batch_size, length, num_heads, head_dim).transpose(1, 2) for x in (query, key, value))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         return out.transpose(1, 2).reshape(num_tokens, num_heads, head_dim)
-    if batch.attention_mode == "packed":
+    if batch.attention_mode == "packed" and batch.host_lengths is not None:
         half = query.dtype in (torch.float16, torch.bfloat16)
         if varlen_attn is not None and query.is_cuda and half and not dropout_p:
             return varlen_attn(query, key, value, batch.cu_seqlens, batch.cu_seqlens, length, length)
@@ -336,10 +416,12 @@ __all__ = [
     "TokenLayout",
     "dense_token_layout",
     "eager_attention",
+    "first_true_positions",
     "insert_per_image",
     "packed_attention",
     "places_by_layout",
     "refuse_in_export",
     "state_pytree",
+    "top_count_first_on_ties",
     "unshare",
 ]

@@ -236,17 +236,6 @@ def test_static_configurations_export_and_match_eager(name):
     assert torch.equal(exported.superpatch_map, eager.superpatch_map)
 
 
-@pytest.mark.parametrize("fields, words", [
-    (dict(partition_source="policy"), "number of tokens of a partition without a token budget"),
-    (dict(exit_layers=[1], halting=True), "number of tokens an exit keeps by threshold"),
-])
-def test_data_dependent_configurations_refuse_to_export_naming_the_static_settings(fields, words):
-    model = StepForSemanticSegmentation(tiny_config(**fields)).eval()
-    with pytest.raises(Exception, match=words) as raised:
-        torch.export.export(model, (torch.randn(1, 3, 64, 96),))
-    assert "token_budget" in str(raised.value) and "exit_keep_tokens" in str(raised.value)
-
-
 def test_lora_adapters_on_the_attention_projections_train_with_peft():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)

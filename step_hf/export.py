@@ -1,0 +1,118 @@
+"""
+Export a saved STEP model for deployment through `transformers.exporters`: one fixed set of run-time settings is
+traced into the program (the model's saved ones, with the overrides given here), and the output folder holds the
+program (`model.onnx`, `openvino_model.xml`, or `model.pt2`), the config, the image processor's config and a short
+README saying what was exported.
+
+    python -m step_hf.export --model_name_or_path DIR --format onnx --output_dir OUT \
+        --partition_source policy --token_budget 100 --exit_keep_tokens 60 40 --halting
+
+The batch is always dynamic; height and width too for the dense model (a policy's partition is exported for the one
+input size given by `--image_size`, default the model's `image_size`).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from .configuration_step import RUN_SETTINGS, resolve_settings
+from .image_processing_step import StepImageProcessor
+from .modeling_step import StepForSemanticSegmentation
+
+FORMATS = ("onnx", "openvino", "dynamo")
+
+
+def exporter_and_config(export_format: str, dynamic_shapes: dict):
+    """The `transformers.exporters` exporter of `export_format` and its config with `dynamic_shapes`."""
+    from transformers import exporters
+
+    classes = {
+        "onnx": (exporters.OnnxExporter, exporters.OnnxConfig),
+        "openvino": (exporters.OpenVINOExporter, exporters.OpenVINOConfig),
+        "dynamo": (exporters.DynamoExporter, exporters.DynamoConfig),
+    }
+    exporter_class, config_class = classes[export_format]
+    return exporter_class(), config_class(dynamic_shapes=dynamic_shapes)
+
+
+def export_model(model: StepForSemanticSegmentation, export_format: str, image_size: tuple[int, int],
+                 settings_overrides: dict) -> tuple["object", dict]:
+    """
+    Export `model` running its saved settings with `settings_overrides` (checked by `resolve_settings`). Returns the
+    `ExportedModel` and the settings traced into it. The model's config is changed to hold them as its saved
+    defaults, so that the exported folder's config says what the program runs.
+    """
+    settings = resolve_settings(model.config, None, **settings_overrides)
+    model.config.update_settings(settings)
+    axes = {0: Dim("batch", min=1, max=256)}
+    if settings.partition_source == "dense" or not model.config.shared_sizes:
+        axes.update({2: Dim.AUTO, 3: Dim.AUTO})
+    exporter, config = exporter_and_config(export_format, {"pixel_values": axes})
+    sample = torch.randn(2, model.config.num_channels, *image_size, generator=torch.Generator().manual_seed(0))
+    return exporter.export(model.eval(), {"pixel_values": sample}, config), settings.to_dict()
+
+
+README = """# Exported STEP model
+
+Format: {format}; program: `{program}`, with `export.json` (what `transformers.exporters` recorded), `config.json`
+and `preprocessor_config.json` (the image processor: resize and normalisation).
+
+Run-time settings traced into the program (they cannot change without exporting again):
+
+```json
+{settings}
+```
+
+Input `pixel_values` `(batch, 3, height, width)`, normalised as the processor does; {shapes}. Outputs: `logits`
+`(batch, num_labels, height / 16, width / 16)`, `superpatch_map`, `token_counts`{halting}.
+
+Exported with `python -m step_hf.export {command}`.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True)
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--image_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                        help="the input size traced (default: the model's image_size)")
+    settings = parser.add_argument_group("run-time settings traced into the program (default: the saved ones)")
+    settings.add_argument("--partition_source", choices=("dense", "policy"))
+    settings.add_argument("--policy_thresholds", type=float, nargs="+")
+    settings.add_argument("--token_budget", type=int)
+    settings.add_argument("--exit_thresholds", type=float, nargs="+")
+    settings.add_argument("--exit_keep_tokens", type=int, nargs="+")
+    settings.add_argument("--halting", action=argparse.BooleanOptionalAction, default=None)
+    args = parser.parse_args(argv)
+
+    overrides = {name: getattr(args, name) for name in RUN_SETTINGS
+                 if getattr(args, name, None) is not None}
+    model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+    processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
+    stored = model.config.image_size
+    image_size = tuple(args.image_size or (stored if isinstance(stored, (list, tuple)) else (stored, stored)))
+    exported, traced_settings = export_model(model, args.format, image_size, overrides)
+
+    output = Path(args.output_dir)
+    exported.save_pretrained(output)
+    processor.save_pretrained(output)
+    program = {"onnx": "model.onnx", "openvino": "openvino_model.xml", "dynamo": "model.pt2"}[args.format]
+    dense = traced_settings["partition_source"] == "dense" or not model.config.shared_sizes
+    shapes = "any batch, height and width (multiples of 16)" if dense else f"any batch, {image_size[0]}x{image_size[1]}"
+
+
+    (output / "README.md").write_text(README.format(
+        format=args.format, program=program, settings=json.dumps(traced_settings, indent=2), shapes=shapes,
+        halting=", `exit_map`, `halted_share`" if traced_settings["halting"] else "",
+        command=" ".join(argv if argv is not None else sys.argv[1:]),
+    ))
+    print(f"Wrote {output / program} with settings {traced_settings}")
+
+
+if __name__ == "__main__":
+    main()

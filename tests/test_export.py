@@ -1,0 +1,155 @@
+"""Export: the exportable replacements of the stable sorts give today's partitions and halted tokens, every
+configuration goes through `transformers.exporters` (torch.export and ONNX) and runs in the exported program as in
+eager, on inputs it was not traced with, and what cannot export is refused naming the settings to change."""
+
+import pytest
+import torch
+from torch.export import Dim
+
+from step_hf import StepForSemanticSegmentation
+from step_hf.superpatch import block_reduce, budget_token_count, decisions_for_budget
+from step_hf.token_layout import PackedBatch, first_true_positions, top_count_first_on_ties
+from step_hf.exits import keep_topk_per_class
+
+from .conftest import tiny_config
+
+exporters = pytest.importorskip("transformers.exporters")
+
+
+def stable_sort_selection(values: torch.Tensor, count: int) -> torch.Tensor:
+    """The selection as it was computed before: the first `count` of a stable descending sort of each row."""
+    order = values.sort(dim=1, descending=True, stable=True).indices[:, :count]
+    return torch.zeros_like(values, dtype=torch.bool).scatter_(1, order, True)
+
+
+def test_top_count_with_position_ties_is_the_stable_sort_selection():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        values = torch.randint(0, 4, (3, 17), generator=generator).float()  # many ties
+        values[0, :5] = float("-inf")
+        for count in (0, 1, 5, 12):
+            assert torch.equal(top_count_first_on_ties(values, count, dim=1), stable_sort_selection(values, count))
+
+
+def test_first_true_positions_are_the_survivors_of_the_stable_argsort():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        keep = torch.rand(40, generator=generator) < 0.4
+        count = int(keep.sum())
+        before = torch.argsort((~keep).to(torch.int8), stable=True)[:count]
+        assert torch.equal(first_true_positions(keep, count), before)
+        assert torch.equal(first_true_positions(keep, None), before)  # the data-dependent form
+
+
+def test_budget_partitions_are_unchanged_with_tied_priorities():
+    generator = torch.Generator().manual_seed(2)
+    grid = (8, 12)
+    for budget in (20, 50, 90):
+        block_logits = {size: torch.randint(-2, 3, (2, 8 // size, 12 // size), generator=generator).float()
+                        for size in (2, 4)}
+        # The selection before: the same priorities, a stable sort.
+        priorities, child = [], None
+        for size in (2, 4):
+            priority = block_logits[size] if child is None else torch.minimum(block_logits[size],
+                                                                              block_reduce(child, 2, "min"))
+            priorities.append(priority)
+            child = priority
+        merges = (96 - budget_token_count(96, budget)) // 3
+        before = stable_sort_selection(torch.cat([p.flatten(1) for p in priorities], 1), merges)
+        decisions = decisions_for_budget(block_logits, grid, budget)
+        assert torch.equal(torch.cat([decisions[2].flatten(1), decisions[4].flatten(1)], 1), before)
+
+
+def test_kept_tokens_break_ties_toward_the_earlier_token():
+    batch = PackedBatch.of([4, 3], "cpu")
+    scores = torch.tensor([[1.0], [2.0], [2.0], [2.0], [5.0], [5.0], [float("-inf")]])
+    keep = keep_topk_per_class(scores, batch, 2)
+    assert keep.tolist() == [False, True, True, False, True, True, False]
+
+
+# Every configuration: its fields, and whether height and width are dynamic too (the policy's partitions are exported
+# for one input size, any batch).
+CONFIGURATIONS = {
+    "dense": (dict(), True),
+    "dense + halting by thresholds": (dict(exit_layers=[1], halting=True, exit_thresholds=[0.3]), False),
+    "token budget + exit keep counts": (dict(partition_source="policy", superpatch_sizes=[1, 2, 4], token_budget=12,
+                                             exit_layers=[1], halting=True, exit_keep_tokens=[6]), False),
+    "policy and exit thresholds": (dict(partition_source="policy", superpatch_sizes=[1, 2, 4],
+                                        policy_thresholds=[0.5, 0.5], exit_layers=[1], halting=True,
+                                        exit_thresholds=[0.3]), False),
+}
+
+
+def export_and_check(name: str, exporter, config_class, tmp_path, reload_kwargs) -> None:
+    fields, dynamic_size = CONFIGURATIONS[name]
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(tiny_config(**fields)).eval()
+    traced = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
+    axes = {0: Dim("batch", min=1, max=32)}
+    if dynamic_size:
+        axes.update({2: Dim.AUTO, 3: Dim.AUTO})
+    exported = exporter.export(model, {"pixel_values": traced}, config_class(dynamic_shapes={"pixel_values": axes}))
+    exported.save_pretrained(tmp_path / "exported")
+    reloaded = exporters.ExportedModel.from_pretrained(tmp_path / "exported", **reload_kwargs)
+    unseen = [(3, 64, 96), (1, 64, 96)] + ([(2, 80, 112), (1, 64, 64)] if dynamic_size else [])
+    counts = []
+    for seed, shape in enumerate(unseen):
+        pixels = torch.randn(shape[0], 3, *shape[1:], generator=torch.Generator().manual_seed(10 + seed))
+        program, eager = reloaded(pixel_values=pixels), model(pixels)
+        torch.testing.assert_close(program.logits, eager.logits, rtol=0, atol=1e-4)
+        assert torch.equal(program.token_counts, eager.token_counts)
+        counts += program.token_counts.tolist()
+        assert torch.equal(program.superpatch_map, eager.superpatch_map)
+        if eager.halted_share is not None:
+            assert torch.equal(program.exit_map, eager.exit_map)
+            torch.testing.assert_close(program.halted_share, eager.halted_share, rtol=0, atol=0)
+    if fields.get("policy_thresholds"):  # the graph computed each image's own count
+        assert len(set(counts)) > 1
+
+
+@pytest.mark.parametrize("name", [
+    "dense",
+    pytest.param("dense + halting by thresholds", marks=pytest.mark.slow),
+    "token budget + exit keep counts",
+    pytest.param("policy and exit thresholds", marks=pytest.mark.slow),
+])
+def test_every_configuration_exports_with_torch_export_reloads_and_matches_eager(name, tmp_path):
+    export_and_check(name, exporters.DynamoExporter(), exporters.DynamoConfig, tmp_path,
+                     dict(trust_remote_code=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_every_configuration_exports_to_onnx_and_onnxruntime_matches_eager(name, tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    export_and_check(name, exporters.OnnxExporter(), exporters.OnnxConfig, tmp_path, {})
+
+
+def test_the_oracle_partition_refuses_to_export_naming_the_settings_to_change():
+    model = StepForSemanticSegmentation(tiny_config(partition_source="oracle", superpatch_sizes=[1, 2])).eval()
+    with pytest.raises(Exception, match="oracle") as raised:
+        torch.export.export(model, (torch.randn(1, 3, 64, 96),))
+    assert "partition_source" in str(raised.value) and "token_budget" in str(raised.value)
+
+
+@pytest.mark.slow
+def test_the_export_command_writes_the_program_processor_and_readme_running_the_given_settings(tmp_path):
+    from step_hf import StepImageProcessor
+    from step_hf.export import main
+
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(tiny_config(partition_source="policy", superpatch_sizes=[1, 2, 4],
+                                                    exit_layers=[1])).eval()
+    model.save_pretrained(tmp_path / "model")
+    StepImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
+    main(["--model_name_or_path", str(tmp_path / "model"), "--format", "dynamo", "--output_dir", str(tmp_path / "out"),
+          "--token_budget", "12", "--exit_keep_tokens", "6", "--halting"])
+    assert (tmp_path / "out" / "model.pt2").is_file() and (tmp_path / "out" / "preprocessor_config.json").is_file()
+    assert '"token_budget": 12' in (tmp_path / "out" / "README.md").read_text()
+    reloaded = exporters.ExportedModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    program = reloaded(pixel_values=pixels)
+    eager = model(pixels, token_budget=12, exit_keep_tokens=[6], halting=True)
+    torch.testing.assert_close(program.logits, eager.logits, rtol=0, atol=1e-4)
+    assert torch.equal(program.token_counts, eager.token_counts) and torch.equal(program.exit_map, eager.exit_map)
