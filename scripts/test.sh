@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the test suite on CPU. Extra arguments go to pytest.
-# In CI (CI=true, no arguments) it also runs transformers' common tests that are marked slow, and the contract tests
+# In CI (CI=true, no arguments) it also runs the slow common and export tests, and the contract tests
 # against the oldest torch and transformers that pyproject.toml allows (scripts/test_oldest.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +10,5 @@ if [ "${CI:-}" != "true" ] || [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
 .venv/bin/python -m pytest -q
-.venv/bin/python -m pytest -q -m slow tests/test_transformers_common.py
+.venv/bin/python -m pytest -q -m slow tests/test_transformers_common.py tests/test_export.py
 bash scripts/test_oldest.sh

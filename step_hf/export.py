@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> None:
     program = {"onnx": "model.onnx", "openvino": "openvino_model.xml", "dynamo": "model.pt2"}[args.format]
     dense = traced_settings["partition_source"] == "dense" or not model.config.shared_sizes
     shapes = "any batch, height and width (multiples of 16)" if dense else f"any batch, {image_size[0]}x{image_size[1]}"
-
-
     (output / "README.md").write_text(README.format(
         format=args.format, program=program, settings=json.dumps(traced_settings, indent=2), shapes=shapes,
         halting=", `exit_map`, `halted_share`" if traced_settings["halting"] else "",

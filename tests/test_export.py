@@ -153,3 +153,38 @@ def test_the_export_command_writes_the_program_processor_and_readme_running_the_
     eager = model(pixels, token_budget=12, exit_keep_tokens=[6], halting=True)
     torch.testing.assert_close(program.logits, eager.logits, rtol=0, atol=1e-4)
     assert torch.equal(program.token_counts, eager.token_counts) and torch.equal(program.exit_map, eager.exit_map)
+
+
+@pytest.mark.slow
+def test_the_torch_free_example_segments_as_the_pipeline_does(tmp_path):
+    """`examples/onnx_segment.py` on the ONNX export of a saved model, run where `import torch` fails, writes the
+    pipeline's class map of the image (pixel agreement >= 99.9%)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    from step_hf import StepImageProcessor
+    from step_hf.export import main as export
+
+    from .conftest import EXAMPLES, tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    StepImageProcessor(size={"shortest_edge": 64}, num_labels=4).save_pretrained(tmp_path / "model")
+    export(["--model_name_or_path", str(tmp_path / "model"), "--format", "onnx", "--output_dir",
+            str(tmp_path / "onnx"), "--image_size", "64", "96"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 110, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    script = (f"import runpy, sys; sys.modules['torch'] = None; sys.argv = {['onnx_segment.py', '--model', str(tmp_path / 'onnx'), '--image', str(tmp_path / 'image.png'), '--output', str(tmp_path / 'classes.png')]!r}; "
+              f"runpy.run_path({str(EXAMPLES / 'onnx_segment.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    classes = np.array(Image.open(tmp_path / "classes.png"))
+    segments = pipeline("image-segmentation", model=str(tmp_path / "model"))(image)
+    expected = np.full(classes.shape, -1)
+    for segment in segments:
+        expected[np.array(segment["mask"]) > 0] = tiny_model().config.label2id[segment["label"]]
+    assert classes.shape == (70, 110) and len(np.unique(classes)) > 1  # a map with borders to get right
+    assert (classes == expected).mean() >= 0.999
