@@ -133,12 +133,8 @@ def check_processor_fields(fields: dict) -> None:
             values = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
             values = None
-        rgb = fields.get("do_convert_rgb") is not False  # images become RGB: three channels
-        if values is None or values.ndim > 1 or values.size == 0 or (rgb and values.size not in (1, 3)):
-            raise ValueError(
-                f"`{name}` must be one number or one per channel (three for RGB images, as `do_convert_rgb=True` "
-                f"makes them), got {value!r}."
-            )
+        if values is None or values.ndim > 1 or values.size == 0:  # the channels are checked per image
+            raise ValueError(f"`{name}` must be one number or one per channel (three for RGB), got {value!r}.")
         values = values.reshape(-1)
         if not np.isfinite(values).all():
             raise ValueError(f"`{name}` {values.tolist()} holds NaN or infinity; it must hold finite numbers.")

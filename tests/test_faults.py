@@ -187,9 +187,10 @@ PROCESSOR_FIELD_CASES = [
     refused("a saved processor with image_std holding 0",
             lambda: StepImageProcessor.from_pretrained(saved_processor_with(image_std=[0.229, 0, 0.225])),
             ValueError, "`image_std`", "holds 0"),
-    refused("a saved processor with image_mean of two values",
-            lambda: StepImageProcessor.from_pretrained(saved_processor_with(image_mean=[0.5, 0.5])),
-            ValueError, "`image_mean`", "three for RGB images", "(0.5, 0.5)"),
+    refused("a saved processor with image_mean of two values, given an RGB image",
+            lambda: StepImageProcessor.from_pretrained(saved_processor_with(image_mean=[0.5, 0.5]))(
+                np.zeros((16, 16, 3), np.uint8)),
+            ValueError, "`image_mean` has 2 values", "3 channels"),
     refused("NaN in image_mean", lambda: StepImageProcessor(image_mean=[0.5, float("nan"), 0.5]), ValueError,
             "`image_mean`", "NaN"),
     refused("image_std holding 0 for one call", lambda: pixels_of_call(image_std=[1.0, 0.0, 1.0]), ValueError,
