@@ -26,9 +26,18 @@ from .modeling_step import StepForSemanticSegmentation
 FORMATS = ("onnx", "openvino", "dynamo")
 
 
-def exporter_and_config(export_format: str, dynamic_shapes: dict):
-    """The `transformers.exporters` exporter of `export_format` and its config with `dynamic_shapes`."""
+def exporter_and_config(export_format: str, dynamic_shapes: dict, quantize: str | None = None):
+    """The `transformers.exporters` exporter of `export_format` and its config with `dynamic_shapes`; with
+    `quantize="int8"` (ONNX only), weights quantized to int8 and activations at run time (ONNX Runtime's dynamic
+    quantization, through `OnnxRuntimeQuantizer`)."""
     from transformers import exporters
+
+    if quantize is not None:
+        if (export_format, quantize) != ("onnx", "int8"):
+            raise ValueError(f"Quantization {quantize!r} is offered for the ONNX format as 'int8', not for "
+                             f"{export_format!r}.")
+        quantizer = exporters.OnnxRuntimeQuantizer(exporters.OnnxRuntimeDynamicConfig())
+        return exporters.OnnxExporter(), exporters.OnnxConfig(dynamic_shapes=dynamic_shapes, quantizer=quantizer)
 
     classes = {
         "onnx": (exporters.OnnxExporter, exporters.OnnxConfig),
@@ -40,7 +49,7 @@ def exporter_and_config(export_format: str, dynamic_shapes: dict):
 
 
 def export_model(model: StepForSemanticSegmentation, export_format: str, image_size: tuple[int, int],
-                 settings_overrides: dict) -> tuple["object", dict]:
+                 settings_overrides: dict, quantize: str | None = None) -> tuple["object", dict]:
     """
     Export `model` running its saved settings with `settings_overrides` (checked by `resolve_settings`). Returns the
     `ExportedModel` and the settings traced into it. The model's config is changed to hold them as its saved
@@ -51,14 +60,14 @@ def export_model(model: StepForSemanticSegmentation, export_format: str, image_s
     axes = {0: Dim("batch", min=1, max=256)}
     if settings.partition_source == "dense" or not model.config.shared_sizes:
         axes.update({2: Dim.AUTO, 3: Dim.AUTO})
-    exporter, config = exporter_and_config(export_format, {"pixel_values": axes})
+    exporter, config = exporter_and_config(export_format, {"pixel_values": axes}, quantize)
     sample = torch.randn(2, model.config.num_channels, *image_size, generator=torch.Generator().manual_seed(0))
     return exporter.export(model.eval(), {"pixel_values": sample}, config), settings.to_dict()
 
 
 README = """# Exported STEP model
 
-Format: {format}; program: `{program}`, with `export.json` (what `transformers.exporters` recorded), `config.json`
+Format: {format}{quantized}; program: `{program}`, with `export.json` (what `transformers.exporters` recorded), `config.json`
 and `preprocessor_config.json` (the image processor: resize and normalisation).
 
 Run-time settings traced into the program (they cannot change without exporting again):
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="the input size traced (default: the model's image_size)")
+    parser.add_argument("--quantize", choices=("int8",), help="ONNX only: int8 weights, activations quantized at run "
+                        "time (ONNX Runtime's dynamic quantization)")
     settings = parser.add_argument_group("run-time settings traced into the program (default: the saved ones)")
     settings.add_argument("--partition_source", choices=("dense", "policy"))
     settings.add_argument("--policy_thresholds", type=float, nargs="+")
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
     stored = model.config.image_size
     image_size = tuple(args.image_size or (stored if isinstance(stored, (list, tuple)) else (stored, stored)))
-    exported, traced_settings = export_model(model, args.format, image_size, overrides)
+    exported, traced_settings = export_model(model, args.format, image_size, overrides, args.quantize)
 
     output = Path(args.output_dir)
     exported.save_pretrained(output)
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     dense = traced_settings["partition_source"] == "dense" or not model.config.shared_sizes
     shapes = "any batch, height and width (multiples of 16)" if dense else f"any batch, {image_size[0]}x{image_size[1]}"
     (output / "README.md").write_text(README.format(
-        format=args.format, program=program, settings=json.dumps(traced_settings, indent=2), shapes=shapes,
+        format=args.format, quantized=" (int8 dynamic quantization)" if args.quantize else "", program=program, settings=json.dumps(traced_settings, indent=2), shapes=shapes,
         halting=", `exit_map`, `halted_share`" if traced_settings["halting"] else "",
         command=" ".join(argv if argv is not None else sys.argv[1:]),
     ))

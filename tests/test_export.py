@@ -188,3 +188,36 @@ def test_the_torch_free_example_segments_as_the_pipeline_does(tmp_path):
         expected[np.array(segment["mask"]) > 0] = tiny_model().config.label2id[segment["label"]]
     assert classes.shape == (70, 110) and len(np.unique(classes)) > 1  # a map with borders to get right
     assert (classes == expected).mean() >= 0.999
+
+
+@pytest.mark.slow
+def test_the_int8_onnx_program_runs_with_the_same_tokens_and_close_predictions(tmp_path):
+    """`--quantize int8` writes a smaller ONNX program (int8 weights) that ONNX Runtime runs: the static STEP
+    configuration's token counts and halted shares are the fp32 program's, and nearly every cell's class too."""
+    import onnxruntime
+
+    from step_hf import StepImageProcessor
+    from step_hf.export import main as export
+
+    from .conftest import tiny_model
+
+    tiny_model(partition_source="policy", superpatch_sizes=[1, 2, 4], exit_layers=[1], hidden_size=64,
+               intermediate_size=128, decoder_hidden_size=64).save_pretrained(tmp_path / "model")
+    StepImageProcessor(size={"height": 64, "width": 96}).save_pretrained(tmp_path / "model")
+    static = ["--token_budget", "12", "--exit_keep_tokens", "8", "--halting", "--image_size", "64", "96"]
+    results, sizes = {}, {}
+    pixels = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(1)).numpy()
+    for name, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
+        export(["--model_name_or_path", str(tmp_path / "model"), "--format", "onnx", "--output_dir",
+                str(tmp_path / name), *static, *extra])
+        folder = tmp_path / name
+        sizes[name] = sum(path.stat().st_size for path in folder.glob("model.onnx*"))
+        session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+        results[name] = dict(zip(names, session.run(None, {session.get_inputs()[0].name: pixels})))
+    assert sizes["int8"] < 0.6 * sizes["fp32"]
+    for output in ("token_counts", "superpatch_map"):
+        assert (results["int8"][output] == results["fp32"][output]).all()
+    agreement = (results["int8"]["logits"].argmax(1) == results["fp32"]["logits"].argmax(1)).mean()
+    assert agreement >= 0.9
+    assert "int8" in (tmp_path / "int8" / "README.md").read_text()
