@@ -204,11 +204,10 @@ def resolve_settings(config: "StepConfig", settings: "StepSettings | Mapping | N
     defaults `config.settings`; `None`: the defaults), then `overrides` by name, checked against the architecture.
     Thresholds left `None` take the model's saved ones.
     """
-    defaults = config.settings
     if settings is None:
-        resolved = defaults
+        resolved = config.settings
     elif isinstance(settings, Mapping):
-        resolved = defaults.replace(**settings)
+        resolved = config.settings.replace(**settings)
     elif isinstance(settings, StepSettings):
         resolved = settings
     elif dataclasses.is_dataclass(settings) and not isinstance(settings, type):
@@ -218,8 +217,12 @@ def resolve_settings(config: "StepConfig", settings: "StepSettings | Mapping | N
         raise TypeError(f"`settings` must be a StepSettings or a dict of setting overrides, got {type(settings).__name__}.")
     resolved = resolved.replace(**overrides) if overrides else resolved
     if resolved.policy_thresholds is None or resolved.exit_thresholds is None:
-        resolved = resolved.replace(policy_thresholds=resolved.policy_thresholds or defaults.policy_thresholds,
-                                    exit_thresholds=resolved.exit_thresholds or defaults.exit_thresholds)
+        defaults = config.settings
+        resolved = resolved.replace(
+            policy_thresholds=defaults.policy_thresholds if resolved.policy_thresholds is None
+            else resolved.policy_thresholds,
+            exit_thresholds=defaults.exit_thresholds if resolved.exit_thresholds is None else resolved.exit_thresholds,
+        )
     resolved.check_against(config)
     return resolved
 
@@ -554,13 +557,16 @@ class StepConfig(PreTrainedConfig):
         """Part of `@strict`-powered validation: the run-time settings saved as defaults, checked as every call's
         are (`StepSettings`), and a token budget against the stored grid."""
         self.settings.check_against(self)
-        if self.token_budget is not None:
-            rows, cols = self.image_grid_size
-            if not 1 <= self.token_budget <= rows * cols:
-                raise ValueError(
-                    f"`token_budget` ({self.token_budget}) must be between 1 and the {rows}x{cols} = {rows * cols} "
-                    "cells of the `image_size` grid."
-                )
+        self._check_token_budget_fits(self.token_budget)
+
+    def _check_token_budget_fits(self, token_budget: int | None) -> None:
+        """Refuse a token budget larger than the stored grid (`image_size`)."""
+        rows, cols = self.image_grid_size
+        if token_budget is not None and not 1 <= token_budget <= rows * cols:
+            raise ValueError(
+                f"`token_budget` ({token_budget}) must be between 1 and the {rows}x{cols} = {rows * cols} cells of the "
+                "`image_size` grid."
+            )
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -600,9 +606,9 @@ class StepConfig(PreTrainedConfig):
                 f"{architecture} cannot change on a built model; the run-time settings are {list(RUN_SETTINGS)}."
             )
         new = resolve_settings(self, settings, **changes)
+        self._check_token_budget_fits(new.token_budget)  # the rest of the configuration is unchanged
         for name, value in new.to_dict().items():
             setattr(self, name, value)
-        self._check_all()
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "StepConfig":
