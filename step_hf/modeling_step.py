@@ -33,6 +33,7 @@ from .exits import (
 from .fast_ops import ImageNorm, PatchConv2d, resize_grid_bicubic
 from .superpatch import (
     TARGET_IGNORE,
+    block_grid,
     blocks_to_cells,
     cells_to_blocks,
     check_superpatch_map,
@@ -383,6 +384,7 @@ class PolicyNetwork(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
         """`(batch, channels, H, W)` -> for each size s, logits `(batch, H / 16 // s, W / 16 // s)`."""
         features = self.stem(pixel_values)
+        grid_size = tuple(features.shape[-2:])
         block_logits = {}
         for level, layer in enumerate(self.levels, start=1):
             if min(features.shape[-2:]) < 2:  # no whole block of this size or larger fits
@@ -390,9 +392,9 @@ class PolicyNetwork(nn.Module):
             features = layer(features)
             if 2**level in self.sizes:
                 block_logits[2**level] = self.heads[str(2**level)](features)[:, 0]
-        for size in self.sizes:  # sizes larger than the grid: no blocks at all
+        for size in self.sizes:  # sizes larger than the grid: no whole block, an empty block grid
             if size not in block_logits:
-                block_logits[size] = features.new_zeros(features.shape[0], 0, 0)
+                block_logits[size] = features.new_zeros(features.shape[0], *block_grid(grid_size, size))
         return block_logits
 
 
@@ -405,8 +407,7 @@ def policy_loss(
     per_size = []
     for index, size in enumerate(sizes):
         logits = block_logits[size]
-        # Where no whole block of a size fits, both are empty (the policy gives `(batch, 0, 0)`).
-        targets = cells_to_blocks(superpatch_targets[:, index], size)[..., : logits.shape[-2], : logits.shape[-1]]
+        targets = cells_to_blocks(superpatch_targets[:, index], size)
         losses = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
         per_size.append(per_image_mean(losses, targets != TARGET_IGNORE))
     return torch.stack(per_size).mean()
