@@ -20,6 +20,7 @@ offsets are cut back out for its own post-processing, so a batched result is exa
 """
 
 import inspect
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -41,20 +42,22 @@ class StepSegmentationPipeline(ImageSegmentationPipeline):
     def _sanitize_parameters(self, settings: Any = None, **kwargs):
         preprocess, forward, postprocess = super()._sanitize_parameters(**kwargs)
         if settings is not None:
-            if not self.takes_settings():
+            if not self.takes_settings:
                 raise ValueError(
                     f"`settings` are STEP's run-time settings; {type(self.model).__name__} does not take them."
                 )
             forward = {**forward, "settings": settings}
         return preprocess, forward, postprocess
 
+    @cached_property
     def takes_settings(self) -> bool:
+        """Whether the model is a STEP model (its forward takes `settings`); read once, not per image."""
         return "settings" in inspect.signature(self.model.forward).parameters
 
     def preprocess(self, image, subtask=None, timeout=None):
         """As the parent's; for a STEP model an image given by URL or path is loaded by `step_hf`'s `load_image`
         (the same decoding, errors that name the URL and the status, `URL_TIMEOUT_S` unless `timeout` is given)."""
-        if self.takes_settings():
+        if self.takes_settings:
             image = load_image(image, timeout=URL_TIMEOUT_S if timeout is None else timeout)
         return super().preprocess(image, subtask=subtask, timeout=timeout)
 
@@ -62,7 +65,7 @@ class StepSegmentationPipeline(ImageSegmentationPipeline):
                      postprocess_params):
         """As the parent's, but a batch of a STEP model is the list of its images' inputs (no collating: images
         of different sizes, or cut into windows, cannot be stacked), run by `_forward`."""
-        if not self.takes_settings() or batch_size == 1 or not hasattr(inputs, "__len__"):
+        if not self.takes_settings or batch_size == 1 or not hasattr(inputs, "__len__"):
             return super().get_iterator(inputs, num_workers, batch_size, preprocess_params, forward_params,
                                         postprocess_params)
         dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
