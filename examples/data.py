@@ -56,7 +56,8 @@ def load_data(
     for split, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
         if limit:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
-    check_dataset_labels(dataset, id2label, reduce_labels)
+    check_dataset_labels(dataset, id2label, reduce_labels,
+                         flags={"train": f"--train_split {train_split}", "validation": f"--eval_split {eval_split}"})
     return dataset, id2label
 
 
@@ -101,12 +102,16 @@ def read_id2label(dataset_name: str, source: str | None = None) -> dict[int, str
         raise ValueError(f"--id2label must be a JSON file or string mapping ids to names: {error}") from None
 
 
-def check_dataset_labels(dataset: DatasetDict, id2label: dict[int, str], reduce: bool, ignore: int = 255) -> None:
+def check_dataset_labels(dataset: DatasetDict, id2label: dict[int, str], reduce: bool, ignore: int = 255,
+                         flags: dict[str, str] | None = None) -> None:
     """Scan every row of every split: refuse label values that are neither a class nor void (after `reduce_labels`
-    when `reduce`), label maps that are not single-channel or not the image's size, and corrupt or unreadable
-    images, naming the split, row and value. (The model's own `check_labels` checks a batch of label tensors.)"""
+    when `reduce`), label maps that are not single-channel or not the image's size, corrupt or unreadable images,
+    naming the split, row and value, and a split in which every pixel is void: there would be nothing to learn (a
+    NaN loss) or to measure (a NaN mIoU). `flags` names, per split, the flag that chose it (for the message). (The
+    model's own `check_labels` checks a batch of label tensors.)"""
     valid = set(id2label) | {ignore}
     for split in dataset:
+        labelled = False
         for row in range(len(dataset[split])):
             try:
                 example = dataset[split][row]
@@ -126,6 +131,14 @@ def check_dataset_labels(dataset: DatasetDict, id2label: dict[int, str], reduce:
             if unknown:
                 raise ValueError(f"Split {split!r}, row {row}: label value(s) {sorted(unknown)} are not in id2label "
                                  f"({len(id2label)} classes) nor the ignore index {ignore}.")
+            labelled = labelled or bool(values - {ignore})
+        if not labelled:
+            flag = (flags or {}).get(split, f"split {split!r}")
+            void = f"{ignore}, or 0 with --reduce_labels" if reduce else str(ignore)
+            purpose = "train on (the loss would be NaN)" if split == "train" else "measure (the mIoU would be NaN)"
+            raise ValueError(f"Every pixel of the {split} split ({flag}, {len(dataset[split])} images) is void (label "
+                             f"{void}): there is nothing to {purpose}. Check --label_column_name and "
+                             f"--reduce_labels, or choose another {flag.split()[0]}.")
 
 
 __all__ = ["builtin_scenes", "check_dataset_labels", "check_split", "load_data", "read_id2label"]

@@ -44,7 +44,6 @@ from step_hf.configuration_step import (
 )
 from step_hf.evaluation import EvalTransform, evaluate
 from step_hf.hub import HubError, create_repository, push_folder
-from step_hf.image_processing_step import reduce_labels as reduce_label_values
 from step_hf.model_card import model_card
 
 STAGES = ("policy", "segmenter", "prune")
@@ -189,26 +188,6 @@ def data_arguments(args) -> dict:
             "image_column_name": args.image_column_name, "label_column_name": args.label_column_name,
             "id2label_source": args.id2label, "reduce_labels": args.reduce_labels,
             "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples, "seed": args.seed}
-
-
-def check_splits_are_labelled(dataset, args, ignore: int = 255) -> None:
-    """Refuse a split in which every pixel is void: there would be nothing to learn (a NaN loss) or to measure (a NaN
-    mIoU). Reads label maps up to the first labelled pixel, the first map in any usable split."""
-    for split, flag, name in (("train", "--train_split", args.train_split),
-                              ("validation", "--eval_split", args.eval_split)):
-        labels = dataset[split].select_columns(["label"])
-        for row in range(len(labels)):
-            values = np.unique(np.asarray(labels[row]["label"]))
-            if args.reduce_labels:
-                values = reduce_label_values(values, ignore)
-            if (values != ignore).any():
-                break
-        else:
-            void = f"{ignore}, or 0 with --reduce_labels" if args.reduce_labels else str(ignore)
-            purpose = "train on (the loss would be NaN)" if split == "train" else "measure (the mIoU would be NaN)"
-            raise ValueError(f"Every pixel of the {split} split ({flag} {name}, {len(labels)} images) is void (label "
-                             f"{void}): there is nothing to {purpose}. Check --label_column_name and "
-                             f"--reduce_labels, or choose another {flag}.")
 
 
 class TrainTransform:
@@ -826,7 +805,6 @@ def run_training(argv: list[str] | None, stop: StopSignal) -> None:
     if args.push_to_hub and accelerator.is_main_process:
         check_hub_repository(args)
     dataset, id2label = load_data(**data_arguments(args))
-    check_splits_are_labelled(dataset, args)
     model = build_model(args, id2label)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
