@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=512)
     parser.add_argument("--policy_steps", type=int, default=300)
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
-    parser.add_argument("--learning_rate", type=float, help="as train.py's (default: train.py's)")
+    parser.add_argument("--policy_learning_rate", type=float, default=train.TrainArguments.policy_learning_rate,
+                        help="as train.py's")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
     parser.add_argument("--output_dir", default="outputs/dcts")
     parser.add_argument("--seed", type=int, default=0)
@@ -49,15 +50,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train_policy(args) -> list[float]:
     """Stage 1 through `train.py` into `--output_dir`; the training losses, step by step."""
-    train.main([
-        "--dataset_name", args.dataset_name, "--train_split", args.train_split, "--eval_split", args.eval_split,
-        "--image_column_name", args.image_column_name, "--label_column_name", args.label_column_name,
-        "--image_size", str(args.image_size), "--stage", "policy", "--policy_steps", str(args.policy_steps),
-        "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--seed", str(args.seed),
-        "--checkpointing_steps", "0", "--output_dir", args.output_dir,
-        *(["--model_name_or_path", args.model_name_or_path] if args.model_name_or_path else []),
-        *(["--learning_rate", str(args.learning_rate)] if args.learning_rate else []),
-    ])
+    train.run_training(train.TrainArguments(
+        dataset_name=args.dataset_name, train_split=args.train_split, eval_split=args.eval_split,
+        image_column_name=args.image_column_name, label_column_name=args.label_column_name,
+        image_size=args.image_size, stage="policy", policy_steps=args.policy_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed, checkpointing_steps=0,
+        policy_learning_rate=args.policy_learning_rate, output_dir=args.output_dir,
+        model_name_or_path=args.model_name_or_path,
+    ))
     with open(os.path.join(args.output_dir, "metrics.json")) as f:
         history = json.load(f)["history"]
     return [entry["loss"] for entry in history if entry["stage"] == "policy" and "loss" in entry]

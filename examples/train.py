@@ -15,7 +15,7 @@ Results on the built-in scenes mean nothing about real data: they exist so that 
 """
 
 import argparse
-import errno
+import dataclasses
 import json
 import math
 import os
@@ -25,18 +25,21 @@ import signal
 import sys
 import tempfile
 import time
-import zipfile
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, set_seed
+from checkpoints import (
+    STAGES, disk_error, find_checkpoint, json_safe, newest_whole_checkpoint, remove_partial_checkpoints, save_checkpoint,
+)
 from data import load_data
 from PIL import Image as PILImage
 from PIL import ImageEnhance, ImageOps
-from safetensors import safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights
 from step_hf.configuration_step import (
@@ -46,7 +49,6 @@ from step_hf.evaluation import EvalTransform, evaluate
 from step_hf.hub import HubError, create_repository, push_folder
 from step_hf.model_card import model_card
 
-STAGES = ("policy", "segmenter", "prune")
 # Flags a resumed run may change: where and how often it writes, logs and evaluates, and where it publishes. Every
 # other flag defines the run (what trains, on what data, with which schedule) and must match the checkpoint's.
 RESUMABLE_FLAGS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "eval_steps", "logging_steps",
@@ -71,111 +73,147 @@ class Preempted(RunStopped):
     exit_code = PREEMPTED_EXIT_CODE
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, checked: impossible numbers are refused before anything loads."""
-    p = argument_parser()
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
+def flag(help: str, **argparse_options) -> dict:
+    """A field's `metadata` for `HfArgumentParser`: its help and any other `add_argument` options (choices)."""
+    return {"help": help, **argparse_options}
 
 
-def argument_parser() -> argparse.ArgumentParser:
-    """Every flag of the script, in groups."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset_name", help="a Hub id or a local folder laid out like one; default: built-in scenes")
-    data.add_argument("--dataset_config_name")
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--eval_split", default="validation")
-    data.add_argument("--image_column_name", default="image")
-    data.add_argument("--label_column_name", default="label")
-    data.add_argument("--id2label", help="a JSON file or string {id: name}; default: the dataset's id2label.json")
-    data.add_argument("--reduce_labels", action="store_true", help="label 0 is void: map it to 255, shift the rest")
-    data.add_argument("--max_train_samples", type=int)
-    data.add_argument("--max_eval_samples", type=int)
-    data.add_argument("--image_size", type=int, default=256, help="resize so that the shortest edge is this")
-    data.add_argument("--crop_size", type=int, help="training crop side (default: --image_size)")
-    data.add_argument("--min_scale", type=float, default=0.5)
-    data.add_argument("--max_scale", type=float, default=2.0)
-    model = p.add_argument_group("model")
-    model.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "large"])
-    model.add_argument("--model_name_or_path", help="a saved STEP model to start from")
-    model.add_argument("--backbone_checkpoint", help="public ViT weights (timm or HF names, safetensors)")
-    model.add_argument("--partition_source", default="policy", choices=PARTITION_SOURCES,
-                       help="partitions for the segmenter and prune stages")
-    model.add_argument("--exit_thresholds", type=float, nargs="+")
-    model.add_argument("--token_budget", type=int, help="a fixed number of tokens per image instead of thresholds")
-    model.add_argument("--exit_layers", type=int, nargs="*",
-                       help="a new model's exit blocks (default: DToP's placement, e.g. 6 8 of ViT-B's 12 blocks)")
-    model.add_argument("--exit_head_type", choices=EXIT_HEAD_TYPES, help="a new model's exit heads (default: mlp)")
-    model.add_argument("--superpatch_sizes", type=int, nargs="+",
-                       help="a new model's superpatch sides (default: 2 4 8 16; '2' alone is CTS's 2x2 sharing)")
-    model.add_argument("--attention_mode", choices=ATTENTION_MODES,
-                       help="how images of unequal token counts share a batch (default: the config's, packed)")
-    model.add_argument("--gradient_checkpointing", action="store_true",
-                       help="recompute each block's activations in the backward pass: less memory, same gradients")
-    train = p.add_argument_group("training")
-    train.add_argument("--stage", default="all", choices=[*STAGES, "all"])
-    train.add_argument("--policy_steps", type=int, default=200)
-    train.add_argument("--segmenter_steps", type=int, default=300)
-    train.add_argument("--prune_steps", type=int, default=60)
-    train.add_argument("--per_device_train_batch_size", type=int, default=8)
-    train.add_argument("--per_device_eval_batch_size", type=int, default=1)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+@dataclass
+class TrainArguments:
+    """Everything that defines a run (and where and how often it writes), as `train.py`'s flags set it; a script
+    can build one and call `run_training` instead. Impossible numbers are refused when it is made."""
+
+    # data
+    dataset_name: str | None = field(
+        default=None, metadata=flag("a Hub id or a local folder laid out like one; default: built-in scenes"))
+    dataset_config_name: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_column_name: str = "image"
+    label_column_name: str = "label"
+    id2label: str | None = field(
+        default=None, metadata=flag("a JSON file or string {id: name}; default: the dataset's id2label.json"))
+    reduce_labels: bool = field(default=False, metadata=flag("label 0 is void: map it to 255, shift the rest"))
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    image_size: int = field(default=256, metadata=flag("resize so that the shortest edge is this"))
+    crop_size: int | None = field(default=None, metadata=flag("training crop side (default: --image_size)"))
+    min_scale: float = 0.5
+    max_scale: float = 2.0
+    # model
+    preset: str = field(default="tiny", metadata=flag("a new model's size", choices=["tiny", "small", "base", "large"]))
+    model_name_or_path: str | None = field(default=None, metadata=flag("a saved STEP model to start from"))
+    backbone_checkpoint: str | None = field(
+        default=None, metadata=flag("public ViT weights (timm or HF names, safetensors)"))
+    partition_source: str = field(default="policy", metadata=flag("partitions for the segmenter and prune stages",
+                                                                  choices=PARTITION_SOURCES))
+    exit_thresholds: list[float] | None = None
+    token_budget: int | None = field(
+        default=None, metadata=flag("a fixed number of tokens per image instead of thresholds"))
+    exit_layers: list[int] | None = field(default=None, metadata=flag(
+        "a new model's exit blocks (default: DToP's placement, e.g. 6 8 of ViT-B's 12 blocks; none: no exits)"))
+    exit_head_type: str | None = field(
+        default=None, metadata=flag("a new model's exit heads (default: mlp)", choices=EXIT_HEAD_TYPES))
+    superpatch_sizes: list[int] | None = field(default=None, metadata=flag(
+        "a new model's superpatch sides (default: 2 4 8 16; '2' alone is CTS's 2x2 sharing)"))
+    attention_mode: str | None = field(default=None, metadata=flag(
+        "how images of unequal token counts share a batch (default: the config's, packed)", choices=ATTENTION_MODES))
+    gradient_checkpointing: bool = field(default=False, metadata=flag(
+        "recompute each block's activations in the backward pass: less memory, same gradients"))
+    # training
+    stage: str = field(default="all", metadata=flag("the stage to train, or all three in order",
+                                                    choices=[*STAGES, "all"]))
+    policy_steps: int = 200
+    segmenter_steps: int = 300
+    prune_steps: int = 60
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
     # The segmenter and pruning defaults fit a pretrained or converted ViT (DToP's and Segmenter's fine-tuning:
     # 2e-5, heads 10x, drop path 0.1); a ViT from scratch needs its own schedule (scripts/camvid_recipe.sh).
-    train.add_argument("--learning_rate", type=float, default=2e-5, help="the segmenter stage's backbone rate")
-    train.add_argument("--prune_learning_rate", type=float,
-                       help="the pruning stage, a short fine-tune of a trained segmenter (default: --learning_rate)")
-    train.add_argument("--policy_learning_rate", type=float, default=5e-4,
-                       help="the policy stage (a small CNN, always trained from scratch)")
-    train.add_argument("--head_learning_rate_multiplier", type=float, default=10.0)
-    train.add_argument("--drop_path_rate", type=float, default=0.1,
-                       help="stochastic depth of the encoder blocks in training (0 for a ViT from scratch)")
-    train.add_argument("--weight_decay", type=float, default=0.01)
-    train.add_argument("--warmup_steps", type=int, default=20)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--num_workers", type=int, default=0)
-    run = p.add_argument_group("run")
-    run.add_argument("--output_dir", default="outputs/train")
-    run.add_argument("--checkpointing_steps", type=int, default=100)
-    run.add_argument("--resume_from_checkpoint", help="a checkpoint folder or 'latest'")
-    run.add_argument("--eval_steps", type=int, default=0, help="also evaluate every N steps (0: at stage ends)")
-    run.add_argument("--logging_steps", type=int, default=10,
-                     help="read the losses back every N steps (each read waits for the device)")
-    run.add_argument("--report_to", default="none", help="an Accelerate tracker ('tensorboard', 'all') or 'none'")
-    run.add_argument("--push_to_hub", action="store_true")
-    run.add_argument("--hub_model_id")
-    return p
+    learning_rate: float = field(default=2e-5, metadata=flag("the segmenter stage's backbone rate"))
+    prune_learning_rate: float | None = field(default=None, metadata=flag(
+        "the pruning stage, a short fine-tune of a trained segmenter (default: --learning_rate)"))
+    policy_learning_rate: float = field(
+        default=5e-4, metadata=flag("the policy stage (a small CNN, always trained from scratch)"))
+    head_learning_rate_multiplier: float = 10.0
+    drop_path_rate: float = field(
+        default=0.1, metadata=flag("stochastic depth of the encoder blocks in training (0 for a ViT from scratch)"))
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    mixed_precision: str | None = field(default=None, metadata=flag("autocast precision", choices=["no", "fp16", "bf16"]))
+    seed: int = 0
+    num_workers: int = 0
+    # run
+    output_dir: str = "outputs/train"
+    checkpointing_steps: int = 100
+    resume_from_checkpoint: str | None = field(default=None, metadata=flag("a checkpoint folder or 'latest'"))
+    eval_steps: int = field(default=0, metadata=flag("also evaluate every N steps (0: at stage ends)"))
+    logging_steps: int = field(
+        default=10, metadata=flag("read the losses back every N steps (each read waits for the device)"))
+    report_to: str = field(default="none", metadata=flag("an Accelerate tracker ('tensorboard', 'all') or 'none'"))
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+
+    def __post_init__(self):
+        self.crop_size = self.crop_size or self.image_size
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id org/name")
+        minimums = [("logging_steps", 1), ("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1),
+                    ("gradient_accumulation_steps", 1), ("image_size", 1), ("crop_size", 1), ("max_train_samples", 1),
+                    ("max_eval_samples", 1), ("policy_steps", 0), ("segmenter_steps", 0), ("prune_steps", 0),
+                    ("warmup_steps", 0), ("checkpointing_steps", 0), ("eval_steps", 0), ("num_workers", 0)]
+        for name, least in minimums:
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"--{name} must be at least {least}, got {value}")
+        for name in ("learning_rate", "prune_learning_rate", "policy_learning_rate", "head_learning_rate_multiplier",
+                     "min_scale", "max_scale"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:  # NaN fails every comparison
+                raise ValueError(f"--{name} must be a positive finite number, got {value}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if not 0 <= self.weight_decay < math.inf or not 0 <= self.max_grad_norm < math.inf:
+            raise ValueError(f"--weight_decay and --max_grad_norm must be finite and >= 0, got {self.weight_decay} "
+                             f"and {self.max_grad_norm}")
+        if self.min_scale > self.max_scale:
+            raise ValueError(f"--min_scale ({self.min_scale}) is above --max_scale ({self.max_scale})")
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill in `crop_size` and refuse impossible numbers through the parser (which exits, naming the flag)."""
-    args.crop_size = args.crop_size or args.image_size
-    if args.push_to_hub and not args.hub_model_id:
-        p.error("--push_to_hub needs --hub_model_id org/name")
-    minimums = [("logging_steps", 1), ("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1),
-                ("gradient_accumulation_steps", 1), ("image_size", 1), ("crop_size", 1), ("max_train_samples", 1),
-                ("max_eval_samples", 1), ("policy_steps", 0), ("segmenter_steps", 0), ("prune_steps", 0),
-                ("warmup_steps", 0), ("checkpointing_steps", 0), ("eval_steps", 0), ("num_workers", 0)]
-    for name, least in minimums:
-        value = getattr(args, name)
-        if value is not None and value < least:
-            p.error(f"--{name} must be at least {least}, got {value}")
-    for flag in ("learning_rate", "prune_learning_rate", "policy_learning_rate", "head_learning_rate_multiplier",
-                 "min_scale", "max_scale"):
-        value = getattr(args, flag)
-        if value is not None and not 0 < value < math.inf:  # NaN fails every comparison
-            p.error(f"--{flag} must be a positive finite number, got {value}")
-    if not 0 <= args.drop_path_rate < 1:
-        p.error(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}")
-    if not 0 <= args.weight_decay < math.inf or not 0 <= args.max_grad_norm < math.inf:
-        p.error(f"--weight_decay and --max_grad_norm must be finite and >= 0, got {args.weight_decay} and "
-                f"{args.max_grad_norm}")
-    if args.min_scale > args.max_scale:
-        p.error(f"--min_scale ({args.min_scale}) is above --max_scale ({args.max_scale})")
+def argument_parser() -> HfArgumentParser:
+    """`TrainArguments` as flags."""
+    parser = HfArgumentParser(TrainArguments, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    # `HfArgumentParser` makes every list flag take one value or more; `--exit_layers` alone means no exits.
+    next(action for action in parser._actions if action.dest == "exit_layers").nargs = "*"
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArguments:
+    """The flags, checked: an unknown flag or an impossible number is refused (argparse's way: the usage and the
+    reason, exit status 2) before anything loads."""
+    parser = argument_parser()
+    namespace = parser.parse_args(argv)
+    try:
+        return TrainArguments(**vars(namespace))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def command_line(args: TrainArguments) -> str:
+    """The command that runs `args`: the flags that differ from their defaults."""
+    words = []
+    for name, value in ((f.name, getattr(args, f.name)) for f in fields(args)):
+        default = TrainArguments.__dataclass_fields__[name].default
+        if value == default or value is None or (name == "crop_size" and value == args.image_size):
+            continue
+        if value is True:
+            words.append(f"--{name}")
+        else:
+            words += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return "accelerate launch examples/train.py " + " ".join(shlex.quote(word) for word in words)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -378,15 +416,11 @@ def check_mixed_precision(accelerator) -> None:
 # ---------------------------------------------------------------------------------------------------- run records
 
 
-def command_line(argv: list[str]) -> str:
-    return "accelerate launch examples/train.py " + " ".join(shlex.quote(a) for a in argv)
-
-
 def run_arguments(args, accelerator) -> dict:
     """What defines the run, as a checkpoint records it: every flag but `RESUMABLE_FLAGS` (a local dataset folder as
     an absolute path), the mixed precision that runs and the number of processes (which, with the per-device batch,
     make the global batch)."""
-    values = {name: value for name, value in vars(args).items() if name not in RESUMABLE_FLAGS}
+    values = {name: value for name, value in dataclasses.asdict(args).items() if name not in RESUMABLE_FLAGS}
     if args.dataset_name and os.path.isdir(args.dataset_name):
         values["dataset_name"] = os.path.abspath(args.dataset_name)
     values["mixed_precision"] = accelerator.mixed_precision
@@ -416,128 +450,6 @@ def check_same_run(state: dict, current: dict, checkpoint: str) -> None:
     raise ValueError(f"Cannot resume from {checkpoint} with flags that change the run:\n  " + "\n  ".join(lines)
                      + "\nResume with the run's values, or start a new run in another --output_dir. Only "
                      + ", ".join(f"--{name}" for name in RESUMABLE_FLAGS) + " may change on resume.")
-
-
-def json_safe(value):
-    """`value` with every NaN or infinity replaced by None, so that the JSON written is valid (no bare `NaN`)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(accelerator, args, stage: str, step: int, history: list, run: dict | None = None) -> str:
-    """Write to a temporary folder, then rename: a crash never leaves a half-written checkpoint, and a failed write
-    (a full disk, say) removes its partial folder. `trainer_state.json` holds the stage, step, history and `run`
-    (the run's arguments and commands); returns the checkpoint's folder."""
-    root = os.path.join(args.output_dir, "checkpoints")
-    final = os.path.join(root, f"{STAGES.index(stage)}-{stage}-{step:07d}")
-    temporary = final + ".tmp"
-    try:
-        accelerator.save_state(temporary)
-        if accelerator.is_main_process:
-            with open(os.path.join(temporary, "trainer_state.json"), "w") as f:
-                json.dump(json_safe({"stage": stage, "step": step, "history": history, **(run or {})}), f,
-                          allow_nan=False)
-    except OSError as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise disk_error(error, f"writing the checkpoint {final}") from error
-    if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def disk_error(error: OSError, doing: str) -> OSError:
-    """The same error, its message saying what was being written and, for a full disk, that space ran out."""
-    cause = "No space left on device" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-    return type(error)(error.errno, f"{cause} while {doing}; free space (or choose another --output_dir) and run "
-                                    "again with --resume_from_checkpoint latest")
-
-
-def checkpoint_problem(path: str) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (missing or truncated files), or `None` if it looks whole."""
-    try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            state = json.load(f)
-        if state["stage"] not in STAGES or not isinstance(state["step"], int):
-            return "trainer_state.json names no stage and step"
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"trainer_state.json cannot be read ({error})"
-    for name in sorted(os.listdir(path)):
-        file = os.path.join(path, name)
-        try:
-            if name.endswith(".safetensors"):
-                with safe_open(file, "pt") as tensors:
-                    bad = [key for key in tensors.keys() if not finite(tensors.get_tensor(key))]
-                if bad:
-                    return (f"{name} holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"
-                            "): the run had diverged")
-            elif name.endswith((".bin", ".pkl", ".pt")) and (not zipfile.is_zipfile(file)
-                                                             or zipfile.ZipFile(file).testzip() is not None):
-                return f"{name} is truncated or corrupt"
-        except Exception as error:  # safetensors' own error type for a short file
-            return f"{name} is truncated or corrupt ({error})"
-    return None
-
-
-def finite(tensor: torch.Tensor) -> bool:
-    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
-
-
-def find_checkpoint(args, log=print) -> str | None:
-    """The checkpoint to resume from: `--resume_from_checkpoint` itself, or with `latest` the newest one of
-    `--output_dir` that is whole (skipped ones are named, with the reason). Nothing to resume from is an error, as in
-    `transformers.Trainer`: a first run leaves the flag out."""
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint != "latest":
-        problem = checkpoint_problem(args.resume_from_checkpoint) if os.path.isdir(args.resume_from_checkpoint) \
-            else "not a folder"
-        if problem:
-            raise ValueError(f"Cannot resume from {args.resume_from_checkpoint}: {problem}.")
-        return args.resume_from_checkpoint
-    root = os.path.join(args.output_dir, "checkpoints")
-    if not checkpoint_names(root):
-        raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {root}. Leave the flag out to start a new "
-                         "run, or point --output_dir at the run to continue.")
-    newest = newest_whole_checkpoint(root, log)
-    if newest is None:
-        raise ValueError(f"None of the checkpoints in {root} can be resumed from (see above); leave out "
-                         "--resume_from_checkpoint to start again.")
-    return newest
-
-
-def checkpoint_names(root: str) -> list[str]:
-    """The finished checkpoints in `root`, newest first."""
-    return sorted((n for n in os.listdir(root) if not n.endswith(".tmp")), reverse=True) if os.path.isdir(root) else []
-
-
-def newest_whole_checkpoint(root: str, log=print) -> str | None:
-    """The newest checkpoint in `root` that can be resumed from (whole files, finite weights), naming those skipped."""
-    for name in checkpoint_names(root):
-        problem = checkpoint_problem(os.path.join(root, name))
-        if problem is None:
-            return os.path.join(root, name)
-        log(f"skipping checkpoint {name}: {problem}")
-    return None
-
-
-def remove_partial_checkpoints(args, log=print) -> None:
-    """Remove the `*.tmp` folders a killed or failed checkpoint write left behind."""
-    root = os.path.join(args.output_dir, "checkpoints")
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        if name.endswith(".tmp"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            log(f"removed the partial checkpoint {name} (a checkpoint write that did not finish)")
 
 
 def check_output_dir(args) -> None:
@@ -596,7 +508,7 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
     def checkpoint(step: int) -> str:
         if not all_finite(model):  # an update made them so; the loss that shows it is the next step's
             raise diverged(args, stage, step, "the weights became non-finite", scheduler.get_last_lr()[0])
-        return save_checkpoint(accelerator, args, stage, step, history, run)
+        return save_checkpoint(accelerator, args.output_dir, stage, step, {"history": history, **(run or {})})
 
     model.train()
     for step, loss, grad_norm in optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, accelerator,
@@ -728,7 +640,7 @@ def diverged(args, stage: str, step: int, what: str, learning_rate: float) -> Tr
     checkpoint."""
     flag = {"policy": "--policy_learning_rate", "segmenter": "--learning_rate",
             "prune": "--prune_learning_rate"}[stage]
-    last = newest_whole_checkpoint(os.path.join(args.output_dir, "checkpoints"), log=lambda message: None)
+    last = newest_whole_checkpoint(args.output_dir, log=lambda message: None)
     where = (f"The last good checkpoint is {last}, but resume is exact: resumed with the same flags the run diverges "
              "again." if last else "No checkpoint was written before it.")
     return TrainingDiverged(
@@ -780,15 +692,16 @@ def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
     return results
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run the script; with SIGTERM's handler in place for the whole run (see `StopSignal`)."""
-    with StopSignal() as stop:
-        run_training(argv, stop)
-
-
-def run_training(argv: list[str] | None, stop: StopSignal) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    with StopSignal() as stop:
+        run_training(args, stop)
+
+
+def run_training(args: TrainArguments, stop: StopSignal | None = None) -> None:
+    """Train, evaluate and save the run `args` defines (resuming it if asked); with `stop`, SIGTERM saves a
+    checkpoint and stops the run (`Preempted`)."""
     started = time.time()
     check_output_dir(args)
     set_seed(args.seed)
@@ -815,15 +728,15 @@ def run_training(argv: list[str] | None, stop: StopSignal) -> None:
     data = {"train": TrainTransform(dataset["train"], processor, args),
             "validation": EvalTransform(dataset["validation"], processor)}
     if args.report_to != "none":
-        accelerator.init_trackers("step", config={k: v for k, v in vars(args).items() if v is not None})
+        accelerator.init_trackers("step", config={k: v for k, v in dataclasses.asdict(args).items() if v is not None})
 
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     check_policy_is_trained(model, args, stages)
     if accelerator.is_main_process:
-        remove_partial_checkpoints(args, accelerator.print)
+        remove_partial_checkpoints(args.output_dir, accelerator.print)
     accelerator.wait_for_everyone()
-    checkpoint, history = find_checkpoint(args, accelerator.print), []
-    resume, run = None, {"run_arguments": run_arguments(args, accelerator), "commands": [command_line(argv)]}
+    checkpoint, history = find_checkpoint(args.output_dir, args.resume_from_checkpoint, accelerator.print), []
+    resume, run = None, {"run_arguments": run_arguments(args, accelerator), "commands": [command_line(args)]}
     if checkpoint:
         with open(os.path.join(checkpoint, "trainer_state.json")) as f:
             state = json.load(f)
@@ -835,7 +748,7 @@ def run_training(argv: list[str] | None, stop: StopSignal) -> None:
         stages = stages[stages.index(state["stage"]):]
         resume, history = {"path": checkpoint, "step": state["step"]}, state["history"]
         run["commands"] = [*state.get("commands", []),
-                           f"# resumed from {state['stage']} step {state['step']}:\n{command_line(argv)}"]
+                           f"# resumed from {state['stage']} step {state['step']}:\n{command_line(args)}"]
         accelerator.print(f"resuming from {checkpoint} (stage {state['stage']}, step {state['step']})")
     for index, stage in enumerate(stages):
         model = run_stage(stage, model, data, accelerator, args, history, resume if index == 0 else None,
@@ -879,7 +792,7 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
     dataset_name = args.dataset_name or "built-in procedural scenes"
     if args.dataset_name and os.path.isdir(args.dataset_name):
         dataset_name = os.path.basename(os.path.normpath(args.dataset_name))
-    run = run or {"commands": [command_line(sys.argv[1:])]}
+    run = run or {"commands": [command_line(args)]}
     command = "\n".join(run["commands"])
     name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     precision = run.get("run_arguments", {}).get("mixed_precision", "no")

@@ -31,7 +31,8 @@ from .cases import assert_equal, case_id, refused, run_case, works
 from .conftest import EXAMPLES, tiny_config, tiny_model
 from .hub_server import HubServer
 
-import train  # examples/train.py (conftest puts examples/ on the path)
+import checkpoints  # examples/ (conftest puts it on the path)
+import train
 from data import load_data
 
 
@@ -308,9 +309,8 @@ def checkpoint_on_a_full_disk() -> tuple[OSError, list[str]]:
     output_dir = Path(tempfile.mkdtemp())
     write_some = full_disk(lambda folder: Path(folder, "model.safetensors").write_bytes(b"x"))
     accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=write_some)
-    args = train.parse_args(["--output_dir", str(output_dir)])
     with pytest.raises(OSError) as raised:
-        train.save_checkpoint(accelerator, args, "segmenter", 4, [])
+        checkpoints.save_checkpoint(accelerator, str(output_dir), "segmenter", 4, {"history": []})
     return raised.value, os.listdir(output_dir / "checkpoints")
 
 
@@ -330,8 +330,7 @@ def resume_with_truncated_latest() -> tuple[str, list[str]]:
     weights = run / "checkpoints" / "2-prune-0000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     messages = []
-    found = train.find_checkpoint(train.parse_args(["--output_dir", str(run), "--resume_from_checkpoint", "latest"]),
-                                  log=messages.append)
+    found = checkpoints.find_checkpoint(str(run), "latest", log=messages.append)
     return found, messages
 
 
@@ -339,7 +338,7 @@ def partial_checkpoints_removed() -> tuple[list[str], list[str]]:
     run = copy_of_run()
     (run / "checkpoints" / "2-prune-0000004.tmp").mkdir()
     messages = []
-    train.remove_partial_checkpoints(train.parse_args(["--output_dir", str(run)]), log=messages.append)
+    checkpoints.remove_partial_checkpoints(str(run), log=messages.append)
     return sorted(os.listdir(run / "checkpoints")), messages
 
 

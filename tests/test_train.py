@@ -17,7 +17,8 @@ from step_hf.evaluation import confusion_matrices, segmentation_metrics
 
 from .conftest import EXAMPLES
 
-import train  # examples/train.py (conftest puts examples/ on the path)
+import checkpoints  # examples/ (conftest puts it on the path)
+import train
 from data import check_dataset_labels, load_data
 
 TINY = ["--image_size", "64", "--policy_steps", "2", "--segmenter_steps", "4", "--prune_steps", "2",
@@ -50,8 +51,8 @@ def test_train_saves_a_loadable_model_and_resumes_exactly(tmp_path, scene_datase
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = [*TINY, "--dataset_name", scene_dataset, "--checkpointing_steps", "2", "--per_device_train_batch_size", "4"]
     run_train([*args, "--output_dir", full], cwd=tmp_path)
-    checkpoints = sorted(os.listdir(full / "checkpoints"))
-    assert checkpoints == ["0-policy-0000002", "1-segmenter-0000002", "1-segmenter-0000004", "2-prune-0000002"]
+    written = sorted(os.listdir(full / "checkpoints"))
+    assert written == ["0-policy-0000002", "1-segmenter-0000002", "1-segmenter-0000004", "2-prune-0000002"]
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_step.py", "README.md",
                  "metrics.json"):
         assert (full / name).is_file(), name
@@ -252,10 +253,10 @@ def test_a_diverging_run_stops_naming_the_last_good_checkpoint(tmp_path, scene_d
     assert "segmenter step" in message and "learning rate 1e+06" in message and "--learning_rate" in message
     # Nothing that looks like a model, and every checkpoint written holds finite weights.
     assert not {"model.safetensors", "config.json", "README.md", "metrics.json"} & set(os.listdir(out))
-    checkpoints = sorted((out / "checkpoints").iterdir())
-    assert checkpoints, "the run diverged before any checkpoint: raise the test's learning rate margin"
-    assert all(train.checkpoint_problem(str(c)) is None for c in checkpoints)
-    last_good = checkpoints[-1]
+    written = sorted((out / "checkpoints").iterdir())
+    assert written, "the run diverged before any checkpoint: raise the test's learning rate margin"
+    assert all(checkpoints.checkpoint_problem(str(c)) is None for c in written)
+    last_good = written[-1]
     assert f"The last good checkpoint is {last_good}" in message
     stopped_at = int(message.split("segmenter step ")[1].split()[0])
     assert stopped_at > int(last_good.name.split("-")[-1])
@@ -269,8 +270,7 @@ def test_a_diverging_run_stops_naming_the_last_good_checkpoint(tmp_path, scene_d
     from safetensors.torch import save_file
     save_file(weights, diverged / "model.safetensors", metadata={"format": "pt"})
     messages = []
-    found = train.find_checkpoint(train.parse_args(["--output_dir", str(out), "--resume_from_checkpoint", "latest"]),
-                                  log=messages.append)
+    found = checkpoints.find_checkpoint(str(out), "latest", log=messages.append)
     assert found == str(last_good)
     assert len(messages) == 1 and diverged.name in messages[0] and "non-finite weights" in messages[0] \
         and first in messages[0]
@@ -294,7 +294,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, scene_
     resume_argument = stderr.split("--resume_from_checkpoint ")[1].split()[0]
     step = int(stderr.split("Stopped by SIGTERM after segmenter step ")[1].split()[0])
     assert resume_argument == str(stopped / "checkpoints" / f"1-segmenter-{step:07d}")
-    assert train.checkpoint_problem(resume_argument) is None
+    assert checkpoints.checkpoint_problem(resume_argument) is None
     assert not (stopped / "model.safetensors").exists()
 
     train.main([*map(str, args), "--output_dir", str(stopped), "--resume_from_checkpoint", resume_argument])
@@ -327,9 +327,9 @@ def test_resuming_with_flags_that_change_the_run_is_refused(tmp_path, scene_data
     # commands, the resume with where it started.
     train.main([*resume, "--logging_steps", "5", "--checkpointing_steps", "0"])
     card = (out / "README.md").read_text()
-    first = card.index(train.command_line(base))
+    first = card.index(train.command_line(train.parse_args(base)))
     assert card.index("# resumed from segmenter step 1:") > first
-    assert train.command_line([*resume, "--logging_steps", "5", "--checkpointing_steps", "0"]) in card
+    assert train.command_line(train.parse_args([*resume, "--logging_steps", "5", "--checkpointing_steps", "0"])) in card
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 runs on a GPU")
