@@ -3,10 +3,18 @@ accuracy, tokens per image, share halted per exit and FLOPs per image; correct a
 
 The one prediction loop over a dataset (`predictions`), which `evaluate`, `step_hf.analysis` and the examples share,
 so that a saved model is measured exactly as its training run measured it; `EvalTransform` makes the batches it
-reads.
+reads; `measure` turns predictions into metrics, for a model or for an exported program (`exported_predictions`).
+
+    python -m step_hf.evaluation --model FOLDER --dataset_name ../shared/datasets/camvid --split validation
+
+measures a saved model (with its saved settings) or a folder written by `python -m step_hf.export` (the program in
+its runtime: ONNX Runtime, OpenVINO or torch.export), each with the processor saved beside it.
 """
 
+import argparse
+import json
 import math
+from pathlib import Path
 from collections.abc import Iterator
 
 import numpy as np
@@ -51,19 +59,19 @@ def predictions(model, loader, device: torch.device, settings: StepSettings | di
     """
     Run `model` on every batch of `loader` (batches as `EvalTransform` makes them) and yield `(batch, outputs,
     prediction)`: the batch moved to `device`, the model's outputs, and the class-id map `(batch, H, W)` at the size
-    of `original_labels` (the logits bilinearly upsampled, then the arg-max). With `policy_only` only the policy and
-    the partition run, and `prediction` is `None`. `settings` are the forward's (default: the model's saved ones).
+    of `original_labels` (`class_map`). With `policy_only` only the policy and the partition run, and `prediction`
+    is `None`. `settings` are the forward's (default: the model's saved ones).
     """
     for batch in loader:
         batch = {key: value.to(device) for key, value in batch.items()}
         outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
                         settings=settings, policy_only=policy_only)
-        if policy_only:
-            yield batch, outputs, None
-            continue
-        size = batch["original_labels"].shape[-2:]
-        logits = F.interpolate(outputs.logits.float(), size=size, mode="bilinear", align_corners=False)
-        yield batch, outputs, logits.argmax(1)
+        yield batch, outputs, None if policy_only else class_map(outputs.logits, batch["original_labels"].shape[-2:])
+
+
+def class_map(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The class ids `(batch, *size)` of `(batch, classes, rows, cols)` logits bilinearly upsampled to `size`."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).argmax(1)
 
 
 @torch.no_grad()
@@ -72,21 +80,34 @@ def evaluate(model, loader, accelerator=None, settings: StepSettings | dict | No
     Evaluate `model` (a `StepForSemanticSegmentation`, possibly wrapped by Accelerate) on `loader`, whose batches
     are `EvalTransform`'s (predictions are made at the size of the original label maps: see `predictions`).
     `settings` (a `StepSettings`, or a dict of overrides) are this evaluation's alone; `None` measures the model as
-    it would run when loaded: with its configuration's saved settings.
-
-    FLOPs count each image as if run alone, policy included (2 FLOPs per multiply-add).
+    it would run when loaded: with its configuration's saved settings. Returns `measure`'s results.
     """
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda tensor: tensor)
-    config = unwrapped.config
-    num_labels, ignore = config.num_labels, config.semantic_loss_ignore_index
+    gather = accelerator.gather_for_metrics if accelerator is not None else None
     device = next(unwrapped.parameters()).device
     was_training = model.training
     model.eval()
+    results = measure(predictions(model, loader, device, settings), unwrapped.config, device, gather)
+    model.train(was_training)
+    return results
+
+
+def measure(stream: Iterator[tuple[dict, object, torch.Tensor]], config, device: torch.device,
+            gather=None) -> dict:
+    """
+    mIoU, per-class IoU, pixel accuracy, tokens per image (mean, 5th and 95th percentiles), the share halted per exit
+    and FLOPs per image over the `(batch, outputs, prediction)` triples of `stream` (`predictions`' or
+    `exported_predictions`'), with `config`'s classes. `gather` collects a tensor from every process (Accelerate's
+    `gather_for_metrics`; default: one process).
+
+    FLOPs count each image as if run alone, policy included (2 FLOPs per multiply-add), from what the outputs say ran.
+    """
+    gather = gather or (lambda tensor: tensor)
+    num_labels, ignore = config.num_labels, config.semantic_loss_ignore_index
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.long, device=device)
     tokens, halted, flops = [], [], []
     images_seen = 0
-    for batch, outputs, prediction in predictions(model, loader, device, settings):
+    for batch, outputs, prediction in stream:
         # Per-image matrices, so that gather_for_metrics can drop the duplicates even batches add at the end.
         labels = batch["original_labels"]
         confusion += gather(confusion_matrices(labels, prediction, num_labels, ignore, images_seen)).sum(0)
@@ -96,7 +117,6 @@ def evaluate(model, loader, accelerator=None, settings: StepSettings | dict | No
             halted.append(gather(outputs.halted_share.float()))
         image_flops = flops_per_image(config, batch["pixel_values"].shape[-2:], outputs)
         flops.append(gather(torch.tensor(image_flops, dtype=torch.float64, device=device)))
-    model.train(was_training)
     if not tokens:
         raise ValueError("The evaluation loader yielded no batch: the evaluation split is empty.")
     if not confusion.any():
@@ -114,6 +134,14 @@ def evaluate(model, loader, accelerator=None, settings: StepSettings | dict | No
         "halted_share": torch.cat(halted).mean(0).tolist() if halted else [],
         "gflops_per_image": float(torch.cat(flops).mean()) / 1e9,
     }
+
+
+def exported_predictions(program, loader) -> Iterator[tuple[dict, object, torch.Tensor]]:
+    """`predictions` of an exported program (`transformers.exporters.ExportedModel`, its run-time settings traced
+    in): its outputs for each batch's `pixel_values`, and the class-id map at the size of `original_labels`."""
+    for batch in loader:
+        outputs = program(pixel_values=batch["pixel_values"])
+        yield batch, outputs, class_map(outputs.logits, batch["original_labels"].shape[-2:])
 
 
 def confusion_matrices(labels: torch.Tensor, prediction: torch.Tensor, num_labels: int, ignore: int,
@@ -165,6 +193,62 @@ def segmentation_metrics(confusion: torch.Tensor, id2label: dict[int, str]) -> d
     }
 
 
+def load_for_evaluation(folder: str) -> tuple[object, object, StepImageProcessor, bool]:
+    """`(model or program, config, processor, exported)` of a saved model or an exported folder (`export.json`)."""
+    from .configuration_step import StepConfig
+    from .modeling_step import StepForSemanticSegmentation
+
+    processor = StepImageProcessor.from_pretrained(folder)
+    if not (Path(folder) / "export.json").is_file():
+        model = StepForSemanticSegmentation.from_pretrained(folder).eval()
+        return model, model.config, processor, False
+    from transformers.exporters import ExportedModel
+
+    # A torch.export program (`model.pt2`) rebuilds our output classes from the folder's code.
+    program = ExportedModel.from_pretrained(folder, trust_remote_code=(Path(folder) / "model.pt2").is_file())
+    return program, StepConfig.from_pretrained(folder), processor, True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a saved STEP model, or a folder of python -m step_hf.export")
+    parser.add_argument("--dataset_name", required=True, help="a Hub id or a local folder laid out like one")
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--image_column_name", default="image")
+    parser.add_argument("--label_column_name", default="label")
+    parser.add_argument("--max_samples", type=int, help="the first N images of the split")
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    from datasets import load_dataset
+
+    dataset = load_dataset(args.dataset_name, split=args.split)
+    missing = {args.image_column_name, args.label_column_name} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"{args.dataset_name} [{args.split}] has no column {sorted(missing)} (it has "
+                         f"{dataset.column_names}): name them with --image_column_name / --label_column_name.")
+    dataset = dataset.rename_columns({args.image_column_name: "image", args.label_column_name: "label"})
+    if args.max_samples:
+        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    model, config, processor, exported = load_for_evaluation(args.model)
+    loader = torch.utils.data.DataLoader(EvalTransform(dataset, processor))  # label maps keep their own sizes
+    with torch.no_grad():
+        stream = exported_predictions(model, loader) if exported else predictions(model, loader, torch.device("cpu"))
+        results = measure(stream, config, torch.device("cpu"))
+    print(f"{args.model} on {args.dataset_name} [{args.split}], {len(dataset)} images: mIoU "
+          f"{100 * results['mean_iou']:.2f}, pixel accuracy {100 * results['overall_accuracy']:.2f}, tokens/image "
+          f"{results['tokens_per_image']:.1f}, halted {[round(s, 3) for s in results['halted_share']]}, "
+          f"{results['gflops_per_image']:.2f} GFLOPs/image")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 __all__ = [
-    "EvalTransform", "confusion_matrices", "evaluate", "predictions", "segmentation_metrics",
+    "EvalTransform", "class_map", "confusion_matrices", "evaluate", "exported_predictions", "measure", "predictions",
+    "segmentation_metrics",
 ]
+
+
+if __name__ == "__main__":
+    main()

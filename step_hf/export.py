@@ -111,9 +111,11 @@ def main(argv: list[str] | None = None) -> None:
 
     output = Path(args.output_dir)
     exported.save_pretrained(output)
+    dense = traced_settings["partition_source"] == "dense" or not model.config.shared_sizes
+    if not dense:  # the program takes one input size: the processor saved beside it resizes every image to it
+        processor.size = {"height": image_size[0], "width": image_size[1]}
     processor.save_pretrained(output)
     program = {"onnx": "model.onnx", "openvino": "openvino_model.xml", "dynamo": "model.pt2"}[args.format]
-    dense = traced_settings["partition_source"] == "dense" or not model.config.shared_sizes
     shapes = "any batch, height and width (multiples of 16)" if dense else f"any batch, {image_size[0]}x{image_size[1]}"
     (output / "README.md").write_text(README.format(
         format=args.format, quantized=" (int8 dynamic quantization)" if args.quantize else "", program=program, settings=json.dumps(traced_settings, indent=2), shapes=shapes,

@@ -221,3 +221,50 @@ def test_the_int8_onnx_program_runs_with_the_same_tokens_and_close_predictions(t
     agreement = (results["int8"]["logits"].argmax(1) == results["fp32"]["logits"].argmax(1)).mean()
     assert agreement >= 0.9
     assert "int8" in (tmp_path / "int8" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_an_exported_program_is_measured_on_a_dataset_as_the_eager_model_is(tmp_path, scene_dataset):
+    """`python -m step_hf.evaluation` on an ONNX export gives the eager model's mIoU, tokens, halted shares and
+    FLOPs under the traced settings: dense with the saved processor, and the static STEP configuration at the traced
+    size (to which the exported folder's processor resizes every image)."""
+    import json
+
+    from datasets import load_dataset
+    from scenes import SCENE_CLASSES
+    from torch.utils.data import DataLoader
+
+    from step_hf import StepImageProcessor
+    from step_hf.evaluation import EvalTransform, evaluate
+    from step_hf.evaluation import main as evaluate_folder
+    from step_hf.export import main as export
+
+    from .conftest import tiny_model
+
+    id2label = {int(i): name for i, name in SCENE_CLASSES.items()}
+    model = tiny_model(id2label=id2label, label2id={name: i for i, name in id2label.items()},
+                       partition_source="policy", superpatch_sizes=[1, 2, 4], exit_layers=[1])
+    model.save_pretrained(tmp_path / "model")
+    StepImageProcessor(size={"shortest_edge": 64}, superpatch_sizes=[1, 2, 4]).save_pretrained(tmp_path / "model")
+    validation = load_dataset(str(scene_dataset), split="validation")
+    evaluate_folder(["--model", str(tmp_path / "model"), "--dataset_name", str(scene_dataset), "--output",
+                     str(tmp_path / "saved.json")])  # a saved model: its saved settings and processor, in torch
+    saved = evaluate(model, DataLoader(EvalTransform(validation, StepImageProcessor.from_pretrained(tmp_path / "model"))))
+    assert json.loads((tmp_path / "saved.json").read_text()) == json.loads(json.dumps(saved))
+    variants = {"dense": (["--partition_source", "dense"], {"partition_source": "dense"}),
+                "static STEP": (["--token_budget", "12", "--exit_keep_tokens", "8", "--halting", "--image_size", "64",
+                                 "80"], {"token_budget": 12, "exit_keep_tokens": [8], "halting": True})}
+    for name, (flags, settings) in variants.items():
+        folder = tmp_path / name
+        export(["--model_name_or_path", str(tmp_path / "model"), "--format", "onnx", "--output_dir", str(folder),
+                *flags])
+        evaluate_folder(["--model", str(folder), "--dataset_name", str(scene_dataset), "--output",
+                         str(tmp_path / f"{name}.json")])
+        measured = json.loads((tmp_path / f"{name}.json").read_text())
+        processor = StepImageProcessor.from_pretrained(folder)
+        expected = evaluate(model, DataLoader(EvalTransform(validation, processor)), settings=settings)
+        assert measured["tokens_per_image"] == expected["tokens_per_image"]
+        assert measured["halted_share"] == pytest.approx(expected["halted_share"], abs=1e-6)
+        assert measured["gflops_per_image"] == pytest.approx(expected["gflops_per_image"], rel=1e-9)
+        assert measured["mean_iou"] == pytest.approx(expected["mean_iou"], abs=1e-3)
+    assert processor.size.height == 64 and processor.size.width == 80  # the static program's one input size
