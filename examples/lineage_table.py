@@ -14,7 +14,7 @@ import argparse
 import glob
 import json
 import os
-import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from data import load_data
 from plot_sweep import plot
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
+from step_hf.benchmark import timed
 from step_hf.evaluation import EvalTransform
 
 # (label, folder under a seed's folder), in the order of the table.
@@ -58,17 +59,14 @@ def final_row(folder: str) -> dict:
 
 
 def images_per_second(folder: str, dataset, count: int) -> float:
-    """Frames per second through the saved model at its saved settings, batch 1, after two warm-up frames."""
+    """Frames per second through the saved model at its saved settings, batch 1, on the CPU: the benchmark's timing
+    (`step_hf.benchmark.timed`), one warm-up pass over the frames, then the median of three."""
     model = StepForSemanticSegmentation.from_pretrained(folder).eval()
     frames = EvalTransform(dataset, StepImageProcessor.from_pretrained(folder))
-    pixels = [frames[index]["pixel_values"][None] for index in range(count + 2)]
+    pixels = [frames[index]["pixel_values"][None] for index in range(count)]
     with torch.inference_mode():
-        for frame in pixels[:2]:
-            model(frame)
-        start = time.perf_counter()
-        for frame in pixels[2:]:
-            model(frame)
-    return count / (time.perf_counter() - start)
+        ms_per_frame, _ = timed(model, pixels, SimpleNamespace(warmup=1, repeats=3, device="cpu"))
+    return 1000 / ms_per_frame
 
 
 def interpolate(rows: list[dict] | None, key: str, at: float, value: str) -> float | None:
