@@ -126,12 +126,13 @@ def load_batches(args, config: StepConfig, device: str | None = None) -> list[di
 
 def make_model(preset_or_path: str, image_size: tuple[int, int]) -> StepForSemanticSegmentation:
     """A saved STEP model, or a ViT preset's (`tiny` ... `large`) with random weights (seed 0) stored at the input's
-    longer side, 11 classes (CamVid's): speed does not depend on the weights."""
+    longer side, 11 classes (CamVid's): speed does not depend on the weights. In eval mode (in training the exit
+    heads run at every forward)."""
     if preset_or_path not in VIT_PRESETS:
-        return StepForSemanticSegmentation.from_pretrained(preset_or_path)
+        return StepForSemanticSegmentation.from_pretrained(preset_or_path).eval()
     torch.manual_seed(0)
     return StepForSemanticSegmentation(StepConfig.from_preset(preset_or_path, image_size=max(image_size),
-                                                              num_labels=11))
+                                                              num_labels=11)).eval()
 
 
 @torch.no_grad()
