@@ -36,7 +36,7 @@ from types import SimpleNamespace
 import torch
 
 from .accounting import analytic_flops, flops_per_image, transformer_macs
-from .configuration_step import ATTENTION_MODES, StepConfig, StepSettings
+from .configuration_step import ATTENTION_MODES, VIT_PRESETS, StepConfig, StepSettings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation, StepRun
 from .superpatch import budget_token_count
@@ -108,8 +108,10 @@ def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
     return rows["image"], rows["label"]
 
 
-def load_batches(args, config: StepConfig) -> list[dict]:
-    """Batches of real frames resized to the input size, with their ground-truth superpatch targets."""
+def load_batches(args, config: StepConfig, device: str | None = None) -> list[dict]:
+    """Batches of real frames resized to the input size, with their ground-truth superpatch targets, on `device`
+    (default `args.device`)."""
+    device = device or args.device
     images, labels = read_images(args.dataset_name, args.split, args.batch_size * args.num_batches)
     processor = StepImageProcessor(size={"height": args.image_size[0], "width": args.image_size[1]},
                                    superpatch_sizes=config.superpatch_sizes)
@@ -117,9 +119,46 @@ def load_batches(args, config: StepConfig) -> list[dict]:
     for start in range(0, len(images), args.batch_size):
         end = start + args.batch_size
         inputs = processor(images[start:end], segmentation_maps=labels[start:end], return_tensors="pt")
-        batches.append({"pixel_values": inputs["pixel_values"].to(args.device, DTYPES[args.dtype]),
-                        "superpatch_targets": inputs["superpatch_targets"].to(args.device)})
+        batches.append({"pixel_values": inputs["pixel_values"].to(device, DTYPES[args.dtype]),
+                        "superpatch_targets": inputs["superpatch_targets"].to(device)})
     return batches
+
+
+def make_model(preset_or_path: str, image_size: tuple[int, int]) -> StepForSemanticSegmentation:
+    """A saved STEP model, or a ViT preset's (`tiny` ... `large`) with random weights (seed 0) stored at the input's
+    longer side, 11 classes (CamVid's): speed does not depend on the weights. In eval mode (in training the exit
+    heads run at every forward)."""
+    if preset_or_path not in VIT_PRESETS:
+        return StepForSemanticSegmentation.from_pretrained(preset_or_path).eval()
+    torch.manual_seed(0)
+    return StepForSemanticSegmentation(StepConfig.from_preset(preset_or_path, image_size=max(image_size),
+                                                              num_labels=11)).eval()
+
+
+@torch.no_grad()
+def add_oracle_partitions(model, batches: list[dict]) -> None:
+    """Add each batch's ground-truth partition (`oracle_map`) and token counts (`oracle_counts`), as the model's
+    "oracle" source builds them."""
+    for batch in batches:
+        oracle = model.step(batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
+                            settings={"partition_source": "oracle"}, policy_only=True)
+        batch["oracle_map"], batch["oracle_counts"] = oracle.superpatch_map, oracle.token_counts
+
+
+def oracle_budget(batches: list[dict]) -> int:
+    """The static token budget: the mean oracle token count of the batches' frames (`add_oracle_partitions`)."""
+    return int(torch.cat([batch["oracle_counts"] for batch in batches]).float().mean())
+
+
+def exit_keep_counts(num_cells: int, budget: int, halt_shares: list[float], num_exits: int) -> list[int]:
+    """Tokens kept at each exit (`exit_keep_tokens`) so that `halt_shares` of the tokens reaching each exit halt
+    there, starting from the count a budget reaches on a grid of `num_cells`; exits past the shares keep as many
+    as the last one."""
+    kept, count = [], budget_token_count(num_cells, budget)
+    for share in halt_shares[:num_exits]:
+        count = max(1, round(count * (1 - share)))
+        kept.append(count)
+    return kept + kept[-1:] * (num_exits - len(kept))
 
 
 def synchronizer(args):
@@ -396,16 +435,12 @@ def ladder(model, batches: list[dict], args):
         thresholds = args.exit_thresholds or calibrate_exits(model, batches[0], args.halt_share)
         yield Variant(f"dCTS + exits (thresholds {[round(t, 3) for t in thresholds]})",
                       dcts_run(model, dcts.replace(halting=True, exit_thresholds=thresholds)))
-    budget = int(torch.cat([batch["oracle_counts"] for batch in batches]).float().mean())
+    budget = oracle_budget(batches)
     compiled = f" (compiled, {args.compile_mode})" if args.compile else ""
     static = base.replace(partition_source="policy", token_budget=budget)
     yield Variant(f"dCTS budget {budget}{compiled}", budget_run(model, static, args))
     if config.exit_layers:  # the same with exits keeping fixed counts: static shapes all through
-        kept, count = [], budget_token_count(batches[0]["oracle_map"][0].numel(), budget)
-        for share in args.halt_share[: len(config.exit_layers)]:
-            count = max(1, round(count * (1 - share)))
-            kept.append(count)
-        kept += kept[-1:] * (len(config.exit_layers) - len(kept))
+        kept = exit_keep_counts(batches[0]["oracle_map"][0].numel(), budget, args.halt_share, len(config.exit_layers))
         yield Variant(f"dCTS budget {budget} + exits keeping {kept}{compiled}",
                       budget_run(model, static.replace(exit_keep_tokens=kept, halting=True), args))
 
@@ -413,17 +448,10 @@ def ladder(model, batches: list[dict], args):
 @torch.no_grad()
 def run_ladder(args) -> tuple[list[dict], dict]:
     """Every variant's row, and the encoder's FLOP rates on packed unequal images against equal ones."""
-    if args.model_name_or_path:
-        model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
-    else:
-        model = StepForSemanticSegmentation(StepConfig.from_preset(args.preset, image_size=max(args.image_size),
-                                                                   num_labels=11))
+    model = make_model(args.model_name_or_path or args.preset, args.image_size)
     model = model.to(args.device, DTYPES[args.dtype]).eval()
     batches = load_batches(args, model.config)
-    for batch in batches:  # the ground-truth partition, as the model's "oracle" source builds it
-        oracle = model.step(batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
-                            settings={"partition_source": "oracle"}, policy_only=True)
-        batch["oracle_map"], batch["oracle_counts"] = oracle.superpatch_map, oracle.token_counts
+    add_oracle_partitions(model, batches)
     check_batching(model, batches[0], args)
     rows = []
     for variant in ladder(model, batches, args):
