@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.compile mode, e.g. reduce-overhead (CUDA graphs: no launch overhead at batch 1)")
     parser.add_argument("--skip_vit", action="store_true", help="leave out the transformers ViTModel row")
     parser.add_argument("--profile", action="store_true",
-                        help="also show where the time goes: host issue time against device time, top operators")
+                        help="also show where the time goes: host issue time against GPU time, top operators")
     parser.add_argument("--output", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     if len(args.image_size) > 2:
