@@ -202,11 +202,9 @@ def load_for_evaluation(folder: str) -> tuple[object, object, StepImageProcessor
     if not (Path(folder) / "export.json").is_file():
         model = StepForSemanticSegmentation.from_pretrained(folder).eval()
         return model, model.config, processor, False
-    from transformers.exporters import ExportedModel
+    from .export import load_exported
 
-    # A torch.export program (`model.pt2`) rebuilds our output classes from the folder's code.
-    program = ExportedModel.from_pretrained(folder, trust_remote_code=(Path(folder) / "model.pt2").is_file())
-    return program, StepConfig.from_pretrained(folder), processor, True
+    return load_exported(folder), StepConfig.from_pretrained(folder), processor, True
 
 
 def main(argv: list[str] | None = None) -> None:

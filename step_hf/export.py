@@ -65,6 +65,23 @@ def export_model(model: StepForSemanticSegmentation, export_format: str, image_s
     return exporter.export(model.eval(), {"pixel_values": sample}, config), settings.to_dict()
 
 
+def load_exported(folder: str | Path, device=None, **runner_kwargs):
+    """
+    The `transformers.exporters.ExportedModel` saved in `folder`, loaded on its runtime. An OpenVINO program runs in
+    fp32 unless `config` (its compile properties) says otherwise: the CPU plugin picks bf16 by itself on CPUs that
+    have it and does not read the precision the exporter recorded in the graph. A `torch.export` program
+    (`model.pt2`) rebuilds our output classes from the folder's code, so it is loaded with `trust_remote_code`.
+    """
+    from transformers.exporters import ExportedModel
+
+    folder = Path(folder)
+    if (folder / "openvino_model.xml").is_file():
+        runner_kwargs["config"] = {"INFERENCE_PRECISION_HINT": "f32", **runner_kwargs.get("config", {})}
+    if (folder / "model.pt2").is_file():
+        runner_kwargs.setdefault("trust_remote_code", True)
+    return ExportedModel.from_pretrained(folder, device=device, **runner_kwargs)
+
+
 README = """# Exported STEP model
 
 Format: {format}{quantized}; program: `{program}`, with `export.json` (what `transformers.exporters` recorded), `config.json`

@@ -46,7 +46,7 @@ import transformers
 from .benchmark import (Variant, add_oracle_partitions, exit_keep_counts, load_batches, make_model, oracle_budget,
                         row_for, timed)
 from .configuration_step import StepSettings
-from .export import export_model
+from .export import export_model, load_exported
 
 RUNTIMES = ("onnxruntime", "openvino", "torch")
 # The `step_hf.export` format each runtime runs.
@@ -145,15 +145,12 @@ def session_options(args, profile_prefix: str | None = None):
 
 def load_program(folder: str, args, profile_prefix: str | None = None):
     """The exported program in `folder`, loaded on its runtime as `args` ask."""
-    from transformers.exporters import ExportedModel
-
     if args.runtime == "onnxruntime":
-        return ExportedModel.from_pretrained(folder, device=args.device,
-                                             session_options=session_options(args, profile_prefix))
+        return load_exported(folder, device=args.device, session_options=session_options(args, profile_prefix))
     if args.runtime == "openvino":
-        return ExportedModel.from_pretrained(folder, device="cpu", config={
+        return load_exported(folder, device="cpu", config={
             "INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": args.openvino_precision})
-    return ExportedModel.from_pretrained(folder, device=args.device, trust_remote_code=True)  # a pickled .pt2
+    return load_exported(folder, device=args.device)
 
 
 def deploy(model, settings: StepSettings, quantize: str | None, folder: str, args) -> Callable[[dict], object]:

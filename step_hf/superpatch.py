@@ -26,6 +26,8 @@ def block_grid(grid_size: tuple[int, int], size: int) -> tuple[int, int]:
 def blocks_to_cells(block_values: torch.Tensor, size: int, grid_size: tuple[int, int], fill) -> torch.Tensor:
     """Spread block-level values `(..., rows // size, cols // size)` onto the cells they cover, `(..., rows, cols)`;
     cells in no whole block (a ragged right or bottom edge) get `fill`."""
+    if 0 in block_grid(grid_size, size):  # no whole block; exporters cannot reshape an empty grid
+        return block_values.new_full((*block_values.shape[:-2], *grid_size), fill)
     cells = block_values.repeat_interleave(size, dim=-2).repeat_interleave(size, dim=-1)
     pad_rows, pad_cols = grid_size[0] - cells.shape[-2], grid_size[1] - cells.shape[-1]
     if pad_rows or pad_cols:
@@ -102,10 +104,12 @@ def decisions_for_budget(
     most confident blocks. Sizes must be 2, 4, ... (consecutive powers of two): each chosen block is then one merge
     of four children into one token. A block's priority is the smallest logit in its quadtree (its own and all its
     descendants'), so a parent never outranks a child; a stable sort with smaller sizes first breaks ties the same
-    way (`top_count_first_on_ties`). The top-k blocks by priority are therefore closed under "children of a chosen block are chosen", which
-    makes every chosen block remove exactly 3 tokens.
+    way (`top_count_first_on_ties`). The top-k blocks by priority are therefore closed under "children of a chosen
+    block are chosen", which makes every chosen block remove exactly 3 tokens.
     """
-    sizes = sorted(block_logits)
+    decisions = {size: torch.zeros_like(logits, dtype=torch.bool) for size, logits in block_logits.items()
+                 if 0 in block_grid(grid_size, size)}  # sizes with no whole block choose none
+    sizes = sorted(size for size in block_logits if size not in decisions)
     num_cells = grid_size[0] * grid_size[1]
     target = budget_token_count(num_cells, token_budget)
     num_merges = (num_cells - target) // 3
@@ -115,6 +119,8 @@ def decisions_for_budget(
             f"A budget of {token_budget} tokens cannot be reached on a {grid_size[0]}x{grid_size[1]} grid with "
             f"superpatch sizes {sizes}: at least {num_cells - 3 * available} tokens remain."
         )
+    if not sizes:  # no block fits the grid: it stays dense, which the check above says is within the budget
+        return decisions
     priorities, child_priority = [], None
     for size in sizes:
         priority = block_logits[size].float()
@@ -124,7 +130,7 @@ def decisions_for_budget(
         child_priority = priority
     flat = torch.cat([priority.flatten(1) for priority in priorities], dim=1)
     selected = top_count_first_on_ties(flat, num_merges, dim=1)
-    decisions, start = {}, 0
+    start = 0
     for size, priority in zip(sizes, priorities):
         count = priority[0].numel()
         decisions[size] = selected[:, start : start + count].view_as(priority)

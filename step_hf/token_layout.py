@@ -187,8 +187,10 @@ def top_count_first_on_ties(values: torch.Tensor, count: int, dim: int) -> torch
         return torch.zeros_like(values, dtype=torch.bool)
     cut = values.topk(count, dim=dim).values.narrow(dim, count - 1, 1)
     above, at_cut = values > cut, values == cut
-    places_left = count - above.sum(dim, keepdim=True)
-    return (above | (at_cut & (at_cut.cumsum(dim) <= places_left))) & (values > float("-inf"))
+    # An entry at the cut is in while the entries above plus those at the cut up to it fit in `count`. (Written as
+    # a sum against `count`: OpenVINO computed `count - above.sum(...)` wrongly for every image but the first.)
+    fills = at_cut & (at_cut.cumsum(dim) + above.sum(dim, keepdim=True) <= count)
+    return (above | fills) & (values > float("-inf"))
 
 
 def first_true_positions(mask: torch.Tensor, count: int | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from torch.export import Dim
 
 from step_hf import StepForSemanticSegmentation
+from step_hf.export import load_exported
 from step_hf.superpatch import block_reduce, budget_token_count, decisions_for_budget
 from step_hf.token_layout import PackedBatch, first_true_positions, top_count_first_on_ties
 from step_hf.exits import keep_topk_per_class
@@ -60,6 +61,15 @@ def test_budget_partitions_are_unchanged_with_tied_priorities():
         assert torch.equal(torch.cat([decisions[2].flatten(1), decisions[4].flatten(1)], 1), before)
 
 
+def test_a_superpatch_size_with_no_whole_block_changes_no_budget_decision():
+    generator = torch.Generator().manual_seed(3)
+    block_logits = {size: torch.randn(2, 8 // size, 12 // size, generator=generator) for size in (2, 4)}
+    with_empty = decisions_for_budget({**block_logits, 16: torch.zeros(2, 0, 0)}, (8, 12), 50)
+    assert with_empty[16].shape == (2, 0, 0) and with_empty[16].dtype == torch.bool
+    for size, decision in decisions_for_budget(block_logits, (8, 12), 50).items():
+        assert torch.equal(with_empty[size], decision)
+
+
 def test_kept_tokens_break_ties_toward_the_earlier_token():
     batch = PackedBatch.of([4, 3], "cpu")
     scores = torch.tensor([[1.0], [2.0], [2.0], [2.0], [5.0], [5.0], [float("-inf")]])
@@ -72,15 +82,17 @@ def test_kept_tokens_break_ties_toward_the_earlier_token():
 CONFIGURATIONS = {
     "dense": (dict(), True),
     "dense + halting by thresholds": (dict(exit_layers=[1], halting=True, exit_thresholds=[0.3]), False),
-    "token budget + exit keep counts": (dict(partition_source="policy", superpatch_sizes=[1, 2, 4], token_budget=12,
-                                             exit_layers=[1], halting=True, exit_keep_tokens=[6]), False),
+    # Side 8 has no whole block on the traced 4x6 grid: its empty block grid must not reach the program.
+    "token budget + exit keep counts": (dict(partition_source="policy", superpatch_sizes=[1, 2, 4, 8],
+                                             token_budget=12, exit_layers=[1], halting=True, exit_keep_tokens=[6]),
+                                        False),
     "policy and exit thresholds": (dict(partition_source="policy", superpatch_sizes=[1, 2, 4],
                                         policy_thresholds=[0.5, 0.5], exit_layers=[1], halting=True,
                                         exit_thresholds=[0.3]), False),
 }
 
 
-def export_and_check(name: str, exporter, config_class, tmp_path, reload_kwargs) -> None:
+def export_and_check(name: str, exporter, config_class, tmp_path) -> None:
     fields, dynamic_size = CONFIGURATIONS[name]
     torch.manual_seed(0)
     model = StepForSemanticSegmentation(tiny_config(**fields)).eval()
@@ -90,7 +102,7 @@ def export_and_check(name: str, exporter, config_class, tmp_path, reload_kwargs)
         axes.update({2: Dim.AUTO, 3: Dim.AUTO})
     exported = exporter.export(model, {"pixel_values": traced}, config_class(dynamic_shapes={"pixel_values": axes}))
     exported.save_pretrained(tmp_path / "exported")
-    reloaded = exporters.ExportedModel.from_pretrained(tmp_path / "exported", **reload_kwargs)
+    reloaded = load_exported(tmp_path / "exported")
     unseen = [(3, 64, 96), (1, 64, 96)] + ([(2, 80, 112), (1, 64, 64)] if dynamic_size else [])
     counts = []
     for seed, shape in enumerate(unseen):
@@ -114,8 +126,7 @@ def export_and_check(name: str, exporter, config_class, tmp_path, reload_kwargs)
     pytest.param("policy and exit thresholds", marks=pytest.mark.slow),
 ])
 def test_every_configuration_exports_with_torch_export_reloads_and_matches_eager(name, tmp_path):
-    export_and_check(name, exporters.DynamoExporter(), exporters.DynamoConfig, tmp_path,
-                     dict(trust_remote_code=True))
+    export_and_check(name, exporters.DynamoExporter(), exporters.DynamoConfig, tmp_path)
 
 
 @pytest.mark.slow
@@ -123,7 +134,14 @@ def test_every_configuration_exports_with_torch_export_reloads_and_matches_eager
 def test_every_configuration_exports_to_onnx_and_onnxruntime_matches_eager(name, tmp_path):
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    export_and_check(name, exporters.OnnxExporter(), exporters.OnnxConfig, tmp_path, {})
+    export_and_check(name, exporters.OnnxExporter(), exporters.OnnxConfig, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGURATIONS))
+def test_every_configuration_exports_to_openvino_and_matches_eager(name, tmp_path):
+    pytest.importorskip("openvino")
+    export_and_check(name, exporters.OpenVINOExporter(), exporters.OpenVINOConfig, tmp_path)
 
 
 def test_the_oracle_partition_refuses_to_export_naming_the_settings_to_change():
@@ -147,7 +165,7 @@ def test_the_export_command_writes_the_program_processor_and_readme_running_the_
           "--token_budget", "12", "--exit_keep_tokens", "6", "--halting"])
     assert (tmp_path / "out" / "model.pt2").is_file() and (tmp_path / "out" / "preprocessor_config.json").is_file()
     assert '"token_budget": 12' in (tmp_path / "out" / "README.md").read_text()
-    reloaded = exporters.ExportedModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    reloaded = load_exported(tmp_path / "out")
     pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     program = reloaded(pixel_values=pixels)
     eager = model(pixels, token_budget=12, exit_keep_tokens=[6], halting=True)
