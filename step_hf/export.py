@@ -1,14 +1,15 @@
 """
 Export a saved STEP model for deployment through `transformers.exporters`: one fixed set of run-time settings is
 traced into the program (the model's saved ones, with the overrides given here), and the output folder holds the
-program (`model.onnx`, `openvino_model.xml`, or `model.pt2`), the config, the image processor's config and a short
+program (`model.onnx`, `openvino_model.xml`, `model.pt2` or `model.pte`), the config, the image processor's config and a short
 README saying what was exported.
 
     python -m step_hf.export --model_name_or_path DIR --format onnx --output_dir OUT \
         --partition_source policy --token_budget 100 --exit_keep_tokens 60 40 --halting
 
-The batch is always dynamic; height and width too for the dense model (a policy's partition is exported for the one
-input size given by `--image_size`, default the model's `image_size`).
+The batch is dynamic; height and width too for the dense model (a policy's partition is exported for the one
+input size given by `--image_size`, default the model's `image_size`). ExecuTorch programs take one batch size
+(`--batch_size`) and input size, and fixed token counts: its memory planner sizes every tensor ahead of the run.
 """
 
 import argparse
@@ -19,11 +20,13 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from .configuration_step import RUN_SETTINGS, resolve_settings
+from .configuration_step import RUN_SETTINGS, StepConfig, StepSettings, resolve_settings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
 
-FORMATS = ("onnx", "openvino", "dynamo")
+PROGRAM_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml", "dynamo": "model.pt2",
+                 "executorch": "model.pte"}
+FORMATS = tuple(PROGRAM_FILES)
 
 
 def exporter_and_config(export_format: str, dynamic_shapes: dict, quantize: str | None = None):
@@ -43,25 +46,48 @@ def exporter_and_config(export_format: str, dynamic_shapes: dict, quantize: str 
         "onnx": (exporters.OnnxExporter, exporters.OnnxConfig),
         "openvino": (exporters.OpenVINOExporter, exporters.OpenVINOConfig),
         "dynamo": (exporters.DynamoExporter, exporters.DynamoConfig),
+        "executorch": (exporters.ExecutorchExporter, exporters.ExecutorchConfig),
     }
     exporter_class, config_class = classes[export_format]
     return exporter_class(), config_class(dynamic_shapes=dynamic_shapes)
 
 
+def image_dependent_counts(settings: StepSettings, config: StepConfig) -> list[str]:
+    """The thresholds in use under `settings` that make token counts depend on the image, each with the setting
+    that fixes its count instead."""
+    in_use = []
+    if settings.partition_source == "policy" and config.shared_sizes and settings.token_budget is None:
+        in_use.append("`policy_thresholds` (a `token_budget` fixes the count)")
+    if settings.halting and config.exit_layers and settings.exit_keep_tokens is None:
+        in_use.append("`exit_thresholds` (`exit_keep_tokens` fix the counts)")
+    return in_use
+
+
 def export_model(model: StepForSemanticSegmentation, export_format: str, image_size: tuple[int, int],
-                 settings_overrides: dict, quantize: str | None = None) -> tuple["object", dict]:
+                 settings_overrides: dict, quantize: str | None = None, batch_size: int = 1) -> tuple["object", dict]:
     """
     Export `model` running its saved settings with `settings_overrides` (checked by `resolve_settings`). Returns the
     `ExportedModel` and the settings traced into it. The model's config is changed to hold them as its saved
-    defaults, so that the exported folder's config says what the program runs.
+    defaults, so that the exported folder's config says what the program runs. `batch_size` is the one batch an
+    ExecuTorch program takes; the other formats take any.
     """
     settings = resolve_settings(model.config, None, **settings_overrides)
+    if export_format == "executorch" and (in_use := image_dependent_counts(settings, model.config)):
+        raise ValueError(
+            f"ExecuTorch cannot run token counts that depend on the image: its memory planner sizes every tensor "
+            f"ahead of the run. In use: {'; '.join(in_use)}. Export with fixed counts, or to onnx, openvino or dynamo."
+        )
     model.config.update_settings(settings)
     axes = {0: Dim("batch", min=1, max=256)}
     if settings.partition_source == "dense" or not model.config.shared_sizes:
         axes.update({2: Dim.AUTO, 3: Dim.AUTO})
+    if export_format == "executorch":  # its planner fixes the sizes a dynamic batch would need to change
+        axes, sample_batch = {}, batch_size
+    else:
+        sample_batch = 2  # a traced batch of one would be specialised
     exporter, config = exporter_and_config(export_format, {"pixel_values": axes}, quantize)
-    sample = torch.randn(2, model.config.num_channels, *image_size, generator=torch.Generator().manual_seed(0))
+    sample = torch.randn(sample_batch, model.config.num_channels, *image_size,
+                         generator=torch.Generator().manual_seed(0))
     return exporter.export(model.eval(), {"pixel_values": sample}, config), settings.to_dict()
 
 
@@ -107,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="the input size traced (default: the model's image_size)")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="ExecuTorch only: the batch size the program takes (the other formats take any)")
     parser.add_argument("--quantize", choices=("int8",), help="ONNX only: int8 weights, activations quantized at run "
                         "time (ONNX Runtime's dynamic quantization)")
     settings = parser.add_argument_group("run-time settings traced into the program (default: the saved ones)")
@@ -124,18 +152,22 @@ def main(argv: list[str] | None = None) -> None:
     processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
     stored = model.config.image_size
     image_size = tuple(args.image_size or (stored if isinstance(stored, (list, tuple)) else (stored, stored)))
-    exported, traced_settings = export_model(model, args.format, image_size, overrides, args.quantize)
+    exported, traced_settings = export_model(model, args.format, image_size, overrides, args.quantize,
+                                             args.batch_size)
 
     output = Path(args.output_dir)
     exported.save_pretrained(output)
     dense = traced_settings["partition_source"] == "dense" or not model.config.shared_sizes
-    if not dense:  # the program takes one input size: the processor saved beside it resizes every image to it
+    one_size = not dense or args.format == "executorch"
+    if one_size:  # the program takes one input size: the processor saved beside it resizes every image to it
         processor.size = {"height": image_size[0], "width": image_size[1]}
     processor.save_pretrained(output)
-    program = {"onnx": "model.onnx", "openvino": "openvino_model.xml", "dynamo": "model.pt2"}[args.format]
-    shapes = "any batch, height and width (multiples of 16)" if dense else f"any batch, {image_size[0]}x{image_size[1]}"
+    program = PROGRAM_FILES[args.format]
+    batch = f"a batch of {args.batch_size}" if args.format == "executorch" else "any batch"
+    shapes = f"{batch}, {image_size[0]}x{image_size[1]}" if one_size else f"{batch}, height and width (multiples of 16)"
     (output / "README.md").write_text(README.format(
-        format=args.format, quantized=" (int8 dynamic quantization)" if args.quantize else "", program=program, settings=json.dumps(traced_settings, indent=2), shapes=shapes,
+        format=args.format, quantized=" (int8 dynamic quantization)" if args.quantize else "", program=program,
+        settings=json.dumps(traced_settings, indent=2), shapes=shapes,
         halting=", `exit_map`, `halted_share`" if traced_settings["halting"] else "",
         command=" ".join(argv if argv is not None else sys.argv[1:]),
     ))

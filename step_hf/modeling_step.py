@@ -644,7 +644,8 @@ class StepModel(StepPreTrainedModel):
         tables = []
         for side in sides:
             pooled_pixels = pixel_values if side == 1 else F.avg_pool2d(pixel_values, side)
-            pooled_positions = positions if side == 1 else F.avg_pool2d(positions, side)
+            # Pooled as a batch of one: XNNPACK (ExecuTorch) pools 4-D tensors only.
+            pooled_positions = positions if side == 1 else F.avg_pool2d(positions[None], side)[0]
             tables.append((self.patch_embed(pooled_pixels) + pooled_positions.permute(1, 2, 0)).flatten(0, 2))
 
         side, (rows, cols) = layout.block_side, layout.grid_size

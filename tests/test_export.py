@@ -7,7 +7,7 @@ import torch
 from torch.export import Dim
 
 from step_hf import StepForSemanticSegmentation
-from step_hf.export import load_exported
+from step_hf.export import export_model, load_exported
 from step_hf.superpatch import block_reduce, budget_token_count, decisions_for_budget
 from step_hf.token_layout import PackedBatch, first_true_positions, top_count_first_on_ties
 from step_hf.exits import keep_topk_per_class
@@ -92,7 +92,10 @@ CONFIGURATIONS = {
 }
 
 
-def export_and_check(name: str, exporter, config_class, tmp_path) -> None:
+def export_and_check(name: str, exporter, config_class, tmp_path, dynamic: bool = True) -> None:
+    """Export configuration `name`, reload it and compare with eager on inputs it was not traced with: other batch
+    sizes (and input sizes where the configuration allows), or with `dynamic=False` other images of the traced
+    shape."""
     fields, dynamic_size = CONFIGURATIONS[name]
     torch.manual_seed(0)
     model = StepForSemanticSegmentation(tiny_config(**fields)).eval()
@@ -100,10 +103,14 @@ def export_and_check(name: str, exporter, config_class, tmp_path) -> None:
     axes = {0: Dim("batch", min=1, max=32)}
     if dynamic_size:
         axes.update({2: Dim.AUTO, 3: Dim.AUTO})
-    exported = exporter.export(model, {"pixel_values": traced}, config_class(dynamic_shapes={"pixel_values": axes}))
+    config = config_class(dynamic_shapes={"pixel_values": axes}) if dynamic else config_class()
+    exported = exporter.export(model, {"pixel_values": traced}, config)
     exported.save_pretrained(tmp_path / "exported")
     reloaded = load_exported(tmp_path / "exported")
-    unseen = [(3, 64, 96), (1, 64, 96)] + ([(2, 80, 112), (1, 64, 64)] if dynamic_size else [])
+    if not dynamic:
+        unseen = [(2, 64, 96), (2, 64, 96)]
+    else:
+        unseen = [(3, 64, 96), (1, 64, 96)] + ([(2, 80, 112), (1, 64, 64)] if dynamic_size else [])
     counts = []
     for seed, shape in enumerate(unseen):
         pixels = torch.randn(shape[0], 3, *shape[1:], generator=torch.Generator().manual_seed(10 + seed))
@@ -144,6 +151,23 @@ def test_every_configuration_exports_to_openvino_and_matches_eager(name, tmp_pat
     export_and_check(name, exporters.OpenVINOExporter(), exporters.OpenVINOConfig, tmp_path)
 
 
+# ExecuTorch plans every tensor's memory ahead of the run: one batch and input size, token counts fixed.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dense", "token budget + exit keep counts"])
+def test_the_fixed_count_configurations_export_to_executorch_and_match_eager(name, tmp_path):
+    pytest.importorskip("executorch")
+    export_and_check(name, exporters.ExecutorchExporter(), exporters.ExecutorchConfig, tmp_path, dynamic=False)
+
+
+@pytest.mark.parametrize("name", ["dense + halting by thresholds", "policy and exit thresholds"])
+def test_executorch_refuses_image_dependent_token_counts_naming_the_settings_that_fix_them(name):
+    model = StepForSemanticSegmentation(tiny_config(**CONFIGURATIONS[name][0])).eval()
+    with pytest.raises(ValueError, match="ExecuTorch cannot run token counts that depend on the image") as raised:
+        export_model(model, "executorch", (64, 96), {})
+    assert "exit_keep_tokens" in str(raised.value)
+    assert ("token_budget" in str(raised.value)) == ("policy_thresholds" in CONFIGURATIONS[name][0])
+
+
 def test_the_oracle_partition_refuses_to_export_naming_the_settings_to_change():
     model = StepForSemanticSegmentation(tiny_config(partition_source="oracle", superpatch_sizes=[1, 2])).eval()
     with pytest.raises(Exception, match="oracle") as raised:
@@ -152,19 +176,27 @@ def test_the_oracle_partition_refuses_to_export_naming_the_settings_to_change():
 
 
 @pytest.mark.slow
-def test_the_export_command_writes_the_program_processor_and_readme_running_the_given_settings(tmp_path):
+@pytest.mark.parametrize("export_format", ["dynamo", "executorch"])
+def test_the_export_command_writes_the_program_processor_and_readme_running_the_given_settings(export_format,
+                                                                                              tmp_path):
     from step_hf import StepImageProcessor
-    from step_hf.export import main
+    from step_hf.export import PROGRAM_FILES, main
+
+    if export_format == "executorch":
+        pytest.importorskip("executorch")
 
     torch.manual_seed(0)
     model = StepForSemanticSegmentation(tiny_config(partition_source="policy", superpatch_sizes=[1, 2, 4],
                                                     exit_layers=[1])).eval()
     model.save_pretrained(tmp_path / "model")
     StepImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "model")
-    main(["--model_name_or_path", str(tmp_path / "model"), "--format", "dynamo", "--output_dir", str(tmp_path / "out"),
-          "--token_budget", "12", "--exit_keep_tokens", "6", "--halting"])
-    assert (tmp_path / "out" / "model.pt2").is_file() and (tmp_path / "out" / "preprocessor_config.json").is_file()
-    assert '"token_budget": 12' in (tmp_path / "out" / "README.md").read_text()
+    main(["--model_name_or_path", str(tmp_path / "model"), "--format", export_format, "--output_dir",
+          str(tmp_path / "out"), "--token_budget", "12", "--exit_keep_tokens", "6", "--halting", "--batch_size", "3"])
+    assert (tmp_path / "out" / PROGRAM_FILES[export_format]).is_file()
+    assert StepImageProcessor.from_pretrained(tmp_path / "out").size == {"height": 64, "width": 64}
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert '"token_budget": 12' in readme
+    assert ("a batch of 3, 64x64" if export_format == "executorch" else "any batch, 64x64") in readme
     reloaded = load_exported(tmp_path / "out")
     pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     program = reloaded(pixel_values=pixels)
