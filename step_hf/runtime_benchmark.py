@@ -23,7 +23,7 @@ Reported per variant: ms per image (median of `--repeats` passes over the frames
 against dense in the same runtime, the FLOP ratio (dense GFLOPs / the variant's, `step_hf.accounting` on the eager
 model's outputs), speed-up / FLOP ratio, tokens per image and the share halted as the runtime returned them, and the
 share of cells whose class is the eager model's; then the targets beside the measured ratios. `--profile` (ONNX
-Runtime) adds where the time goes, by operator type, from the runtime's own profiler.
+Runtime or OpenVINO) adds where the time goes, by operator type, from the runtime's own profiler.
 
 The frames come from `--dataset_name` (a `datasets` folder or Hub name): without them the command stops, since they
 are what is timed and their ground truth sets the budget.
@@ -106,11 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--openvino_precision", default="f32", choices=["f32", "bf16"],
                         help="OpenVINO's inference precision hint (it picks bf16 by itself on CPUs that have it)")
     parser.add_argument("--profile", action="store_true",
-                        help="ONNX Runtime: also profile each variant and show the operator types that take the time")
+                        help="ONNX Runtime or OpenVINO: also profile each variant and show the operator types that "
+                             "take the time")
     parser.add_argument("--output", help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    if args.profile and args.runtime != "onnxruntime":
-        parser.error("--profile reads ONNX Runtime's profiler: use it with --runtime onnxruntime.")
+    if args.profile and args.runtime == "torch":
+        parser.error("--profile reads the runtime's own profiler: use it with --runtime onnxruntime or openvino.")
     if args.torch_export and args.runtime != "torch":
         parser.error("--torch_export times the torch.export program: use it with --runtime torch.")
     if args.runtime == "openvino" and args.device != "cpu":
@@ -143,13 +144,16 @@ def session_options(args, profile_prefix: str | None = None):
     return options
 
 
-def load_program(folder: str, args, profile_prefix: str | None = None):
-    """The exported program in `folder`, loaded on its runtime as `args` ask."""
+def load_program(folder: str, args, profiled: bool = False):
+    """The exported program in `folder`, loaded on its runtime as `args` ask; `profiled`: with the runtime's
+    profiler on."""
     if args.runtime == "onnxruntime":
-        return load_exported(folder, device=args.device, session_options=session_options(args, profile_prefix))
+        prefix = str(Path(folder) / "profile") if profiled else None
+        return load_exported(folder, device=args.device, session_options=session_options(args, prefix))
     if args.runtime == "openvino":
         return load_exported(folder, device="cpu", config={
-            "INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": args.openvino_precision})
+            "INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": args.openvino_precision,
+            "PERF_COUNT": profiled})
     return load_exported(folder, device=args.device)
 
 
@@ -165,23 +169,28 @@ def deploy(model, settings: StepSettings, quantize: str | None, folder: str, arg
     return lambda batch: program(pixel_values=batch["pixel_values"].to(args.device))
 
 
-def onnxruntime_profile(folder: str, batch: dict, args, top: int = 8) -> dict:
-    """Where an ONNX Runtime session spends its time: a profiling session over `warmup + repeats` runs of `batch`,
-    its operators' kernel time summed by type, the `top` ones with their share of it."""
-    program = load_program(folder, args, profile_prefix=str(Path(folder) / "profile"))
+def runtime_profile(folder: str, batch: dict, args, top: int = 8) -> dict:
+    """Where the runtime spends its time over `warmup + repeats` runs of `batch`, from its own profiler: operator
+    time summed by type, the `top` types with their share of it. ONNX Runtime's profiler logs every run (its
+    kernels' time counts); OpenVINO's counters hold the last run's nodes, by the type it executed them as (after
+    its fusions)."""
+    program = load_program(folder, args, profiled=True)
     runs = args.warmup + args.repeats
     start = time.perf_counter()
     for _ in range(runs):
         program(pixel_values=batch["pixel_values"])
     wall_ms = (time.perf_counter() - start) * 1000 / runs
-    events = json.loads(Path(program.runners["model"].session.end_profiling()).read_text())
-    by_type = Counter()
-    for event in events:  # each node also logs fences around its kernel: only the kernel's time counts
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            by_type[event["args"]["op_name"]] += event["dur"]  # microseconds
+    runner, by_type = program.runners["model"], Counter()  # microseconds
+    if args.runtime == "onnxruntime":
+        for event in json.loads(Path(runner.session.end_profiling()).read_text()):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):  # not the fences around it
+                by_type[event["args"]["op_name"]] += event["dur"] / runs
+    else:
+        for node in runner.request.get_profiling_info():
+            by_type[node.node_type] += node.real_time.total_seconds() * 1e6
     total = sum(by_type.values()) or 1
-    return {"ms_per_run": wall_ms, "operators_ms_per_run": total / 1000 / runs,
-            "top": [{"op_type": name, "ms_per_run": us / 1000 / runs, "share": us / total}
+    return {"ms_per_run": wall_ms, "operators_ms_per_run": total / 1000,
+            "top": [{"op_type": name, "ms_per_run": us / 1000, "share": us / total}
                     for name, us in by_type.most_common(top)]}
 
 
@@ -223,7 +232,7 @@ def measure_variant(name: str, settings: StepSettings, quantize: str | None, mod
     with tempfile.TemporaryDirectory(prefix="step-runtime-") as folder:
         run = deploy(model, settings, quantize, folder, args)
         ms_per_batch, outputs = timed(run, batches, args)
-        profile = onnxruntime_profile(folder, batches[0], args) if args.profile else None
+        profile = runtime_profile(folder, batches[0], args) if args.profile else None
         del run  # a session may map its weights from the folder
     dense_ms = dense["ms_per_image"] * args.batch_size if dense else 0
     row = row_for(Variant(name, run=None), ms_per_batch, eager, args, model.config, dense_ms)
