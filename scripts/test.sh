@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (scripts/setup.sh) and runs the test suite on CPU. Extra arguments go to pytest.
-# In CI (CI=true, no arguments) it also runs the slow common and export tests, and the contract tests
-# against the oldest torch and transformers that pyproject.toml allows (scripts/test_oldest.sh).
+# In CI (CI=true, no arguments) it also runs the slow common and export tests, the ExecuTorch export tests in their
+# own environment (scripts/test_executorch.sh), and the contract tests against the oldest torch and transformers
+# that pyproject.toml allows (scripts/test_oldest.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,4 +12,5 @@ if [ "${CI:-}" != "true" ] || [ "$#" -gt 0 ]; then
 fi
 .venv/bin/python -m pytest -q
 .venv/bin/python -m pytest -q -m slow tests/test_transformers_common.py tests/test_export.py
+bash scripts/test_executorch.sh
 bash scripts/test_oldest.sh
