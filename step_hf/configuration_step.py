@@ -555,18 +555,9 @@ class StepConfig(PreTrainedConfig):
 
     def validate_run_settings(self) -> None:
         """Part of `@strict`-powered validation: the run-time settings saved as defaults, checked as every call's
-        are (`StepSettings`), and a token budget against the stored grid."""
+        are (`StepSettings`). A token budget is checked against each input's grid, not the stored one: a model
+        stored at 512 may be run, or exported, at 1024 with a budget above 512's cell count."""
         self.settings.check_against(self)
-        self._check_token_budget_fits(self.token_budget)
-
-    def _check_token_budget_fits(self, token_budget: int | None) -> None:
-        """Refuse a token budget larger than the stored grid (`image_size`)."""
-        rows, cols = self.image_grid_size
-        if token_budget is not None and not 1 <= token_budget <= rows * cols:
-            raise ValueError(
-                f"`token_budget` ({token_budget}) must be between 1 and the {rows}x{cols} = {rows * cols} cells of the "
-                "`image_size` grid."
-            )
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -606,7 +597,6 @@ class StepConfig(PreTrainedConfig):
                 f"{architecture} cannot change on a built model; the run-time settings are {list(RUN_SETTINGS)}."
             )
         new = resolve_settings(self, settings, **changes)
-        self._check_token_budget_fits(new.token_budget)  # the rest of the configuration is unchanged
         for name, value in new.to_dict().items():
             setattr(self, name, value)
 

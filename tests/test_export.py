@@ -168,6 +168,22 @@ def test_executorch_refuses_image_dependent_token_counts_naming_the_settings_tha
     assert ("token_budget" in str(raised.value)) == ("policy_thresholds" in CONFIGURATIONS[name][0])
 
 
+def test_a_budget_above_the_stored_grid_exports_for_a_larger_input(tmp_path):
+    from step_hf import StepConfig
+
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(tiny_config(partition_source="policy", superpatch_sizes=[1, 2, 4])).eval()
+    exported, settings = export_model(model, "dynamo", (64, 128), {"token_budget": 26})  # stored: 4x4 = 16 cells
+    exported.save_pretrained(tmp_path / "out")
+    assert StepConfig.from_pretrained(tmp_path / "out").token_budget == 26 == settings["token_budget"]
+    pixels = torch.randn(3, 3, 64, 128, generator=torch.Generator().manual_seed(4))
+    program, eager = load_exported(tmp_path / "out")(pixel_values=pixels), model(pixels)
+    assert program.token_counts.tolist() == eager.token_counts.tolist() == [26, 26, 26]
+    torch.testing.assert_close(program.logits, eager.logits, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="exceeds the 4x4 grid of this input"):
+        model(torch.randn(1, 3, 64, 64))
+
+
 def test_the_oracle_partition_refuses_to_export_naming_the_settings_to_change():
     model = StepForSemanticSegmentation(tiny_config(partition_source="oracle", superpatch_sizes=[1, 2])).eval()
     with pytest.raises(Exception, match="oracle") as raised:

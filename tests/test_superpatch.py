@@ -309,7 +309,6 @@ def test_policy_costs_well_under_five_percent_of_vit_large_at_1024():
         (dict(superpatch_sizes=[32]), "superpatch_sizes"),
         (dict(superpatch_sizes=[2, 4], policy_thresholds=[0.5]), "policy_thresholds"),
         (dict(policy_thresholds=[0.5, 0.5, 0.5, 1.5]), "probabilities"),
-        (dict(token_budget=17), "token_budget"),
         (dict(token_budget=0), "token_budget"),
         (dict(token_budget=8, superpatch_sizes=[4, 8]), "consecutive"),
         (dict(partition_source="random"), "partition_source"),
