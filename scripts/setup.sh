@@ -5,12 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_browser.sh
-stamp=.venv/.step-hf-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
-  exit 0
-fi
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "${STEP_TORCH_SPEC:-torch==2.13.0}" -e ".[dev,demo]"
-echo "$want" > "$stamp"
+bash scripts/ensure_venv.sh .venv "${STEP_TORCH_SPEC:-torch==2.13.0}" -e ".[dev,demo]"

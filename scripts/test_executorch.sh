@@ -6,13 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-executorch
-stamp=$venv/.step-hf-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if ! [ -x $venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  python3 -m venv $venv
-  $venv/bin/python -m pip install -q --upgrade pip
-  $venv/bin/python -m pip install -q "${STEP_TORCH_SPEC:-torch==2.13.0}" -e ".[dev,executorch]"
-  echo "$want" > "$stamp"
-fi
+bash scripts/ensure_venv.sh $venv "${STEP_TORCH_SPEC:-torch==2.13.0}" -e ".[dev,executorch]"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec $venv/bin/python -m pytest -q -m "slow or not slow" tests/test_export.py -k executorch "$@"

@@ -17,14 +17,7 @@ print(*(bound.group(1) for bound in bounds))
 EOF
 )
 venv=.venv-oldest
-stamp=$venv/.step-hf-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if ! [ -x $venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  python3 -m venv $venv
-  $venv/bin/python -m pip install -q --upgrade pip
-  $venv/bin/python -m pip install -q "torch==$torch_version" "transformers==$transformers_version" -e ".[dev]"
-  echo "$want" > "$stamp"
-fi
+bash scripts/ensure_venv.sh $venv "torch==$torch_version" "transformers==$transformers_version" -e ".[dev]"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "Oldest allowed releases: torch $torch_version, transformers $transformers_version"
 exec $venv/bin/python -m pytest -q tests/test_transformers_common.py tests/test_transformers_contracts.py \
