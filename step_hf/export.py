@@ -1,8 +1,8 @@
 """
 Export a saved STEP model for deployment through `transformers.exporters`: one fixed set of run-time settings is
 traced into the program (the model's saved ones, with the overrides given here), and the output folder holds the
-program (`model.onnx`, `openvino_model.xml`, `model.pt2` or `model.pte`), the config, the image processor's config and a short
-README saying what was exported.
+program (`model.onnx`, `openvino_model.xml`, `model.pt2` or `model.pte`), the config, the image processor's config
+and a short README saying what was exported.
 
     python -m step_hf.export --model_name_or_path DIR --format onnx --output_dir OUT \
         --partition_source policy --token_budget 100 --exit_keep_tokens 60 40 --halting
