@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from .configuration_step import RUN_SETTINGS, StepConfig, StepSettings, resolve_settings
+from .configuration_step import RUN_SETTINGS, StepSettings, resolve_settings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
 
@@ -52,15 +52,22 @@ def exporter_and_config(export_format: str, dynamic_shapes: dict, quantize: str 
     return exporter_class(), config_class(dynamic_shapes=dynamic_shapes)
 
 
-def image_dependent_counts(settings: StepSettings, config: StepConfig) -> list[str]:
+def image_dependent_counts(model: StepForSemanticSegmentation, settings: StepSettings) -> list[str]:
     """The thresholds in use under `settings` that make token counts depend on the image, each with the setting
     that fixes its count instead."""
     in_use = []
-    if settings.partition_source == "policy" and config.shared_sizes and settings.token_budget is None:
+    if model.step.policy_chooses(settings, None) and settings.token_budget is None:
         in_use.append("`policy_thresholds` (a `token_budget` fixes the count)")
-    if settings.halting and config.exit_layers and settings.exit_keep_tokens is None:
+    if settings.halting and model.config.exit_layers and settings.exit_keep_tokens is None:
         in_use.append("`exit_thresholds` (`exit_keep_tokens` fix the counts)")
     return in_use
+
+
+def takes_one_input_size(model: StepForSemanticSegmentation, settings: StepSettings,
+                         export_format: str) -> bool:
+    """Whether the program of `settings` takes only the input size traced: a policy's partition is traced for one
+    grid, and ExecuTorch plans every tensor's size ahead of the run. Dense programs elsewhere take any size."""
+    return export_format == "executorch" or model.step.policy_chooses(settings, None)
 
 
 def export_model(model: StepForSemanticSegmentation, export_format: str, image_size: tuple[int, int],
@@ -72,19 +79,18 @@ def export_model(model: StepForSemanticSegmentation, export_format: str, image_s
     ExecuTorch program takes; the other formats take any.
     """
     settings = resolve_settings(model.config, None, **settings_overrides)
-    if export_format == "executorch" and (in_use := image_dependent_counts(settings, model.config)):
+    if export_format == "executorch" and (in_use := image_dependent_counts(model, settings)):
         raise ValueError(
             f"ExecuTorch cannot run token counts that depend on the image: its memory planner sizes every tensor "
             f"ahead of the run. In use: {'; '.join(in_use)}. Export with fixed counts, or to onnx, openvino or dynamo."
         )
     model.config.update_settings(settings)
-    axes = {0: Dim("batch", min=1, max=256)}
-    if settings.partition_source == "dense" or not model.config.shared_sizes:
-        axes.update({2: Dim.AUTO, 3: Dim.AUTO})
     if export_format == "executorch":  # its planner fixes the sizes a dynamic batch would need to change
         axes, sample_batch = {}, batch_size
     else:
-        sample_batch = 2  # a traced batch of one would be specialised
+        axes, sample_batch = {0: Dim("batch", min=1, max=256)}, 2  # a traced batch of one would be specialised
+        if not takes_one_input_size(model, settings, export_format):
+            axes.update({2: Dim.AUTO, 3: Dim.AUTO})
     exporter, config = exporter_and_config(export_format, {"pixel_values": axes}, quantize)
     sample = torch.randn(sample_batch, model.config.num_channels, *image_size,
                          generator=torch.Generator().manual_seed(0))
@@ -101,9 +107,9 @@ def load_exported(folder: str | Path, device=None, **runner_kwargs):
     from transformers.exporters import ExportedModel
 
     folder = Path(folder)
-    if (folder / "openvino_model.xml").is_file():
+    if (folder / PROGRAM_FILES["openvino"]).is_file():
         runner_kwargs["config"] = {"INFERENCE_PRECISION_HINT": "f32", **runner_kwargs.get("config", {})}
-    if (folder / "model.pt2").is_file():
+    if (folder / PROGRAM_FILES["dynamo"]).is_file():
         runner_kwargs.setdefault("trust_remote_code", True)
     return ExportedModel.from_pretrained(folder, device=device, **runner_kwargs)
 
@@ -157,8 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     output = Path(args.output_dir)
     exported.save_pretrained(output)
-    dense = traced_settings["partition_source"] == "dense" or not model.config.shared_sizes
-    one_size = not dense or args.format == "executorch"
+    one_size = takes_one_input_size(model, model.config.settings, args.format)  # the settings now traced
     if one_size:  # the program takes one input size: the processor saved beside it resizes every image to it
         processor.size = {"height": image_size[0], "width": image_size[1]}
     processor.save_pretrained(output)
