@@ -182,9 +182,9 @@ def timed(run, batches: list[dict], args) -> tuple[float, list]:
 
 def share_halted_at_exit(model, batch: dict, thresholds: list[float], exit_index: int) -> float:
     """The share of the tokens reaching exit `exit_index` that halt there under `thresholds` (halting on)."""
-    encoded = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"],
-                         settings={"exit_thresholds": thresholds, "halting": True})
-    exit_layer = encoded.encoder_state.survivors.exit_layer
+    state = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"],
+                       settings={"exit_thresholds": thresholds, "halting": True}, return_encoder_state=True)[1]
+    exit_layer = state.survivors.exit_layer
     layer = model.config.exit_layers[exit_index]
     return float((exit_layer[exit_layer >= layer] == layer).float().mean())
 

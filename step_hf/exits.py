@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .token_layout import (
-    PackedBatch, PackedSequence, TokenLayout, first_true_positions, insert_per_image, state_pytree,
+    PackedBatch, PackedSequence, TokenLayout, first_true_positions, insert_per_image, put_rows, state_pytree,
     top_count_first_on_ties, unshare,
 )
 
@@ -44,7 +44,7 @@ class ExitPrediction(NamedTuple):
     presence_logits: torch.Tensor | None = None
 
 
-# A saved `torch.export` program names every pytree node of its outputs (an encoder's `encoder_state` holds these).
+# A saved `torch.export` program names every pytree node of its outputs (an `EncoderState` holds these).
 torch.utils._pytree._register_namedtuple(ExitPrediction, serialized_type_name=f"{__name__}.ExitPrediction")
 
 
@@ -249,9 +249,7 @@ def halt(
     keep, batch = tokens_to_keep(log_probabilities.exp(), survivors.batch, rule)
     order = first_true_positions(keep, batch.num_tokens)
     halted_here = torch.where(keep, survivors.exit_layer[survivors.index], layer)
-    # A scatter, not `index_copy`: the ONNX exporter's rewrite of the latter guards on the number of values, which a
-    # partition by thresholds (a data-dependent size) does not allow.
-    exit_layer = survivors.exit_layer.scatter(0, survivors.index, halted_here)
+    exit_layer = put_rows(survivors.exit_layer, survivors.index, halted_here)
     return Survivors(survivors.index[order], batch, exit_layer), order
 
 
@@ -267,7 +265,7 @@ def run_exit(
     tokens = packed.tokens
     prediction = head(tokens, survivors.batch)
     on_layout = prediction.token_logits.new_zeros(survivors.exit_layer.shape[0], prediction.token_logits.shape[1])
-    recorded = prediction._replace(token_logits=on_layout.index_copy(0, survivors.index, prediction.token_logits))
+    recorded = prediction._replace(token_logits=put_rows(on_layout, survivors.index, prediction.token_logits))
     if halting:
         log_probabilities = exit_log_probabilities(prediction, survivors.batch.image_index(tokens.shape[0]))
         survivors, order = halt(survivors, log_probabilities, layer, rule)
@@ -290,7 +288,7 @@ def merge_exit_predictions(
     if merge == "probabilities":
         decoder_logits = decoder_logits.float().log_softmax(-1).to(decoder_logits.dtype)
     merged = decoder_logits.new_zeros(num_tokens, decoder_logits.shape[1])
-    merged = merged.index_copy(0, survivors.index, decoder_logits)
+    merged = put_rows(merged, survivors.index, decoder_logits)
     for layer, prediction in zip(exit_layers, exit_predictions or ()):
         halted_here = (survivors.exit_layer == layer)[:, None]
         scores = prediction.token_logits if merge == "logits" else exit_log_probabilities(prediction, image_index)

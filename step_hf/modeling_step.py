@@ -129,8 +129,8 @@ class StepModelOutput(ModelOutput):
     Sequences are laid out as `transformers` users expect, `(batch_size, sequence_length, ...)`: for each image its
     class token at position 0, then its (super)tokens in the order of the token layout (raster order of their
     top-left cells), padded to the image with the most tokens. Position p >= 1 of image b is token
-    `encoder_state.layout.batch.offsets[b] + p - 1` of the layout, whose cells are `layout.cell_row`, `cell_col` and
-    `block_side` at that index. Padding, and tokens that halted at an exit, hold zeros.
+    `state.layout.batch.offsets[b] + p - 1` of the layout (`state` from `forward(..., return_encoder_state=True)`),
+    whose cells are `layout.cell_row`, `cell_col` and `block_side` at that index. Padding, and tokens that halted at an exit, hold zeros.
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + max_tokens, hidden_size)`):
@@ -156,8 +156,6 @@ class StepModelOutput(ModelOutput):
         policy_loss (`torch.FloatTensor` of shape `()`, *optional*, returned with `superpatch_targets` when the
             policy ran): binary cross-entropy of the policy's block logits against the targets (255 ignored),
             averaged per size, then over sizes.
-        encoder_state (`EncoderState`):
-            The packed token state the segmentation head reads (layout, packed final tokens, survivors, exit logits).
         run (`StepRun`):
             What ran: the settings used, whether the policy ran, the superpatch sides embedded, whether exits ran.
     """
@@ -170,7 +168,6 @@ class StepModelOutput(ModelOutput):
     token_counts: torch.LongTensor | None = None
     policy_logits: torch.FloatTensor | None = None
     policy_loss: torch.FloatTensor | None = None
-    encoder_state: EncoderState | None = None
     run: StepRun | None = None
 
 
@@ -195,7 +192,7 @@ class StepSemanticSegmenterOutput(ModelOutput):
         exit_loss (`torch.FloatTensor`, *optional*, in training with `labels` and exit heads): the sum over exits of
             each head's cross-entropy on the cells whose token it saw (deep supervision), before
             `config.exit_loss_weight`.
-        hidden_states, attentions, superpatch_map, token_counts, policy_logits, encoder_state, run:
+        hidden_states, attentions, superpatch_map, token_counts, policy_logits, run:
             As in [`StepModelOutput`].
         exit_map (`torch.LongTensor` of shape `(batch_size, height / 16, width / 16)`, *optional*, returned when
             halting ran): the block after which each cell's token halted; `num_hidden_layers` where it never halted.
@@ -220,7 +217,6 @@ class StepSemanticSegmenterOutput(ModelOutput):
     exit_map: torch.LongTensor | None = None
     halted_share: torch.FloatTensor | None = None
     window_offsets: torch.LongTensor | None = None
-    encoder_state: EncoderState | None = None
     run: StepRun | None = None
 
 
@@ -667,6 +663,7 @@ class StepModel(StepPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        return_encoder_state: bool = False,
         **kwargs,
     ) -> StepModelOutput | tuple:
         r"""
@@ -688,14 +685,17 @@ class StepModel(StepPreTrainedModel):
                 model's forward.
             output_attentions, output_hidden_states, return_dict: as for every `transformers` model (attention
                 weights are computed eagerly for the call that asks for them).
+            return_encoder_state (`bool`, defaults to `False`): also return the packed token state the segmentation
+                head reads, as `(output, state)` (`EncoderState`; `None` with `policy_only`). Internal wiring stays
+                out of the output, so that eager and exported programs return the same fields.
         """
         grid_size = check_pixel_values(pixel_values, self.config)
         check_direct_parameters_placed(self, self.base_model_prefix)
         settings = resolve_settings(self.config, settings, **setting_overrides(kwargs, "StepModel"))
         config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = return_dict if return_dict is not None else config.return_dict
         if not self.training:  # a training forward is how a part gets trained
             warn_if_untrained(config, self.parts_in_use(settings, superpatch_map, policy_only))
 
@@ -717,10 +717,10 @@ class StepModel(StepPreTrainedModel):
             token_counts=layout.batch.lengths,
             policy_logits=policy_logits_on_cells(partition.block_logits, grid_size),
             policy_loss=self.policy_loss(partition, superpatch_targets, grid_size),
-            encoder_state=encoded.state if encoded else None,
             run=run,
         )
-        return output if return_dict else output.to_tuple()
+        output = output if return_dict else output.to_tuple()
+        return (output, encoded.state if encoded else None) if return_encoder_state else output
 
     def policy_chooses(self, settings: StepSettings, superpatch_map: torch.Tensor | None) -> bool:
         """Whether the policy network chooses this call's partition."""
@@ -964,13 +964,12 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         settings = resolve_settings(self.config, settings, **setting_overrides(kwargs, type(self).__name__))
-        encoded = self.step(
+        encoded, state = self.step(
             pixel_values, superpatch_map=superpatch_map, superpatch_targets=superpatch_targets, settings=settings,
             policy_only=policy_only, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            return_dict=True,
+            return_dict=True, return_encoder_state=True,
         )
         logits = exit_map = halted_share = None
-        state = encoded.encoder_state
         if state is not None:  # not `policy_only`
             if not self.training:
                 warn_if_untrained(self.config, ["decoder"])
@@ -982,7 +981,7 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             if settings.halting:
                 exit_map, halted_share = exit_statistics(state.survivors.exit_layer, state.layout,
                                                          self.config.exit_layers)
-        losses = self.compute_losses(logits, encoded, labels)
+        losses = self.compute_losses(logits, encoded, state, labels)
         output = StepSemanticSegmenterOutput(
             loss=losses.total,
             logits=logits,
@@ -997,18 +996,18 @@ class StepForSemanticSegmentation(StepPreTrainedModel):
             exit_map=exit_map,
             halted_share=halted_share,
             window_offsets=window_offsets,
-            encoder_state=None if torch.compiler.is_exporting() else state,  # internal wiring: no graph output
             run=encoded.run,
         )
         return output if return_dict else output.to_tuple()
 
     def compute_losses(
-        self, logits: torch.Tensor | None, encoded: StepModelOutput, labels: torch.Tensor | None
+        self, logits: torch.Tensor | None, encoded: StepModelOutput, state: EncoderState | None,
+        labels: torch.Tensor | None,
     ) -> "StepLosses":
         """The segmentation loss (with `labels`), the exit heads' deep supervision (with `labels`, in training, when
         the exits ran), the encoder's policy loss (with `superpatch_targets`, when the policy ran), and their
         weighted sum (`None` when there is nothing to learn from)."""
-        config, state = self.config, encoded.encoder_state
+        config = self.config
         segmentation = exits = None
         if logits is not None and labels is not None:
             check_labels(labels, logits.shape[0], config)  # once: the exit losses reuse the labels

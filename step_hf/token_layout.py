@@ -315,16 +315,21 @@ def places_by_layout(sequence: "PackedSequence", token_index: torch.Tensor, layo
     rows, batch_size = sequence.sequence.shape[0], layout.batch.batch_size
     token_image = layout.image_index[token_index]
     class_rows = sequence.extra_positions[:, 0]
-    # Scatters, not index assignment: the ONNX exporter's rewrite of the latter guards on the number of values, which
-    # survivors of thresholds (a data-dependent size) do not allow.
     image = torch.empty(rows, dtype=torch.long, device=token_index.device)
-    image = image.scatter(0, sequence.token_positions, token_image)
-    image = image.scatter(0, class_rows, torch.arange(batch_size, device=image.device))
-    position = torch.zeros_like(image).scatter(0, sequence.token_positions,
-                                               1 + token_index - layout.batch.offsets[token_image])
+    image = put_rows(image, sequence.token_positions, token_image)
+    image = put_rows(image, class_rows, torch.arange(batch_size, device=image.device))
+    position = put_rows(torch.zeros_like(image), sequence.token_positions,
+                        1 + token_index - layout.batch.offsets[token_image])
     filled = torch.zeros(batch_size, 1 + layout.batch.max_length, dtype=torch.bool, device=image.device)
     filled[image, position] = True
     return PaddedPlaces(image, position, filled)
+
+
+def put_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`target` with `rows` written at the positions `index` of its first dimension (`target[index] = rows`, out of
+    place). A scatter, not an index assignment or `index_copy`: the ONNX exporter's rewrite of those guards on the
+    number of values written, which a data-dependent count of rows (thresholds) does not allow."""
+    return target.scatter(0, index.view(-1, *[1] * (rows.ndim - 1)).expand_as(rows), rows)
 
 
 def insert_per_image(tokens: torch.Tensor, extra: torch.Tensor, batch: PackedBatch, at_start: bool) -> PackedSequence:
@@ -348,8 +353,8 @@ def insert_per_image(tokens: torch.Tensor, extra: torch.Tensor, batch: PackedBat
     segment_start = new_batch.offsets[:-1] if at_start else new_batch.offsets[:-1] + batch.lengths
     extra_positions = segment_start[:, None] + torch.arange(num_extra, device=tokens.device)
     sequence = tokens.new_empty(num_tokens + extra_positions.numel(), tokens.shape[1])
-    sequence[token_positions] = tokens
-    sequence[extra_positions.flatten()] = extra.reshape(-1, tokens.shape[1]).to(tokens.dtype)
+    sequence = put_rows(sequence, token_positions, tokens)
+    sequence = put_rows(sequence, extra_positions.flatten(), extra.reshape(-1, tokens.shape[1]).to(tokens.dtype))
     return PackedSequence(sequence, token_positions, extra_positions, new_batch)
 
 
@@ -420,6 +425,7 @@ __all__ = [
     "eager_attention",
     "first_true_positions",
     "insert_per_image",
+    "put_rows",
     "packed_attention",
     "places_by_layout",
     "refuse_in_export",

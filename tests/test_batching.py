@@ -57,7 +57,7 @@ def test_invalid_attention_mode():
 def test_layout_batch_carries_the_configured_mode():
     model = opinionated(attention_mode="padded")
     with torch.no_grad():
-        layout = model(PIXELS[:1]).encoder_state.layout
+        layout = model.step(PIXELS[:1], return_encoder_state=True)[1].layout
     assert layout.batch.attention_mode == "padded"
     assert dataclasses.is_dataclass(layout.batch)
 

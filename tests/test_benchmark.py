@@ -38,8 +38,8 @@ def test_exit_calibration_halts_the_asked_share_despite_the_top_k_rule():
     with torch.no_grad():
         thresholds = benchmark.calibrate_exits(model, batch, [0.3, 0.5])
         config.update_settings(halting=True, exit_thresholds=thresholds)
-        encoded = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"])
-    exit_layer = encoded.encoder_state.survivors.exit_layer
+        state = model.step(batch["pixel_values"], superpatch_map=batch["oracle_map"], return_encoder_state=True)[1]
+    exit_layer = state.survivors.exit_layer
     first, second = ((exit_layer[exit_layer >= layer] == layer).float().mean() for layer in (1, 2))
     assert len(thresholds) == 2 and not config.exit_thresholds[0] == config.exit_thresholds[1] == 1.0
     assert abs(float(first) - 0.3) < 0.02 and abs(float(second) - 0.5) < 0.03

@@ -54,11 +54,11 @@ def test_halted_cells_carry_their_exit_heads_predictions(head, merge):
     model = exit_model(exit_head_type=head, exit_merge=merge, **ATM_THRESHOLDS.get(head, {}))
     with torch.no_grad():
         output = model(PIXELS)
-        encoded = model.step(PIXELS).encoder_state
+        encoded = model.step(PIXELS, return_encoder_state=True)[1]
         decoder_logits = model.decoder(encoded.tokens, encoded.survivors.batch)
     shares = output.halted_share
     assert (shares.sum(1) > 0).all() and (shares.sum(1) < 1).all()  # some, not all, tokens halt
-    layout = output.encoder_state.layout
+    layout = encoded.layout
     for exit_number, layer in enumerate(model.config.exit_layers):
         prediction = encoded.exit_predictions[exit_number]
         scores = prediction.token_logits if merge == "logits" else exit_log_probabilities(prediction,
@@ -84,7 +84,8 @@ def test_later_blocks_process_exactly_the_surviving_tokens():
         output = model(PIXELS)
     for hook in hooks:
         hook.remove()
-    exit_layer = output.encoder_state.survivors.exit_layer
+    with torch.no_grad():
+        exit_layer = model.step(PIXELS, return_encoder_state=True)[1].survivors.exit_layer
     total = output.token_counts.sum().item()
     after_first = total - int((exit_layer == 1).sum())
     after_second = after_first - int((exit_layer == 2).sum())
@@ -111,7 +112,7 @@ def test_keep_topk_per_class_against_brute_force():
 def test_topk_per_class_tokens_stay_in():
     model = exit_model(exit_keep_topk_per_class=2, exit_thresholds=[0.3, 0.3])
     with torch.no_grad():
-        encoded = model.step(PIXELS).encoder_state
+        encoded = model.step(PIXELS, return_encoder_state=True)[1]
     layout = encoded.layout
     probabilities = encoded.exit_predictions[0].token_logits.softmax(-1)  # the first exit saw every token
     confidence, predicted = probabilities.max(-1)
@@ -220,9 +221,10 @@ def test_exits_with_supertokens_and_batching():
     with torch.no_grad():
         output = model(PIXELS)
         singles = [model(image[None]) for image in PIXELS]
+        state = model.step(PIXELS, return_encoder_state=True)[1]
     assert (output.token_counts < 24).all()  # supertokens present
-    layout = output.encoder_state.layout
-    halted_sizes = layout.block_side[output.encoder_state.survivors.exit_layer < 4]
+    layout = state.layout
+    halted_sizes = layout.block_side[state.survivors.exit_layer < 4]
     assert (halted_sizes > 1).any()  # supertokens halt too
     for token in range(layout.num_tokens):  # one exit block per superpatch
         b, r, c, s = (int(x[token]) for x in (layout.image_index, layout.cell_row, layout.cell_col, layout.block_side))
@@ -230,7 +232,7 @@ def test_exits_with_supertokens_and_batching():
         assert (block == block[0, 0]).all()
     torch.testing.assert_close(output.logits, torch.cat([s.logits for s in singles]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(output.halted_share, torch.cat([s.halted_share for s in singles]))
-    exit_layer = output.encoder_state.survivors.exit_layer
+    exit_layer = state.survivors.exit_layer
     for image in range(3):
         mine = exit_layer[layout.image_index == image]
         expected = [float((mine == layer).float().mean()) for layer in (1, 2)]
@@ -270,7 +272,7 @@ def test_fixed_exit_counts_equal_the_thresholds_that_keep_as_many():
     by_threshold = exit_model()
     with torch.no_grad():
         reference = by_threshold(PIXELS[:1])
-        exit_layer = by_threshold.step(PIXELS[:1]).encoder_state.survivors.exit_layer
+        exit_layer = by_threshold.step(PIXELS[:1], return_encoder_state=True)[1].survivors.exit_layer
     kept = [int((exit_layer > layer).sum()) for layer in (1, 2)]
     assert kept[0] < len(exit_layer) and kept[1] < kept[0]  # both exits halt something
     by_count = exit_model(exit_keep_tokens=kept)
@@ -390,9 +392,9 @@ def test_exit_head_flops_match_the_analytic_formula(head):
     model = exit_model(exit_head_type=head, **ATM_THRESHOLDS.get(head, {}))
     with torch.no_grad():
         counted = count_flops(model, pixel_values=PIXELS)
-        encoded = model(PIXELS)
-    exit_layer = encoded.encoder_state.survivors.exit_layer
-    image_index = encoded.encoder_state.layout.image_index
+        encoded, state = model.step(PIXELS, return_encoder_state=True)
+    exit_layer = state.survivors.exit_layer
+    image_index = state.layout.image_index
     alive, survivors = encoded.token_counts.tolist(), []
     for layer in model.config.exit_layers:
         alive = [alive[i] - int(((exit_layer == layer) & (image_index == i)).sum()) for i in range(len(alive))]

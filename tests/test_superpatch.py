@@ -214,15 +214,16 @@ def test_model_with_partitions_packs_unshares_and_batches_consistently():
     with torch.no_grad():
         output = model(pixel_values, output_hidden_states=True)
         singles = [model(image[None]) for image in pixel_values]
+        state = model.step(pixel_values, return_encoder_state=True)[1]
     counts = output.token_counts.tolist()
     assert len(set(counts)) > 1 and max(counts) < 24  # mixed batch, some sharing
     assert all(state.shape == (3, 1 + max(counts), 32) for state in output.hidden_states)  # the blocks saw only these
-    mask = output.encoder_state.layout.batch.lengths[:, None] >= torch.arange(1 + max(counts))  # class token + tokens
+    mask = state.layout.batch.lengths[:, None] >= torch.arange(1 + max(counts))  # class token + tokens
     assert all((state.abs().sum(-1) > 0).equal(mask) for state in output.hidden_states)  # padding stays zero
     torch.testing.assert_close(output.logits, torch.cat([single.logits for single in singles]), rtol=1e-5, atol=1e-5)
     assert torch.equal(output.superpatch_map, torch.cat([single.superpatch_map for single in singles]))
     # Every cell of a superpatch carries its token's logits.
-    layout = output.encoder_state.layout
+    layout = state.layout
     for token in range(layout.num_tokens):
         b, r, c, s = (int(x[token]) for x in (layout.image_index, layout.cell_row, layout.cell_col, layout.block_side))
         block = output.logits[b, :, r:r + s, c:c + s]

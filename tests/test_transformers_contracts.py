@@ -129,9 +129,9 @@ def test_encoder_outputs_are_batch_first_with_the_class_token_first_and_padding_
     model = halting_model()
     pixels = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        output = model.step(pixels, output_hidden_states=True, output_attentions=True)
+        output, state = model.step(pixels, output_hidden_states=True, output_attentions=True, return_encoder_state=True)
         as_tuple = model.step(pixels, return_dict=False)
-    state, counts = output.encoder_state, output.token_counts.tolist()
+    counts = output.token_counts.tolist()
     assert len(set(counts)) > 1 and state.survivors.batch.host_lengths != tuple(counts)  # unequal, some halted
     size = 1 + max(counts)
     assert output.last_hidden_state.shape == (3, size, 32)
