@@ -5,16 +5,20 @@ program (`model.onnx`, `openvino_model.xml`, `model.pt2` or `model.pte`), the co
 and a short README saying what was exported.
 
     python -m step_hf.export --model_name_or_path DIR --format onnx --output_dir OUT \
-        --partition_source policy --token_budget 100 --exit_keep_tokens 60 40 --halting
+        --partition_source policy --token_budget 40 --exit_keep_tokens 30 20 --halting
 
-The batch is dynamic; height and width too for the dense model (a policy's partition is exported for the one
-input size given by `--image_size`, default the model's `image_size`). ExecuTorch programs take one batch size
-(`--batch_size`) and input size, and fixed token counts: its memory planner sizes every tensor ahead of the run.
+The batch is dynamic; height and width too for the dense model. A policy's partition is exported for one input
+size: `--image_size`, by default the size the model's own processor feeds (its fixed height and width, else the
+model's `image_size`), and the processor saved beside the program resizes every image to it. ExecuTorch programs
+take one batch size (`--batch_size`) and input size, and fixed token counts: its memory planner sizes every tensor
+ahead of the run. The output folder holds one export: an earlier one there is replaced only with `--overwrite`.
 """
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +31,10 @@ from .modeling_step import StepForSemanticSegmentation
 PROGRAM_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml", "dynamo": "model.pt2",
                  "executorch": "model.pte"}
 FORMATS = tuple(PROGRAM_FILES)
+
+
+class ExportRefused(ValueError):
+    """Settings, an input size or an output folder the export cannot take; the message names the fix."""
 
 
 def exporter_and_config(export_format: str, dynamic_shapes: dict, quantize: str | None = None):
@@ -94,7 +102,47 @@ def export_model(model: StepForSemanticSegmentation, export_format: str, image_s
     exporter, config = exporter_and_config(export_format, {"pixel_values": axes}, quantize)
     sample = torch.randn(sample_batch, model.config.num_channels, *image_size,
                          generator=torch.Generator().manual_seed(0))
-    return exporter.export(model.eval(), {"pixel_values": sample}, config), settings.to_dict()
+    try:
+        return exporter.export(model.eval(), {"pixel_values": sample}, config), settings.to_dict()
+    except Exception as error:
+        if not (in_use := image_dependent_counts(model, settings)):
+            raise
+        raise ExportRefused(
+            f"The {export_format} export failed on token counts that depend on the image ({'; '.join(in_use)}): "
+            f"{str(error).strip().splitlines()[0][:300]}. Export with fixed counts instead."
+        ) from error
+
+
+def check_fits_grid(model: StepForSemanticSegmentation, settings_overrides: dict, image_size: tuple[int, int]) -> None:
+    """Refuse, before tracing, an input size that is not a whole grid of patches, and a token budget or exit keep
+    count larger than the traced grid holds, naming the grid's cell count and the largest valid value."""
+    patch = model.config.patch_size
+    height, width = image_size
+    if height % patch or width % patch or height < patch or width < patch:
+        fit = "x".join(str(max(patch, side // patch * patch)) for side in image_size)
+        raise ExportRefused(f"--image_size {height} {width}: height and width must be multiples of the patch size "
+                            f"{patch} (e.g. {fit}).")
+    settings = resolve_settings(model.config, None, **settings_overrides)
+    rows, cols = height // patch, width // patch
+    grid = f"the {rows}x{cols} grid of a {height}x{width} input ({rows * cols} cells)"
+    budget = settings.token_budget if model.step.policy_chooses(settings, None) else None
+    if budget is not None and budget > rows * cols:
+        raise ExportRefused(f"--token_budget {budget} does not fit {grid}: use at most {rows * cols}, or a larger "
+                            "--image_size.")
+    most = budget or rows * cols
+    if settings.halting and settings.exit_keep_tokens and max(settings.exit_keep_tokens) > most:
+        reaching = f"the budget of {budget} tokens" if budget else grid
+        raise ExportRefused(f"--exit_keep_tokens {' '.join(map(str, settings.exit_keep_tokens))} keeps more tokens "
+                            f"than {reaching} holds: use counts of at most {most}.")
+
+
+def processor_input_size(processor: StepImageProcessor, config) -> tuple[tuple[int, int], str]:
+    """The input size the model's own processor feeds, and where it comes from: the processor's fixed height and
+    width, else the model's stored `image_size`."""
+    if processor.do_resize and processor.size.height and processor.size.width:
+        return (processor.size.height, processor.size.width), "the processor's fixed size"
+    stored = config.image_size
+    return tuple(stored if isinstance(stored, (list, tuple)) else (stored, stored)), "the model's image_size"
 
 
 def load_exported(folder: str | Path, device=None, **runner_kwargs):
@@ -112,6 +160,8 @@ def load_exported(folder: str | Path, device=None, **runner_kwargs):
     if (folder / PROGRAM_FILES["dynamo"]).is_file():
         runner_kwargs.setdefault("trust_remote_code", True)
     return ExportedModel.from_pretrained(folder, device=device, **runner_kwargs)
+
+
 
 
 README = """# Exported STEP model
@@ -132,13 +182,44 @@ Exported with `python -m step_hf.export {command}`.
 """
 
 
+def check_output_dir(output: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds anything but an earlier export, and an earlier export without
+    `overwrite`: one folder holds one export (a loader would otherwise pick a stale program beside the new one)."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        earlier = output.is_dir() and (output / "export.json").is_file()
+        if not (earlier and overwrite):
+            raise ExportRefused(
+                f"--output_dir {output} already holds " + ("an export: add --overwrite to replace it" if earlier
+                else "other files: choose an empty or new folder") + " (one folder holds one export)."
+            )
+
+
+def write_export(exported, processor: StepImageProcessor, output: Path, overwrite: bool, readme: str) -> None:
+    """Save the program, the processor and the README into `output` as one consistent export (`check_output_dir`):
+    written beside it first, then moved in whole, so that a failure leaves nothing half-written."""
+    check_output_dir(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        exported.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "README.md").write_text(readme)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True)
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output_dir")
     parser.add_argument("--image_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                        help="the input size traced (default: the model's image_size)")
+                        help="the input size traced (default: the size the model's processor feeds: its fixed height "
+                             "and width, else the model's image_size)")
     parser.add_argument("--batch_size", type=int, default=1,
                         help="ExecuTorch only: the batch size the program takes (the other formats take any)")
     parser.add_argument("--quantize", choices=("int8",), help="ONNX only: int8 weights, activations quantized at run "
@@ -156,28 +237,36 @@ def main(argv: list[str] | None = None) -> None:
                  if getattr(args, name, None) is not None}
     model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
     processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
-    stored = model.config.image_size
-    image_size = tuple(args.image_size or (stored if isinstance(stored, (list, tuple)) else (stored, stored)))
+    if args.image_size:
+        image_size, source = tuple(args.image_size), "--image_size"
+    else:
+        image_size, source = processor_input_size(processor, model.config)
+    check_fits_grid(model, overrides, image_size)
+    output = Path(args.output_dir)
+    check_output_dir(output, args.overwrite)  # before the minutes a trace takes
+    print(f"Tracing {args.format} at {image_size[0]}x{image_size[1]} ({source})", flush=True)
     exported, traced_settings = export_model(model, args.format, image_size, overrides, args.quantize,
                                              args.batch_size)
 
-    output = Path(args.output_dir)
-    exported.save_pretrained(output)
     one_size = takes_one_input_size(model, model.config.settings, args.format)  # the settings now traced
     if one_size:  # the program takes one input size: the processor saved beside it resizes every image to it
         processor.size = {"height": image_size[0], "width": image_size[1]}
-    processor.save_pretrained(output)
     program = PROGRAM_FILES[args.format]
     batch = f"a batch of {args.batch_size}" if args.format == "executorch" else "any batch"
     shapes = f"{batch}, {image_size[0]}x{image_size[1]}" if one_size else f"{batch}, height and width (multiples of 16)"
-    (output / "README.md").write_text(README.format(
+    readme = README.format(
         format=args.format, quantized=" (int8 dynamic quantization)" if args.quantize else "", program=program,
         settings=json.dumps(traced_settings, indent=2), shapes=shapes,
         halting=", `exit_map`, `halted_share`" if traced_settings["halting"] else "",
         command=" ".join(argv if argv is not None else sys.argv[1:]),
-    ))
-    print(f"Wrote {output / program} with settings {traced_settings}")
+    )
+    write_export(exported, processor, output, args.overwrite, readme)
+    resized = f"; its processor resizes every image to {image_size[0]}x{image_size[1]}" if one_size else ""
+    print(f"Wrote {output / program} with settings {traced_settings}{resized}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ExportRefused, ValueError, OSError) as error:  # a refused input: its one line, no traceback
+        sys.exit(f"step_hf.export: {error}")

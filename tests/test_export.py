@@ -1,6 +1,13 @@
-"""Export: the exportable replacements of the stable sorts give today's partitions and halted tokens, every
-configuration goes through `transformers.exporters` (torch.export and ONNX) and runs in the exported program as in
-eager, on inputs it was not traced with, and what cannot export is refused naming the settings to change."""
+"""Export: the exportable replacements of the stable sorts give today's partitions and halted tokens, ExecuTorch runs
+the fixed-count configurations as eager does, the export command traces at the processor's size and writes one
+consistent folder, and what cannot export is refused in one line naming the setting to change (every configuration
+of the models users have, in the other formats: tests/test_export_matrix.py)."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +19,7 @@ from step_hf.superpatch import block_reduce, budget_token_count, decisions_for_b
 from step_hf.token_layout import PackedBatch, first_true_positions, top_count_first_on_ties
 from step_hf.exits import keep_topk_per_class
 
-from .conftest import tiny_config
+from .conftest import tiny_config, tiny_model
 
 exporters = pytest.importorskip("transformers.exporters")
 
@@ -126,29 +133,7 @@ def export_and_check(name: str, exporter, config_class, tmp_path, dynamic: bool 
         assert len(set(counts)) > 1
 
 
-@pytest.mark.parametrize("name", [
-    "dense",
-    pytest.param("dense + halting by thresholds", marks=pytest.mark.slow),
-    "token budget + exit keep counts",
-    pytest.param("policy and exit thresholds", marks=pytest.mark.slow),
-])
-def test_every_configuration_exports_with_torch_export_reloads_and_matches_eager(name, tmp_path):
-    export_and_check(name, exporters.DynamoExporter(), exporters.DynamoConfig, tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(CONFIGURATIONS))
-def test_every_configuration_exports_to_onnx_and_onnxruntime_matches_eager(name, tmp_path):
-    pytest.importorskip("onnxscript")
-    pytest.importorskip("onnxruntime")
-    export_and_check(name, exporters.OnnxExporter(), exporters.OnnxConfig, tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(CONFIGURATIONS))
-def test_every_configuration_exports_to_openvino_and_matches_eager(name, tmp_path):
-    pytest.importorskip("openvino")
-    export_and_check(name, exporters.OpenVINOExporter(), exporters.OpenVINOConfig, tmp_path)
+# Every configuration of the models users have, in torch.export, ONNX and OpenVINO: tests/test_export_matrix.py.
 
 
 # ExecuTorch plans every tensor's memory ahead of the run: one batch and input size, token counts fixed.
@@ -219,6 +204,93 @@ def test_the_export_command_writes_the_program_processor_and_readme_running_the_
     eager = model(pixels, token_budget=12, exit_keep_tokens=[6], halting=True)
     torch.testing.assert_close(program.logits, eager.logits, rtol=0, atol=1e-4)
     assert torch.equal(program.token_counts, eager.token_counts) and torch.equal(program.exit_map, eager.exit_map)
+
+
+def run_export_command(*args: str) -> subprocess.CompletedProcess:
+    """`python -m step_hf.export ARGS` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "step_hf.export", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_the_export_command_traces_at_the_processors_size_and_keeps_one_export_per_folder(tmp_path):
+    """With no --image_size a policy's program is traced at the size the model's processor feeds (its fixed height
+    and width, not the stored image_size) and says so; a second export into the same folder is refused unless
+    --overwrite, which replaces the folder whole (no stale program beside the new one)."""
+    from step_hf import StepImageProcessor
+    from step_hf.export import main
+
+    model = tiny_model(partition_source="policy", superpatch_sizes=[1, 2, 4], exit_layers=[1])  # stored 64x64
+    model.save_pretrained(tmp_path / "model")
+    StepImageProcessor(size={"height": 64, "width": 96}).save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["--model_name_or_path", str(tmp_path / "model"), "--format", "dynamo", "--output_dir", str(out)])
+    assert "Tracing dynamo at 64x96 (the processor's fixed size)" in printed.getvalue()
+    assert StepImageProcessor.from_pretrained(out).size == {"height": 64, "width": 96}
+    pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(load_exported(out)(pixel_values=pixels).logits, model(pixels).logits, rtol=0,
+                               atol=1e-4)
+
+    again = run_export_command("--model_name_or_path", str(tmp_path / "model"), "--format", "onnx", "--output_dir",
+                               str(out), "--partition_source", "dense")
+    assert again.returncode != 0 and "already holds an export: add --overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+    main(["--model_name_or_path", str(tmp_path / "model"), "--format", "dynamo", "--output_dir", str(out),
+          "--partition_source", "dense", "--overwrite"])
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith("model.")) == ["model.pt2"]
+    assert json.loads((out / "config.json").read_text())["partition_source"] == "dense"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "out"]  # no staging folder left
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--token_budget", "100"], ["--token_budget 100 does not fit the 4x6 grid of a 64x96 input (24 cells)",
+                                 "at most 24"]),
+    (["--token_budget", "12", "--exit_keep_tokens", "20", "--halting"], ["--exit_keep_tokens 20",
+                                                                          "counts of at most 12"]),
+    (["--image_size", "100", "150"], ["--image_size 100 150", "multiples of the patch size 16", "96x144"]),
+    (["--policy_thresholds", "0.5"], ["`policy_thresholds` has 1 values"]),
+])
+def test_the_export_command_refuses_what_cannot_fit_in_one_line_before_tracing(flags, words, tmp_path):
+    from step_hf import StepImageProcessor
+
+    tiny_model(partition_source="policy", superpatch_sizes=[1, 2, 4], exit_layers=[1]).save_pretrained(tmp_path / "m")
+    StepImageProcessor(size={"height": 64, "width": 96}).save_pretrained(tmp_path / "m")
+    result = run_export_command("--model_name_or_path", str(tmp_path / "m"), "--output_dir", str(tmp_path / "out"),
+                                *flags)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(word in result.stderr for word in words), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("export_format", ["onnx", "openvino"])
+def test_the_demo_models_saved_settings_export_with_no_flags(export_format, tmp_path):
+    """The model `scripts/demo.sh` trains, as `examples/train.py` saves it (ViT-Tiny at 128, the scenes' 5 classes,
+    the policy's thresholds, halting by exit thresholds, a shortest-edge processor), exported with no flags: traced
+    at its image_size, and the program gives eager's outputs."""
+    from scenes import SCENE_CLASSES
+
+    from step_hf import StepConfig, StepImageProcessor
+    from step_hf.export import main
+
+    id2label = {int(i): name for i, name in SCENE_CLASSES.items()}
+    config = StepConfig.from_preset("tiny", image_size=128, id2label=id2label,
+                                    label2id={name: i for i, name in id2label.items()})
+    config.update_settings(partition_source="policy", halting=True, exit_thresholds=[0.3, 0.3])
+    torch.manual_seed(0)
+    model = StepForSemanticSegmentation(config).eval()
+    model.save_pretrained(tmp_path / "demo")
+    StepImageProcessor(size={"shortest_edge": 128}, superpatch_sizes=config.superpatch_sizes,
+                       num_labels=5).save_pretrained(tmp_path / "demo")
+    main(["--model_name_or_path", str(tmp_path / "demo"), "--format", export_format, "--output_dir",
+          str(tmp_path / "out")])
+    pixels = torch.randn(3, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    program, eager = load_exported(tmp_path / "out")(pixel_values=pixels), model(pixels)
+    torch.testing.assert_close(program.logits, eager.logits, rtol=1e-4, atol=2e-4)
+    for name in ("token_counts", "superpatch_map", "exit_map"):
+        assert torch.equal(getattr(program, name), getattr(eager, name)), name
 
 
 @pytest.mark.slow
