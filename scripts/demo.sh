@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh), trains a small STEP model on the built-in procedural scenes (offline, a few minutes
-# on 2 CPU cores: policy -> segmenter -> pruning fine-tune), then segments an image and saves a picture of it.
-# Extra arguments go to examples/train.py.
+# Sets up (scripts/setup.sh: .venv only), trains a small STEP model on the built-in procedural scenes (offline:
+# policy -> segmenter -> pruning fine-tune, 650 steps whose time the CPU sets), then segments an image and saves a
+# picture of it. Extra arguments go to examples/train.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
