@@ -16,6 +16,8 @@ import zipfile
 import torch
 from safetensors import safe_open
 
+from step_hf.cli import UserError
+
 STAGES = ("policy", "segmenter", "prune")  # the training stages, in the order a run takes them
 
 
@@ -103,16 +105,16 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: str | None, log=pri
         problem = checkpoint_problem(resume_from_checkpoint) if os.path.isdir(resume_from_checkpoint) \
             else "not a folder"
         if problem:
-            raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+            raise UserError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
         return resume_from_checkpoint
     root = checkpoints_folder(output_dir)
     if not checkpoint_names(root):
-        raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {root}. Leave the flag out to start a new "
-                         "run, or point --output_dir at the run to continue.")
+        raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {root}. Leave the flag out to start a new "
+                        "run, or point --output_dir at the run to continue.")
     newest = newest_whole_checkpoint(output_dir, log)
     if newest is None:
-        raise ValueError(f"None of the checkpoints in {root} can be resumed from (see above); leave out "
-                         "--resume_from_checkpoint to start again.")
+        raise UserError(f"None of the checkpoints in {root} can be resumed from (see above); leave out "
+                        "--resume_from_checkpoint to start again.")
     return newest
 
 
