@@ -13,7 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATI
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
 from .configuration_step import StepConfig, StepSettings
-from .image_processing_step import StepImageProcessor, load_image
+from .image_processing_step import InputSizing, StepImageProcessor, input_sizing, load_image
 from .modeling_step import (
     StepForSemanticSegmentation,
     StepModel,
@@ -64,4 +64,6 @@ __all__ = [
     "PackedBatch",
     "load_vit_weights",
     "load_image",
+    "input_sizing",
+    "InputSizing",
 ]
