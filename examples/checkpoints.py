@@ -25,10 +25,11 @@ def checkpoints_folder(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def save_checkpoint(accelerator, output_dir: str, stage: str, step: int, state: dict) -> str:
+def save_checkpoint(accelerator, output_dir: str, stage: str, step: int, state: dict, keep: int | None = None) -> str:
     """Write to a temporary folder, then rename: a crash never leaves a half-written checkpoint, and a failed write
-    (a full disk, say) removes its partial folder. `trainer_state.json` holds the stage, the step and `state`;
-    returns the checkpoint's folder."""
+    (a full disk, say) removes its partial folder. `trainer_state.json` holds the stage, the step and `state`; with
+    `keep`, only the newest `keep` checkpoints stay, removed once the new one is whole. Returns the checkpoint's
+    folder."""
     final = os.path.join(checkpoints_folder(output_dir), f"{STAGES.index(stage)}-{stage}-{step:07d}")
     temporary = final + ".tmp"
     try:
@@ -43,6 +44,8 @@ def save_checkpoint(accelerator, output_dir: str, stage: str, step: int, state: 
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(temporary, final)
+        for name in checkpoint_names(checkpoints_folder(output_dir))[keep:] if keep else []:
+            shutil.rmtree(os.path.join(checkpoints_folder(output_dir), name))
     accelerator.wait_for_everyone()
     return final
 

@@ -51,9 +51,9 @@ from step_hf.model_card import model_card
 
 # Flags a resumed run may change: where and how often it writes, logs and evaluates, and where it publishes. Every
 # other flag defines the run (what trains, on what data, with which schedule) and must match the checkpoint's.
-RESUMABLE_FLAGS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "eval_steps", "logging_steps",
-                   "report_to", "push_to_hub", "hub_model_id", "num_workers", "per_device_eval_batch_size",
-                   "gradient_checkpointing", "stage")
+RESUMABLE_FLAGS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "save_total_limit", "eval_steps",
+                   "logging_steps", "report_to", "push_to_hub", "hub_model_id", "num_workers",
+                   "per_device_eval_batch_size", "gradient_checkpointing", "stage")
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
@@ -149,6 +149,8 @@ class TrainArguments:
     # run
     output_dir: str = "outputs/train"
     checkpointing_steps: int = 100
+    save_total_limit: int | None = field(
+        default=None, metadata=flag("keep only the newest N checkpoints, as Trainer's save_total_limit (default: all)"))
     resume_from_checkpoint: str | None = field(default=None, metadata=flag("a checkpoint folder or 'latest'"))
     eval_steps: int = field(default=0, metadata=flag("also evaluate every N steps (0: at stage ends)"))
     logging_steps: int = field(
@@ -164,7 +166,8 @@ class TrainArguments:
         minimums = [("logging_steps", 1), ("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1),
                     ("gradient_accumulation_steps", 1), ("image_size", 1), ("crop_size", 1), ("max_train_samples", 1),
                     ("max_eval_samples", 1), ("policy_steps", 0), ("segmenter_steps", 0), ("prune_steps", 0),
-                    ("warmup_steps", 0), ("checkpointing_steps", 0), ("eval_steps", 0), ("num_workers", 0)]
+                    ("warmup_steps", 0), ("checkpointing_steps", 0), ("save_total_limit", 1), ("eval_steps", 0),
+                    ("num_workers", 0)]
         for name, least in minimums:
             value = getattr(self, name)
             if value is not None and value < least:
@@ -509,7 +512,8 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
     def checkpoint(step: int) -> str:
         if not all_finite(model):  # an update made them so; the loss that shows it is the next step's
             raise diverged(args, stage, step, "the weights became non-finite", scheduler.get_last_lr()[0])
-        return save_checkpoint(accelerator, args.output_dir, stage, step, {"history": history, **(run or {})})
+        return save_checkpoint(accelerator, args.output_dir, stage, step, {"history": history, **(run or {})},
+                               args.save_total_limit)
 
     model.train()
     for step, loss, grad_norm in optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, accelerator,

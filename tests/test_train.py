@@ -375,3 +375,10 @@ def test_a_card_never_publishes_an_unmeasured_number():
     assert "nan" not in card.lower() and "model-index" not in card and "No mIoU was measured" in card
     card = str(model_card("m", tiny_config(), "train.py", "data", {"mean_iou": 0.5, "overall_accuracy": 0.75}))
     assert "model-index" in card and "value: 50.0" in card and "value: 75.0" in card
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, scene_dataset):
+    out = tmp_path / "run"
+    train.main([*SEGMENTER_ONLY, "--dataset_name", str(scene_dataset), "--output_dir", str(out), "--segmenter_steps",
+                "3", "--checkpointing_steps", "1", "--save_total_limit", "2"])
+    assert sorted(os.listdir(out / "checkpoints")) == ["1-segmenter-0000002", "1-segmenter-0000003"]
