@@ -819,7 +819,8 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
                                  **run}), f, indent=1, allow_nan=False)
         started = f"Started from `{args.model_name_or_path}`." if args.model_name_or_path else None
         card = model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
-                          input_size=f"shortest edge resized to {args.image_size}", provenance=started)
+                          input_size=f"shortest edge resized to {args.image_size}", provenance=started,
+                          model_id=args.hub_model_id or args.output_dir)
         card.save(os.path.join(temporary, "README.md"))
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)

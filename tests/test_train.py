@@ -382,3 +382,5 @@ def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, scene_dataset):
     train.main([*SEGMENTER_ONLY, "--dataset_name", str(scene_dataset), "--output_dir", str(out), "--segmenter_steps",
                 "3", "--checkpointing_steps", "1", "--save_total_limit", "2"])
     assert sorted(os.listdir(out / "checkpoints")) == ["1-segmenter-0000002", "1-segmenter-0000003"]
+    # The card's usage snippet loads the folder where it was written, not a name no one can load.
+    assert f'pipeline("image-segmentation", model="{out}", trust_remote_code=True)' in (out / "README.md").read_text()
