@@ -77,3 +77,14 @@ def test_the_built_in_scenes_written_as_a_dataset_evaluate(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 images: mIoU" in result.stdout
     assert set(json.loads((tmp_path / "results.json").read_text())["per_category_iou"]) == set(SCENE_CLASSES.values())
+
+
+def test_every_declared_dependency_is_imported():
+    import tomllib
+
+    modules = {"pillow": "PIL", "huggingface-hub": "huggingface_hub"}
+    code = "\n".join(path.read_text() for folder in ("step_hf", "examples") for path in (REPO / folder).glob("*.py"))
+    for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement)[0]
+        module = modules.get(name, name)
+        assert re.search(rf"^\s*(import|from) {module}\b", code, re.MULTILINE), f"{name} is declared but not imported"
