@@ -16,6 +16,8 @@ import zipfile
 import torch
 from safetensors import safe_open
 
+from step_hf.cli import UserError
+
 STAGES = ("policy", "segmenter", "prune")  # the training stages, in the order a run takes them
 
 
@@ -23,10 +25,11 @@ def checkpoints_folder(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def save_checkpoint(accelerator, output_dir: str, stage: str, step: int, state: dict) -> str:
+def save_checkpoint(accelerator, output_dir: str, stage: str, step: int, state: dict, keep: int | None = None) -> str:
     """Write to a temporary folder, then rename: a crash never leaves a half-written checkpoint, and a failed write
-    (a full disk, say) removes its partial folder. `trainer_state.json` holds the stage, the step and `state`;
-    returns the checkpoint's folder."""
+    (a full disk, say) removes its partial folder. `trainer_state.json` holds the stage, the step and `state`; with
+    `keep`, only the newest `keep` checkpoints stay, removed once the new one is whole. Returns the checkpoint's
+    folder."""
     final = os.path.join(checkpoints_folder(output_dir), f"{STAGES.index(stage)}-{stage}-{step:07d}")
     temporary = final + ".tmp"
     try:
@@ -41,6 +44,8 @@ def save_checkpoint(accelerator, output_dir: str, stage: str, step: int, state: 
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(temporary, final)
+        for name in checkpoint_names(checkpoints_folder(output_dir))[keep:] if keep else []:
+            shutil.rmtree(os.path.join(checkpoints_folder(output_dir), name))
     accelerator.wait_for_everyone()
     return final
 
@@ -103,16 +108,16 @@ def find_checkpoint(output_dir: str, resume_from_checkpoint: str | None, log=pri
         problem = checkpoint_problem(resume_from_checkpoint) if os.path.isdir(resume_from_checkpoint) \
             else "not a folder"
         if problem:
-            raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+            raise UserError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
         return resume_from_checkpoint
     root = checkpoints_folder(output_dir)
     if not checkpoint_names(root):
-        raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {root}. Leave the flag out to start a new "
-                         "run, or point --output_dir at the run to continue.")
+        raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {root}. Leave the flag out to start a new "
+                        "run, or point --output_dir at the run to continue.")
     newest = newest_whole_checkpoint(output_dir, log)
     if newest is None:
-        raise ValueError(f"None of the checkpoints in {root} can be resumed from (see above); leave out "
-                         "--resume_from_checkpoint to start again.")
+        raise UserError(f"None of the checkpoints in {root} can be resumed from (see above); leave out "
+                        "--resume_from_checkpoint to start again.")
     return newest
 
 

@@ -1,7 +1,15 @@
 """The data side the examples share: the built-in scenes, loading a `datasets` segmentation set with its class
 names, and the check of every label map before anything runs. The evaluation side of a dataset (`EvalTransform`)
-lives in `step_hf.evaluation`, next to the loop that reads it."""
+lives in `step_hf.evaluation`, next to the loop that reads it.
 
+    python examples/data.py --output_dir outputs/scenes [--seed 0]
+
+writes the built-in scenes that `examples/train.py` trains on without `--dataset_name` (the same `--seed`) as a
+dataset folder (`data/{train,validation}-*.parquet` and `id2label.json`), which `--dataset_name` and
+`python -m step_hf.evaluation` take.
+"""
+
+import argparse
 import json
 import os
 
@@ -9,6 +17,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Image, load_dataset
 from scenes import SCENE_CLASSES, make_scene
 
+from step_hf.cli import UserError
 from step_hf.image_processing_step import reduce_labels as reduce_label_values
 
 
@@ -43,7 +52,7 @@ def load_data(
         try:
             dataset = load_dataset(dataset_name, dataset_config_name)
         except ValueError as error:  # e.g. an empty split: datasets names it
-            raise ValueError(f"Cannot load {dataset_name}: {error}") from error
+            raise UserError(f"Cannot load {dataset_name}: {error}") from error
         id2label = read_id2label(dataset_name, id2label_source)
     for split in (train_split, eval_split):
         check_split(dataset, split, (image_column_name, label_column_name))
@@ -64,15 +73,15 @@ def load_data(
 def check_split(dataset: DatasetDict, split: str, columns: tuple[str, str]) -> None:
     """Refuse a missing or empty split, or one without the image and label columns, naming the flags to set."""
     if split not in dataset:
-        raise ValueError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set "
-                         "--train_split/--eval_split.")
+        raise UserError(f"The dataset has no split {split!r} (it has {sorted(dataset)}); set "
+                        "--train_split/--eval_split.")
     names = dataset[split].column_names
     for column in columns:
         if column not in names:
-            raise ValueError(f"Split {split!r} has no column {column!r} (columns: {names}); set "
-                             "--image_column_name/--label_column_name.")
+            raise UserError(f"Split {split!r} has no column {column!r} (columns: {names}); set "
+                            "--image_column_name/--label_column_name.")
     if len(dataset[split]) == 0:
-        raise ValueError(f"Split {split!r} is empty.")
+        raise UserError(f"Split {split!r} is empty.")
 
 
 def read_id2label(dataset_name: str, source: str | None = None) -> dict[int, str]:
@@ -81,25 +90,25 @@ def read_id2label(dataset_name: str, source: str | None = None) -> dict[int, str
     if source is None:
         source = os.path.join(dataset_name, "id2label.json")
         if os.path.isdir(dataset_name) and not os.path.isfile(source):
-            raise ValueError(f"The dataset folder {dataset_name} has no id2label.json, so the class names are "
-                             """missing: add that file ({"0": "road", "1": "sky", ...}) or pass --id2label with a """
-                             "JSON file or string.")
+            raise UserError(f"The dataset folder {dataset_name} has no id2label.json, so the class names are "
+                            """missing: add that file ({"0": "road", "1": "sky", ...}) or pass --id2label with a """
+                            "JSON file or string.")
         if not os.path.isdir(dataset_name):
             from huggingface_hub import hf_hub_download
 
             try:
                 source = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset")
             except Exception as error:  # offline, missing file, no access: say what was looked for
-                raise ValueError(f"Cannot get the class names: {dataset_name} is not a local folder, and its "
-                                 f"id2label.json could not be fetched from the Hub ({type(error).__name__}: "
-                                 f"{error}). Pass --id2label with a JSON file or string.") from None
+                raise UserError(f"Cannot get the class names: {dataset_name} is not a local folder, and its "
+                                f"id2label.json could not be fetched from the Hub ({type(error).__name__}: "
+                                f"{error}). Pass --id2label with a JSON file or string.") from None
     if os.path.isfile(source):
         with open(source) as f:
             source = f.read()
     try:
         return {int(k): v for k, v in json.loads(source).items()}
     except (json.JSONDecodeError, ValueError, AttributeError) as error:
-        raise ValueError(f"--id2label must be a JSON file or string mapping ids to names: {error}") from None
+        raise UserError(f"--id2label must be a JSON file or string mapping ids to names: {error}") from None
 
 
 def check_dataset_labels(dataset: DatasetDict, id2label: dict[int, str], reduce: bool, ignore: int = 255,
@@ -118,27 +127,50 @@ def check_dataset_labels(dataset: DatasetDict, id2label: dict[int, str], reduce:
                 label = np.asarray(example["label"])
                 image = example["image"]
             except Exception as error:  # a corrupt file surfaces on decoding
-                raise ValueError(f"Split {split!r}, row {row}: the image or label cannot be read ({error}).") from None
+                raise UserError(f"Split {split!r}, row {row}: the image or label cannot be read ({error}).") from None
             if label.ndim != 2:
-                raise ValueError(f"Split {split!r}, row {row}: the label map has shape {label.shape}; it must be a "
-                                 "single-channel class-id map.")
+                raise UserError(f"Split {split!r}, row {row}: the label map has shape {label.shape}; it must be a "
+                                "single-channel class-id map.")
             if image.size[::-1] != label.shape:
-                raise ValueError(f"Split {split!r}, row {row}: image {image.size[::-1]} and label {label.shape} differ "
-                                 "in size.")
+                raise UserError(f"Split {split!r}, row {row}: image {image.size[::-1]} and label {label.shape} differ "
+                                "in size.")
             values = np.unique(label)
             values = set((reduce_label_values(values, ignore) if reduce else values).tolist())
             unknown = values - valid
             if unknown:
-                raise ValueError(f"Split {split!r}, row {row}: label value(s) {sorted(unknown)} are not in id2label "
-                                 f"({len(id2label)} classes) nor the ignore index {ignore}.")
+                raise UserError(f"Split {split!r}, row {row}: label value(s) {sorted(unknown)} are not in id2label "
+                                f"({len(id2label)} classes) nor the ignore index {ignore}.")
             labelled = labelled or bool(values - {ignore})
         if not labelled:
             flag = (flags or {}).get(split, f"split {split!r}")
             void = f"{ignore}, or 0 with --reduce_labels" if reduce else str(ignore)
             purpose = "train on (the loss would be NaN)" if split == "train" else "measure (the mIoU would be NaN)"
-            raise ValueError(f"Every pixel of the {split} split ({flag}, {len(dataset[split])} images) is void (label "
-                             f"{void}): there is nothing to {purpose}. Check --label_column_name and "
-                             f"--reduce_labels, or choose another {flag.split()[0]}.")
+            raise UserError(f"Every pixel of the {split} split ({flag}, {len(dataset[split])} images) is void (label "
+                            f"{void}): there is nothing to {purpose}. Check --label_column_name and "
+                            f"--reduce_labels, or choose another {flag.split()[0]}.")
 
 
-__all__ = ["builtin_scenes", "check_dataset_labels", "check_split", "load_data", "read_id2label"]
+def write_builtin_scenes(output_dir: str, seed: int = 0) -> None:
+    """The built-in scenes of `seed` as a dataset folder laid out like a Hub dataset repository."""
+    dataset, id2label = builtin_scenes(seed)
+    os.makedirs(os.path.join(output_dir, "data"), exist_ok=True)
+    for split in dataset:
+        dataset[split].to_parquet(os.path.join(output_dir, "data", f"{split}-00000-of-00001.parquet"))
+    with open(os.path.join(output_dir, "id2label.json"), "w") as f:
+        json.dump(id2label, f)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="the dataset folder to write")
+    parser.add_argument("--seed", type=int, default=0, help="the scenes of examples/train.py's --seed")
+    args = parser.parse_args(argv)
+    write_builtin_scenes(args.output_dir, args.seed)
+    print(f"wrote the built-in scenes (seed {args.seed}) to {args.output_dir}")
+
+
+__all__ = ["builtin_scenes", "check_dataset_labels", "check_split", "load_data", "read_id2label", "write_builtin_scenes"]
+
+
+if __name__ == "__main__":
+    main()

@@ -74,7 +74,9 @@ def main() -> None:
     logits = outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
     classes = upsample(logits[0].astype(np.float32), image.height, image.width).argmax(0)
     Image.fromarray(classes.astype(np.uint8), mode="L").save(args.output)
-    print(f"wrote {args.output}: classes {np.unique(classes).tolist()} at {image.width}x{image.height}")
+    id2label = json.loads((folder / "config.json").read_text()).get("id2label", {})
+    found = ", ".join(id2label.get(str(i), str(i)) for i in np.unique(classes).tolist())
+    print(f"wrote {args.output} (class ids) at {image.width}x{image.height}; classes found: {found}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import torch
 from scenes import make_scene
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-from step_hf import load_image
+from step_hf import input_sizing, load_image
+from step_hf.cli import UserError, run_command
 from step_hf.analysis import class_legend, colourise, draw_tokens, panel, token_legend
 
 
@@ -36,11 +37,12 @@ def main() -> None:
         try:
             image = load_image(args.image)  # upright by its EXIF orientation, RGB; errors name the file or URL
         except (OSError, ValueError) as error:
-            raise SystemExit(f"--image: {error}") from None
+            raise UserError(f"--image: {error}") from None
     else:
         image, truth = make_scene(360, 480, seed=12345)
+    sizing = input_sizing(processor, image.height, image.width)  # the processor's own size: the pipeline's input
     with torch.no_grad():
-        inputs = processor(image, return_tensors="pt")
+        inputs = processor(image, **sizing.overrides, return_tensors="pt")
         outputs = model(**inputs)
     prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
 
@@ -62,11 +64,15 @@ def main() -> None:
     present = ", ".join(labels[i] for i in np.unique(prediction))
     tokens = int(outputs.token_counts.sum())
     cells = outputs.superpatch_map[0].numel()
-    halted = "" if outputs.halted_share is None else f", halted per exit {outputs.halted_share[0].tolist()}"
+    halted = "" if outputs.halted_share is None else \
+        f", halted per exit {[round(share, 3) for share in outputs.halted_share[0].tolist()]}"
+    height, width = sizing.input_size
     print(f"classes found: {present}")
+    print(f"input: {image.height}x{image.width} pixels resized to {sizing.resized[0]}x{sizing.resized[1]}, "
+          f"{len(inputs['pixel_values'])} model input(s) of {height}x{width}")
     print(f"tokens: {tokens} of {cells} cells{halted}")
     print(f"wrote {args.output} (image{' | ground truth' if truth is not None else ''} | prediction | tokens)")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

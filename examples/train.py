@@ -1,7 +1,7 @@
 """Train a STEP segmenter with Accelerate on any `datasets` semantic-segmentation set.
 
-    accelerate launch examples/train.py --dataset_name ../shared/datasets/camvid --preset small --stage all
-    python examples/train.py                      # a built-in procedural scene set, offline, a few minutes on CPU
+    accelerate launch --quiet examples/train.py --dataset_name ../shared/datasets/camvid --preset small --stage all
+    python examples/train.py                      # a built-in procedural scene set, offline
 
 STEP trains in three stages, each starting from the previous stage's weights: `policy` (the dCTS policy network
 alone, on the processor's superpatch targets), `segmenter` (encoder + decoder with the policy frozen; the exit heads
@@ -22,7 +22,6 @@ import os
 import shlex
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, load_vit_weights
+from step_hf.cli import UserError, run_command
 from step_hf.configuration_step import (
     ATTENTION_MODES, EXIT_HEAD_TYPES, PARTITION_SOURCES, TRAINABLE_COMPONENTS, resolve_settings,
 )
@@ -51,14 +51,15 @@ from step_hf.model_card import model_card
 
 # Flags a resumed run may change: where and how often it writes, logs and evaluates, and where it publishes. Every
 # other flag defines the run (what trains, on what data, with which schedule) and must match the checkpoint's.
-RESUMABLE_FLAGS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "eval_steps", "logging_steps",
-                   "report_to", "push_to_hub", "hub_model_id", "num_workers", "per_device_eval_batch_size",
-                   "gradient_checkpointing", "stage")
+RESUMABLE_FLAGS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "save_total_limit", "eval_steps",
+                   "logging_steps", "report_to", "push_to_hub", "hub_model_id", "num_workers",
+                   "per_device_eval_batch_size", "gradient_checkpointing", "stage")
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
 
-class RunStopped(Exception):
-    """The run stopped before its end, saying why and where to resume; `exit_code` is the script's exit status."""
+class RunStopped(UserError):
+    """The run stopped before its end (or its upload failed), saying why and what to do next; said like a refused
+    input, without a traceback, with `exit_code` as the script's exit status."""
 
     exit_code = 1
 
@@ -148,6 +149,8 @@ class TrainArguments:
     # run
     output_dir: str = "outputs/train"
     checkpointing_steps: int = 100
+    save_total_limit: int | None = field(
+        default=None, metadata=flag("keep only the newest N checkpoints, as Trainer's save_total_limit (default: all)"))
     resume_from_checkpoint: str | None = field(default=None, metadata=flag("a checkpoint folder or 'latest'"))
     eval_steps: int = field(default=0, metadata=flag("also evaluate every N steps (0: at stage ends)"))
     logging_steps: int = field(
@@ -159,27 +162,28 @@ class TrainArguments:
     def __post_init__(self):
         self.crop_size = self.crop_size or self.image_size
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id org/name")
+            raise UserError("--push_to_hub needs --hub_model_id org/name")
         minimums = [("logging_steps", 1), ("per_device_train_batch_size", 1), ("per_device_eval_batch_size", 1),
                     ("gradient_accumulation_steps", 1), ("image_size", 1), ("crop_size", 1), ("max_train_samples", 1),
                     ("max_eval_samples", 1), ("policy_steps", 0), ("segmenter_steps", 0), ("prune_steps", 0),
-                    ("warmup_steps", 0), ("checkpointing_steps", 0), ("eval_steps", 0), ("num_workers", 0)]
+                    ("warmup_steps", 0), ("checkpointing_steps", 0), ("save_total_limit", 1), ("eval_steps", 0),
+                    ("num_workers", 0)]
         for name, least in minimums:
             value = getattr(self, name)
             if value is not None and value < least:
-                raise ValueError(f"--{name} must be at least {least}, got {value}")
+                raise UserError(f"--{name} must be at least {least}, got {value}")
         for name in ("learning_rate", "prune_learning_rate", "policy_learning_rate", "head_learning_rate_multiplier",
                      "min_scale", "max_scale"):
             value = getattr(self, name)
             if value is not None and not 0 < value < math.inf:  # NaN fails every comparison
-                raise ValueError(f"--{name} must be a positive finite number, got {value}")
+                raise UserError(f"--{name} must be a positive finite number, got {value}")
         if not 0 <= self.drop_path_rate < 1:
-            raise ValueError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+            raise UserError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if not 0 <= self.weight_decay < math.inf or not 0 <= self.max_grad_norm < math.inf:
-            raise ValueError(f"--weight_decay and --max_grad_norm must be finite and >= 0, got {self.weight_decay} "
-                             f"and {self.max_grad_norm}")
+            raise UserError(f"--weight_decay and --max_grad_norm must be finite and >= 0, got {self.weight_decay} "
+                            f"and {self.max_grad_norm}")
         if self.min_scale > self.max_scale:
-            raise ValueError(f"--min_scale ({self.min_scale}) is above --max_scale ({self.max_scale})")
+            raise UserError(f"--min_scale ({self.min_scale}) is above --max_scale ({self.max_scale})")
 
 
 def argument_parser() -> HfArgumentParser:
@@ -278,11 +282,11 @@ def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
     if args.model_name_or_path:
         model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
         if model.config.id2label != id2label:
-            raise ValueError(f"{args.model_name_or_path} has classes {model.config.id2label}, the data {id2label}.")
+            raise UserError(f"{args.model_name_or_path} has classes {model.config.id2label}, the data {id2label}.")
         for name, value in architecture_args(args).items():
             if getattr(model.config, name) != value:
-                raise ValueError(f"--{name} {value} chooses a new model's architecture; {args.model_name_or_path} "
-                                 f"has {getattr(model.config, name)}.")
+                raise UserError(f"--{name} {value} chooses a new model's architecture; {args.model_name_or_path} "
+                                f"has {getattr(model.config, name)}.")
     else:
         config = StepConfig.from_preset(args.preset, image_size=args.crop_size, id2label=id2label, label2id=label2id,
                                         trained_components=[], **architecture_args(args))
@@ -300,10 +304,10 @@ def build_model(args, id2label: dict[int, str]) -> StepForSemanticSegmentation:
     model.config.update_settings(**settings)
     model.step.set_drop_path_rate(args.drop_path_rate)
     if args.crop_size % model.config.patch_size:
-        raise ValueError(f"--crop_size {args.crop_size} is not a multiple of the patch size {model.config.patch_size}.")
+        raise UserError(f"--crop_size {args.crop_size} is not a multiple of the patch size {model.config.patch_size}.")
     if args.crop_size > args.image_size * args.max_scale:
-        raise ValueError(f"Images resized to a shortest edge of {args.image_size} (at most x{args.max_scale}) are too "
-                         f"small for a {args.crop_size} crop; raise --image_size or lower --crop_size.")
+        raise UserError(f"Images resized to a shortest edge of {args.image_size} (at most x{args.max_scale}) are too "
+                        f"small for a {args.crop_size} crop; raise --image_size or lower --crop_size.")
     return model
 
 
@@ -328,9 +332,9 @@ def check_policy_is_trained(model: StepForSemanticSegmentation, args, stages: li
     and the saved model would run them by default)."""
     if (args.partition_source == "policy" and model.step.policy is not None and "policy" not in stages
             and not policy_trained(model.config)):
-        raise ValueError("The policy network is untrained, so its partitions are arbitrary: run --stage policy first "
-                         "(or --stage all), start from a --model_name_or_path whose policy trained, or choose "
-                         "--partition_source oracle or dense.")
+        raise UserError("The policy network is untrained, so its partitions are arbitrary: run --stage policy first "
+                        "(or --stage all), start from a --model_name_or_path whose policy trained, or choose "
+                        "--partition_source oracle or dense.")
 
 
 def optimizer_and_scheduler(model, args, learning_rate: float, num_steps: int, num_processes: int):
@@ -408,9 +412,9 @@ def check_mixed_precision(accelerator) -> None:
     if precision in ("fp16", "bf16") and not accelerator.native_amp and not managed:
         device = accelerator.device.type
         alternative = " or bf16, which autocasts on CPU" if device == "cpu" else ""
-        raise ValueError(f"--mixed_precision {precision} (the flag or Accelerate's config) does not run on {device}: "
-                         f"Accelerate would train in fp32 instead. Choose --mixed_precision no{alternative}, or train "
-                         "on a device that supports it.")
+        raise UserError(f"--mixed_precision {precision} (the flag or Accelerate's config) does not run on {device}: "
+                        f"Accelerate would train in fp32 instead. Choose --mixed_precision no{alternative}, or train "
+                        "on a device that supports it.")
 
 
 # ---------------------------------------------------------------------------------------------------- run records
@@ -447,22 +451,22 @@ def check_same_run(state: dict, current: dict, checkpoint: str) -> None:
 
     lines = [f"{flag(name)}: the run used {shown(saved.get(name))}, this command gives {shown(current.get(name))}"
              for name in changed]
-    raise ValueError(f"Cannot resume from {checkpoint} with flags that change the run:\n  " + "\n  ".join(lines)
-                     + "\nResume with the run's values, or start a new run in another --output_dir. Only "
-                     + ", ".join(f"--{name}" for name in RESUMABLE_FLAGS) + " may change on resume.")
+    raise UserError(f"Cannot resume from {checkpoint} with flags that change the run: " + "; ".join(lines)
+                    + ". Resume with the run's values, or start a new run in another --output_dir. Only "
+                    + ", ".join(f"--{name}" for name in RESUMABLE_FLAGS) + " may change on resume.")
 
 
 def check_output_dir(args) -> None:
     """Refuse, before any training, an output location that cannot hold the run."""
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(f"--output_dir {args.output_dir} is an existing file; choose a folder.")
+        raise UserError(f"--output_dir {args.output_dir} is an existing file; choose a folder.")
     try:
         os.makedirs(args.output_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.output_dir):
             pass
     except OSError as error:
-        raise ValueError(f"--output_dir {args.output_dir} cannot be written ({error.strerror or error}); choose a "
-                         "writable folder.") from None
+        raise UserError(f"--output_dir {args.output_dir} cannot be written ({error.strerror or error}); choose a "
+                        "writable folder.") from None
 
 
 def check_hub_repository(args) -> None:
@@ -473,11 +477,11 @@ def check_hub_repository(args) -> None:
     try:
         create_repository(args.hub_model_id)
     except HubError as error:  # offline, unreachable, silent, no token, no permission: all stop the run here
-        raise ValueError(f"--push_to_hub: cannot create or reach the Hub repository {args.hub_model_id} at "
-                         f"{error.host} ({error.cause}). {advice}") from None
+        raise UserError(f"--push_to_hub: cannot create or reach the Hub repository {args.hub_model_id} at "
+                        f"{error.host} ({error.cause}). {advice}") from None
     except Exception as error:  # an invalid repository id, say
-        raise ValueError(f"--push_to_hub: cannot create or reach the Hub repository {args.hub_model_id} "
-                         f"({type(error).__name__}: {error}). {advice}") from None
+        raise UserError(f"--push_to_hub: cannot create or reach the Hub repository {args.hub_model_id} "
+                        f"({type(error).__name__}: {error}). {advice}") from None
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -508,7 +512,8 @@ def run_stage(stage, model, data, accelerator, args, history, resume, progress_l
     def checkpoint(step: int) -> str:
         if not all_finite(model):  # an update made them so; the loss that shows it is the next step's
             raise diverged(args, stage, step, "the weights became non-finite", scheduler.get_last_lr()[0])
-        return save_checkpoint(accelerator, args.output_dir, stage, step, {"history": history, **(run or {})})
+        return save_checkpoint(accelerator, args.output_dir, stage, step, {"history": history, **(run or {})},
+                               args.save_total_limit)
 
     model.train()
     for step, loss, grad_norm in optimizer_steps(stage, model, optimizer, scheduler, train_loader, data, accelerator,
@@ -555,8 +560,8 @@ def prepare_stage(stage, model, data, accelerator, args, num_steps: int, resume:
                               num_workers=args.num_workers)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if len(train_loader) == 0:
-        raise ValueError(f"The training split has fewer samples than one batch of {args.per_device_train_batch_size} "
-                         "per process.")
+        raise UserError(f"The training split has fewer samples than one batch of {args.per_device_train_batch_size} "
+                        "per process.")
     start = 0
     if resume:
         accelerator.load_state(resume["path"])
@@ -695,8 +700,11 @@ def log_eval(model, data, accelerator, args, history, stage, step) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Run the script; with SIGTERM's handler in place for the whole run (see `StopSignal`)."""
     args = parse_args(argv)
-    with StopSignal() as stop:
-        run_training(args, stop)
+    try:
+        with StopSignal() as stop:
+            run_training(args, stop)
+    except HubError as error:  # it names the repository and host, and how to upload again
+        raise RunStopped(str(error)) from None
 
 
 def run_training(args: TrainArguments, stop: StopSignal | None = None) -> None:
@@ -742,7 +750,7 @@ def run_training(args: TrainArguments, stop: StopSignal | None = None) -> None:
             state = json.load(f)
         check_same_run(state, run["run_arguments"], checkpoint)
         if state["stage"] not in stages:
-            raise ValueError(f"{checkpoint} is from stage {state['stage']!r}, which this run ({stages}) does not run.")
+            raise UserError(f"{checkpoint} is from stage {state['stage']!r}, which this run ({stages}) does not run.")
         for done in stages[:stages.index(state["stage"])]:
             mark_trained(model.config, done)
         stages = stages[stages.index(state["stage"]):]
@@ -811,7 +819,8 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
                                  **run}), f, indent=1, allow_nan=False)
         started = f"Started from `{args.model_name_or_path}`." if args.model_name_or_path else None
         card = model_card(name, model.config, command, dataset_name, final_eval, " ".join(notes),
-                          input_size=f"shortest edge resized to {args.image_size}", provenance=started)
+                          input_size=f"shortest edge resized to {args.image_size}", provenance=started,
+                          model_id=args.hub_model_id or args.output_dir)
         card.save(os.path.join(temporary, "README.md"))
     except OSError as error:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -827,8 +836,4 @@ def save_final(model, processor, args, history, final_eval, seconds, notes: list
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RunStopped, HubError) as stopped:  # said in full, without a traceback
-        print(stopped, file=sys.stderr)
-        sys.exit(getattr(stopped, "exit_code", 1))
+    run_command(main)

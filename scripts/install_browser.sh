@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian's Chromium and ChromeDriver for the demo's browser test (tests/test_demo_app.py), when they are missing and
-# apt-get can install them (as root): about two minutes once. Anywhere else the browser test is skipped. Set
-# STEP_BROWSER_TESTS=0 to leave the browser out.
+# apt-get can install them (as root), once; its time is the download's. Anywhere else the browser test is skipped.
+# Only scripts/test.sh calls it. Set STEP_BROWSER_TESTS=0 to leave the browser out.
 set -euo pipefail
 if [ "${STEP_BROWSER_TESTS:-1}" = 0 ] || { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
   exit 0

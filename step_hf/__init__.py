@@ -9,11 +9,10 @@ from transformers import (
     AutoModel,
     AutoModelForSemanticSegmentation,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING
 
 from .configuration_step import StepConfig, StepSettings
-from .image_processing_step import StepImageProcessor, load_image
+from .image_processing_step import InputSizing, StepImageProcessor, input_sizing, load_image
 from .modeling_step import (
     StepForSemanticSegmentation,
     StepModel,
@@ -37,9 +36,8 @@ AutoImageProcessor.register(
 # STEP has no video processor. Saying so stops `pipeline()` from guessing a remote `StepVideoProcessor` from the
 # image processor's `auto_map` and asking the user whether to trust it.
 VIDEO_PROCESSOR_MAPPING.register(StepConfig, {}, exist_ok=True)
-# Lets the image-segmentation pipeline recognise the model type (it only logs otherwise).
-MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(StepConfig.model_type, StepForSemanticSegmentation.__name__)
-# ... and take STEP's run-time settings per call (`pipe(image, settings=...)`).
+# The image-segmentation pipeline recognises the model type (modeling_step.py names it, for Hub code too) and takes
+# STEP's run-time settings per call (`pipe(image, settings=...)`).
 register_pipeline()
 
 # `save_pretrained` copies the code files next to the weights and writes `auto_map`, so that a process without
@@ -64,4 +62,6 @@ __all__ = [
     "PackedBatch",
     "load_vit_weights",
     "load_image",
+    "input_sizing",
+    "InputSizing",
 ]

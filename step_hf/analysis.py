@@ -64,8 +64,9 @@ LegendEntry = tuple[tuple[int, int, int], str]  # (swatch colour, what it stands
 
 
 def halted_shade(depth: np.ndarray | float) -> np.ndarray | float:
-    """How much `draw_tokens` keeps of a pixel's brightness when its token halted after `depth` of the blocks."""
-    return 0.3 + 0.7 * depth
+    """How much `draw_tokens` keeps of a pixel's brightness when its token halted after `depth` of the blocks: squared,
+    so that exits in the middle blocks (where they usually sit) get shades far apart."""
+    return 0.15 + 0.85 * depth**2
 
 
 def _cells_to_pixels(cell_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .accounting import flops_per_image
+from .cli import UserError, run_command
 from .configuration_step import StepSettings
 from .image_processing_step import StepImageProcessor, reduce_labels
 
@@ -207,28 +208,58 @@ def load_for_evaluation(folder: str) -> tuple[object, object, StepImageProcessor
     return load_exported(folder), StepConfig.from_pretrained(folder), processor, True
 
 
+def check_dataset_classes(config, model_name: str, dataset_name: str) -> None:
+    """Refuse a dataset whose classes (its folder's `id2label.json`) are not as many as the model's: every label
+    beyond the model's classes would be refused image by image, without naming the cause."""
+    path = Path(dataset_name) / "id2label.json"
+    if not path.is_file():
+        return
+    classes = json.loads(path.read_text())
+    if len(classes) != config.num_labels:
+        ours = ", ".join(config.id2label[i] for i in range(config.num_labels))
+        raise UserError(
+            f"{model_name} predicts {config.num_labels} classes ({ours}) but {dataset_name} labels {len(classes)} "
+            f"({', '.join(classes[key] for key in sorted(classes, key=int))}): evaluate the model on a dataset with "
+            "its classes (for a model trained on the built-in scenes, write them with `python examples/data.py "
+            "--output_dir outputs/scenes` and pass --dataset_name outputs/scenes)."
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved STEP model, or a folder of python -m step_hf.export")
-    parser.add_argument("--dataset_name", required=True, help="a Hub id or a local folder laid out like one")
+    parser.add_argument("--dataset_name", required=True,
+                        help="a Hub id or a local folder laid out like one (`python examples/data.py --output_dir "
+                             "outputs/scenes` writes the built-in scenes as one)")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--image_column_name", default="image")
     parser.add_argument("--label_column_name", default="label")
     parser.add_argument("--max_samples", type=int, help="the first N images of the split")
+    parser.add_argument("--reduce_labels", action="store_true",
+                        help="label 0 is void and the other ids move down by one (as training's --reduce_labels)")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
     from datasets import load_dataset
 
-    dataset = load_dataset(args.dataset_name, split=args.split)
+    try:
+        model, config, processor, exported = load_for_evaluation(args.model)
+    except OSError as error:  # no such folder or Hub id, or a folder without a saved model
+        raise UserError(f"Cannot load the model {args.model} (give a folder saved by examples/train.py or python -m "
+                        f"step_hf.export, or a Hub id): {error}") from None
+    check_dataset_classes(config, args.model, args.dataset_name)
+    try:
+        dataset = load_dataset(args.dataset_name, split=args.split)
+    except (FileNotFoundError, ValueError) as error:  # no such folder or Hub id, or no such split
+        raise UserError(f"Cannot load {args.dataset_name} [{args.split}]: {error}") from None
     missing = {args.image_column_name, args.label_column_name} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"{args.dataset_name} [{args.split}] has no column {sorted(missing)} (it has "
-                         f"{dataset.column_names}): name them with --image_column_name / --label_column_name.")
+        raise UserError(f"{args.dataset_name} [{args.split}] has no column {sorted(missing)} (it has "
+                        f"{dataset.column_names}): name them with --image_column_name / --label_column_name.")
     dataset = dataset.rename_columns({args.image_column_name: "image", args.label_column_name: "label"})
     if args.max_samples:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-    model, config, processor, exported = load_for_evaluation(args.model)
+    processor.do_reduce_labels = args.reduce_labels or processor.do_reduce_labels
     loader = torch.utils.data.DataLoader(EvalTransform(dataset, processor))  # label maps keep their own sizes
     with torch.no_grad():
         stream = exported_predictions(model, loader) if exported else predictions(model, loader, torch.device("cpu"))
@@ -249,4 +280,4 @@ __all__ = [
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

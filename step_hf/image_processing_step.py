@@ -5,6 +5,7 @@ Shipped as Hub code next to saved weights: imports only numpy, torch, transforme
 
 import base64
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
@@ -269,6 +270,52 @@ def flat_label_maps(segmentation_maps, num_images: int) -> list:
         if channels in (3, 4) or (is_pil_image(label_map) and channels > 1):
             raise ValueError(f"Segmentation map {index} is a colour image ({what}): {COLOUR_LABELS_HINT}")
     return maps
+
+
+@dataclass(frozen=True)
+class InputSizing:
+    """How one image is sized for the model (`input_sizing`): resized to `resized` (height, width), then fed whole
+    (`window` is None) or cut into windows of `window`; `overrides` are the processor-call arguments that give this
+    sizing (`{}`: the processor's own)."""
+
+    resized: tuple[int, int]
+    window: tuple[int, int] | None
+    overrides: dict
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of each model input: the window, or the whole resized image."""
+        return self.window or self.resized
+
+
+def input_sizing(processor: "StepImageProcessor", height: int, width: int,
+                 shortest_edge: int | None = None) -> InputSizing:
+    """
+    The one rule by which every tool (pipeline, examples/segment.py, the demo app, evaluation, export) sizes an image
+    of `height` x `width` pixels for a STEP model: the processor's own `size` decides, as for any `transformers` image
+    processor (`{"height", "width"}`: exactly that; `{"shortest_edge": n}`: the shorter side to n, the aspect ratio
+    kept, each side rounded to a multiple of the patch size), and its own `window_size`, if it has one, cuts the
+    resized image into windows. `shortest_edge` asks for another resolution: the shorter side is resized to it, and
+    when that is larger than the processor's own input the image is cut into windows of the processor's own input
+    size (its `size`, or its shortest edge squared), so that the model still sees inputs of the size it was trained
+    on; the processor's own shorter side (or `None`) keeps the processor's own sizing.
+    """
+    size = SizeDict(**dict(processor.size))  # a SizeDict, or a plain dict set on the processor since
+    own_window = _pair(processor.window_size, "window_size")
+    own_input = (size.height, size.width) if size.height and size.width else (size.shortest_edge,) * 2
+    if shortest_edge is None or shortest_edge == min(own_input):
+        return InputSizing(processor.output_size(height, width, size), own_window, {})
+    divisor = processor.size_divisor
+    if shortest_edge % divisor or shortest_edge < divisor:
+        raise ValueError(f"The shorter side must be a positive multiple of {divisor} pixels (the patch size), got "
+                         f"{shortest_edge}.")
+    overrides: dict = {"size": {"shortest_edge": shortest_edge}}
+    window = own_window
+    if window is None and shortest_edge > min(own_input):
+        window = own_input
+        overrides.update(window_size={"height": window[0], "width": window[1]},
+                         window_stride={"height": window[0], "width": window[1]})
+    return InputSizing(processor.output_size(height, width, SizeDict(shortest_edge=shortest_edge)), window, overrides)
 
 
 def window_starts(length: int, window: int, stride: int, step: int) -> list[int]:
@@ -618,4 +665,4 @@ class StepImageProcessor(PilBackend):
         return [total / count for total, count in zip(sums, counts)]
 
 
-__all__ = ["StepImageProcessor", "load_image", "reduce_labels"]
+__all__ = ["InputSizing", "StepImageProcessor", "input_sizing", "load_image", "reduce_labels"]

@@ -16,13 +16,15 @@ def model_card(
     notes: str = "",
     input_size: str | None = None,
     provenance: str | None = None,
+    model_id: str | None = None,
 ) -> ModelCard:
     """
     A model card for a STEP model. `results` holds measured numbers only (`mean_iou`, `overall_accuracy` in [0, 1],
     `tokens_per_image`, ...), measured with the settings saved in `config` (the card says so, naming them, and
     `input_size` when given); without them the card says "not trained yet". `provenance` says where the weights
     came from when the model did not start from scratch (converted from another checkpoint, started from a saved
-    model), before the training command if any.
+    model), before the training command if any. `model_id` is what the usage snippet loads (a Hub id or the folder's
+    path; default `model_name`).
     """
     data = card_data(model_name, dataset_name, results)
     encoder = (f"ViT with {config.num_hidden_layers} blocks of width {config.hidden_size}, "
@@ -42,7 +44,7 @@ def model_card(
         "",
         "```python",
         "from transformers import pipeline",
-        f'segmenter = pipeline("image-segmentation", model="{model_name}", trust_remote_code=True)',
+        f'segmenter = pipeline("image-segmentation", model="{model_id or model_name}", trust_remote_code=True)',
         "```",
         "",
         "## Training",

@@ -20,6 +20,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, TransformersKwargs, logging
 
@@ -59,6 +60,9 @@ from .token_layout import (
 )
 
 logger = logging.get_logger(__name__)
+# The image-segmentation pipeline checks the model's class name against this table and logs an error (then works)
+# for any other; named here so that Hub code loaded with `trust_remote_code=True`, without step_hf, is recognised.
+MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault("step", "StepForSemanticSegmentation")
 
 # Keyword arguments of the library's calling convention (`TransformersKwargs`) that a forward accepts and has no
 # use for; any other unknown keyword is refused (a misspelt setting would otherwise run with the saved one).

@@ -119,3 +119,9 @@ def test_exit_pictures_and_legends():
     shades = [colour[0] for colour, _ in token_legend([4, 8], 12)[1:]]
     assert shades == sorted(shades) and shades[0] < shades[-1]  # darker = halted earlier, as draw_tokens shades
     assert [name for _, name in token_legend(None, 12)] == ["superpatch outline"]
+
+
+def test_halting_shades_of_the_demo_models_exits_are_far_apart():
+    """ViT-Tiny's exits after blocks 6 and 8 of 12: the legend's three greys differ by at least 30 levels."""
+    shades = [colour[0] for colour, _ in token_legend([6, 8], 12)[1:]]
+    assert min(later - earlier for earlier, later in zip(shades, shades[1:])) >= 30

@@ -30,7 +30,7 @@ SPACE = EXAMPLES.parent / "spaces" / "step-demo"
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory, scene_dataset) -> Path:
-    """ViT-Tiny STEP trained through its three stages for a few steps at 128 pixels (windows of 8x8 cells): what the
+    """ViT-Tiny STEP trained through its three stages for a few steps at 128 pixels (a shorter side of 128): what the
     README's demo command makes, in seconds."""
     folder = tmp_path_factory.mktemp("demo-model") / "model"
     command = [sys.executable, str(EXAMPLES / "train.py"), "--dataset_name", str(scene_dataset), "--image_size", "128",
@@ -85,7 +85,7 @@ def scene(tmp_path_factory) -> Path:
     from scenes import make_scene
 
     path = tmp_path_factory.mktemp("scene") / "scene.png"
-    make_scene(192, 256, seed=3)[0].save(path)  # at a shorter side of 128: 128x176, two 128x128 windows
+    make_scene(192, 256, seed=3)[0].save(path)  # at the processor's shorter side of 128: one 128x176 input
     return path
 
 
@@ -118,10 +118,13 @@ def test_the_api_controls_move_tokens_flops_and_halting(client, scene, trained_m
     gflops = [run["gflops"] for run in runs]
     assert gflops == sorted(gflops) and gflops[0] < gflops[-1]
     assert runs[-1]["settings"]["policy_thresholds"] == [0.95] * 4 and not runs[-1]["settings"]["halting"]
-    assert dense["windows"] == 2 and dense["window_size"] == [128, 128] and dense["halted_share"] == {}
+    # The processor's own sizing (a shorter side of 128): one 128x176 input; windows only for a larger input.
+    assert dense["windows"] == 1 and dense["window_size"] == [128, 176] and dense["halted_share"] == {}
+    larger = segment(client, scene, partition="dense", halting=False, shortest_side=192)
+    assert larger["windows"] == 4 and larger["window_size"] == [128, 128]
 
     # A token budget fixes the count: a share of each window's cells, as the superpatch quadtree can reach it.
-    cells = 128 // 16 * 128 // 16
+    cells = 128 // 16 * 176 // 16
     for percent in (25, 75):
         run = segment(client, scene, partition="token budget", token_budget_percent=percent, halting=False)
         assert run["tokens"] == run["windows"] * budget_token_count(cells, round(percent / 100 * cells))

@@ -158,3 +158,58 @@ def test_save_and_reload(tmp_path):
     processor.save_pretrained(tmp_path)
     loaded = StepImageProcessor.from_pretrained(tmp_path)
     assert loaded.window_size == 32 and loaded.num_labels == 4 and loaded.size == processor.size
+
+
+def test_input_sizing_is_the_processors_size_with_windows_only_for_a_larger_input():
+    from step_hf import input_sizing
+
+    processor = StepImageProcessor(size={"shortest_edge": 64})
+    own = input_sizing(processor, 360, 480)
+    assert (own.resized, own.window, own.overrides, own.input_size) == ((64, 80), None, {}, (64, 80))
+    assert input_sizing(processor, 360, 480, 64) == own  # the processor's own side is its own sizing
+    larger = input_sizing(processor, 360, 480, 128)
+    assert larger.resized == (128, 176) and larger.input_size == (64, 64)
+    pixels = processor(rgb(360, 480), **larger.overrides, return_tensors="pt")["pixel_values"]
+    assert pixels.shape[-2:] == (64, 64) and len(pixels) == 6  # 2 rows x 3 columns of windows
+    assert input_sizing(processor, 360, 480, 32).input_size == (32, 48)  # smaller: resized, whole
+    with pytest.raises(ValueError, match="multiple of 16"):
+        input_sizing(processor, 360, 480, 100)
+
+
+def test_every_tool_sizes_a_frame_by_the_same_rule(tmp_path):
+    """The pipeline, examples/segment.py, the demo app and evaluation feed the model the same input for one frame:
+    the processor's own size (a shorter side of 64: 64x80 for 360x480), one input, no windows."""
+    import subprocess
+    import sys
+
+    from transformers import pipeline
+
+    from step_hf.evaluation import EvalTransform
+
+    from .conftest import EXAMPLES, tiny_model
+
+    model = tiny_model(partition_source="policy", halting=True)
+    processor = StepImageProcessor(size={"shortest_edge": 64})
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    frame = rgb(360, 480)
+    frame.save(tmp_path / "frame.png")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(tuple(kwargs["pixel_values"].shape)),
+                                    with_kwargs=True)
+
+    pipeline("image-segmentation", model=model, image_processor=processor)(frame)
+    sample = EvalTransform([{"image": frame, "label": Image.new("L", frame.size)}], processor)[0]
+    assert seen == [(1, 3, 64, 80)] and sample["pixel_values"].shape == (3, 64, 80)
+
+    result = subprocess.run([sys.executable, str(EXAMPLES / "segment.py"), "--model_name_or_path", str(tmp_path / "m"),
+                             "--image", str(tmp_path / "frame.png"), "--output", str(tmp_path / "seg.png")],
+                            capture_output=True, text=True, timeout=600)
+    assert "resized to 64x80, 1 model input(s) of 64x80" in result.stdout, result.stderr[-3000:]
+
+    pytest.importorskip("gradio")
+    sys.path.insert(0, str(EXAMPLES.parent / "spaces" / "step-demo"))
+    import app
+
+    numbers = app.segment(app.LoadedModel("m", model, processor), frame, app.Controls()).numbers
+    assert numbers["windows"] == 1 and numbers["window_size"] == [64, 80]

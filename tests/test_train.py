@@ -323,6 +323,13 @@ def test_resuming_with_flags_that_change_the_run_is_refused(tmp_path, scene_data
         assert expected in str(raised.value) and "size mismatch" not in str(raised.value)
         assert "--checkpointing_steps" in str(raised.value)  # says what may change
 
+    # From the command line, through `accelerate launch --quiet` as the README runs it: one line, no traceback.
+    launcher = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--quiet"]
+    result = subprocess.run([*launcher, str(EXAMPLES / "train.py"), *resume, "--seed", "1"], cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: Cannot resume from {out}")
+
     # Flags that only change where and how often the run writes and logs are accepted, and the card shows both
     # commands, the resume with where it started.
     train.main([*resume, "--logging_steps", "5", "--checkpointing_steps", "0"])
@@ -338,8 +345,9 @@ def test_fp16_on_a_cpu_is_refused_rather_than_run_in_fp32(tmp_path, scene_datase
                              str(scene_dataset), "--output_dir", str(tmp_path / "run"), "--mixed_precision", "fp16"],
                             cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode != 0
-    assert "--mixed_precision fp16 (the flag or Accelerate's config) does not run on cpu" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --mixed_precision fp16 (the flag or Accelerate's "
+                                                             "config) does not run on cpu")
     assert "bf16, which autocasts on CPU" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -367,3 +375,12 @@ def test_a_card_never_publishes_an_unmeasured_number():
     assert "nan" not in card.lower() and "model-index" not in card and "No mIoU was measured" in card
     card = str(model_card("m", tiny_config(), "train.py", "data", {"mean_iou": 0.5, "overall_accuracy": 0.75}))
     assert "model-index" in card and "value: 50.0" in card and "value: 75.0" in card
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path, scene_dataset):
+    out = tmp_path / "run"
+    train.main([*SEGMENTER_ONLY, "--dataset_name", str(scene_dataset), "--output_dir", str(out), "--segmenter_steps",
+                "3", "--checkpointing_steps", "1", "--save_total_limit", "2"])
+    assert sorted(os.listdir(out / "checkpoints")) == ["1-segmenter-0000002", "1-segmenter-0000003"]
+    # The card's usage snippet loads the folder where it was written, not a name no one can load.
+    assert f'pipeline("image-segmentation", model="{out}", trust_remote_code=True)' in (out / "README.md").read_text()

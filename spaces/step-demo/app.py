@@ -29,6 +29,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation  # noqa: E402
 
 import step_hf  # noqa: E402, F401  (registers "step" with the Auto classes)
+from step_hf import input_sizing  # noqa: E402
 from step_hf.accounting import flops_for_token_counts, flops_per_image  # noqa: E402
 from step_hf.analysis import (  # noqa: E402
     class_legend, colourise, draw_exits, draw_tokens, exit_legend, panel, token_legend,
@@ -94,7 +95,7 @@ class Controls:
     budget_percent: float = 50.0  # the token budget as a share of the dense count of a window
     halting: bool = True
     exit_thresholds: tuple[float, ...] = (0.9,) * MAX_EXITS
-    shortest_side: int = 0  # the resized image's shorter side in pixels; 0: the model's image size
+    shortest_side: int = 0  # the resized image's shorter side in pixels; 0: the processor's own sizing
 
 
 def run_settings(config, controls: Controls, cells_per_window: int) -> dict:
@@ -158,9 +159,10 @@ class Result:
     numbers: dict
 
 
-def model_input_side(config) -> int:
-    """The side of the square windows a model sees: its `image_size` (the shorter side, if not square)."""
-    return config.image_size if isinstance(config.image_size, int) else min(config.image_size)
+def own_shorter_side(processor) -> int:
+    """The shorter side of the processor's own input: its `shortest_edge`, or the shorter of its height and width."""
+    size = dict(processor.size)
+    return size["shortest_edge"] if size.get("shortest_edge") else min(size["height"], size["width"])
 
 
 def fit(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
@@ -170,16 +172,14 @@ def fit(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
 
 @torch.no_grad()
 def segment(loaded: LoadedModel, image: Image.Image, controls: Controls) -> Result:
-    """One request: resize, cut into windows when larger than the model's input, run with this request's settings,
-    stitch, draw and count."""
+    """One request: sized by the processor (`input_sizing`: windows only when a larger input is asked for), run
+    with this request's settings, stitched, drawn and counted."""
     config, processor = loaded.model.config, loaded.processor
-    window = model_input_side(config)
-    side = int(controls.shortest_side) or window
-    if side % config.patch_size or side < config.patch_size:
-        raise gr.Error(f"The shorter side must be a multiple of {config.patch_size} pixels, got {side}.")
-    window = min(window, side)  # the shorter side then fits one window exactly: no padding
-    inputs = processor(image, size={"shortest_edge": side}, window_size=window, window_stride=window,
-                       return_tensors="pt")
+    try:
+        sizing = input_sizing(processor, image.height, image.width, int(controls.shortest_side) or None)
+    except ValueError as error:  # not a multiple of the patch size
+        raise gr.Error(str(error))
+    inputs = processor(image, **sizing.overrides, return_tensors="pt")
     window_height, window_width = inputs["pixel_values"].shape[-2:]
     cells = (window_height // config.patch_size) * (window_width // config.patch_size)
     settings = run_settings(config, controls, cells)
@@ -324,8 +324,9 @@ def build_app(model_name: str, models: Models | None = None, camvid: bool = True
                                           label=f"exit threshold after block {layer}", elem_id=f"exit_threshold_{i}",
                                           visible=i < len(config.exit_layers))
                                 for i, layer in enumerate([*config.exit_layers, *[0] * MAX_EXITS][:MAX_EXITS])]
-                side = gr.Slider(32, 1024, value=model_input_side(config), step=16,
-                                 label="shorter side after resizing (pixels; windows of the model's size beyond it)",
+                side = gr.Slider(32, 1024, value=own_shorter_side(models.get(model_name).processor), step=16,
+                                 label="shorter side after resizing (pixels; windows of the model's input size "
+                                       "beyond it)",
                                  elem_id="shortest_side")
                 run = gr.Button("Segment", variant="primary", elem_id="run")
         numbers = gr.Markdown(elem_id="numbers")
