@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 from torch.export import Dim
+from transformers.utils import logging as transformers_logging
 
+from .cli import UserError, run_command
 from .configuration_step import RUN_SETTINGS, StepSettings, resolve_settings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
@@ -33,7 +35,7 @@ PROGRAM_FILES = {"onnx": "model.onnx", "openvino": "openvino_model.xml", "dynamo
 FORMATS = tuple(PROGRAM_FILES)
 
 
-class ExportRefused(ValueError):
+class ExportRefused(UserError):
     """Settings, an input size or an output folder the export cannot take; the message names the fix."""
 
 
@@ -122,7 +124,10 @@ def check_fits_grid(model: StepForSemanticSegmentation, settings_overrides: dict
         fit = "x".join(str(max(patch, side // patch * patch)) for side in image_size)
         raise ExportRefused(f"--image_size {height} {width}: height and width must be multiples of the patch size "
                             f"{patch} (e.g. {fit}).")
-    settings = resolve_settings(model.config, None, **settings_overrides)
+    try:
+        settings = resolve_settings(model.config, None, **settings_overrides)
+    except ValueError as error:  # settings this architecture cannot run, named by `check_against`
+        raise ExportRefused(str(error)) from None
     rows, cols = height // patch, width // patch
     grid = f"the {rows}x{cols} grid of a {height}x{width} input ({rows * cols} cells)"
     budget = settings.token_budget if model.step.policy_chooses(settings, None) else None
@@ -235,8 +240,12 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = {name: getattr(args, name) for name in RUN_SETTINGS
                  if getattr(args, name, None) is not None}
-    model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
-    processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
+    transformers_logging.disable_progress_bar()  # its bars would bury a refusal's one line
+    try:
+        model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
+        processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
+    except OSError as error:  # no such folder, or no saved model in it
+        raise ExportRefused(f"Cannot load the model {args.model_name_or_path}: {error}") from None
     if args.image_size:
         image_size, source = tuple(args.image_size), "--image_size"
     else:
@@ -266,7 +275,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ExportRefused, ValueError, OSError) as error:  # a refused input: its one line, no traceback
-        sys.exit(f"step_hf.export: {error}")
+    run_command(main)
