@@ -269,7 +269,8 @@ class StepImageProcessor(PilBackend):
     r"""
     Prepares images (and optionally segmentation maps) for [`StepForSemanticSegmentation`].
 
-    Images are converted to RGB (greyscale, RGBA and palette images included), resized, rescaled to [0, 1] and
+    Images are converted to RGB (greyscale, RGBA and palette images included; transparency composited onto white,
+    as `load_image` does: both read PIL images with `image_reading.rgb_image`), resized, rescaled to [0, 1] and
     normalised. With `size={"height", "width"}` both sides are set exactly; with `size={"shortest_edge": n}` the
     aspect ratio is kept and each side rounded to a multiple of `size_divisor` (the patch size), since the model
     accepts any height and width that are multiples of 16. With `window_size`, each resized image larger than the
