@@ -3,19 +3,38 @@
     python -m step_hf.export --model_name_or_path outputs/demo --format onnx --output_dir outputs/demo-onnx
     python examples/onnx_segment.py --model outputs/demo-onnx --image photo.jpg --output classes.png
 
-Preprocessing follows the exported folder's `preprocessor_config.json` as `StepImageProcessor` does (upright by
-EXIF orientation, RGB, bilinear resize to the patch grid, rescale, normalise); the logits are upsampled bilinearly to
-the image's size (half-pixel centres, as `post_process_semantic_segmentation`) before the arg-max. The output is the
-class-id map as a single-channel PNG at the image's size.
+Preprocessing follows the exported folder's `preprocessor_config.json` as `StepImageProcessor` does: the image is
+read by step_hf's `image_reading.py` (upright by EXIF orientation, 8-bit RGB with 16-bit and float images scaled and
+transparency on white), then resized bilinearly to the patch grid, rescaled and normalised; the logits are upsampled
+bilinearly to the image's size (half-pixel centres, as `post_process_semantic_segmentation`) before the arg-max. The
+output is the class-id map as a single-channel PNG at the image's size.
 """
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from PIL import Image, ImageOps
+from PIL import Image
+
+# step_hf's image reader (numpy and PIL only), loaded from its file: importing the step_hf package imports torch.
+READER = Path(__file__).resolve().parent.parent / "step_hf" / "image_reading.py"
+
+
+def read_image(path: str) -> Image.Image:
+    """The image as the processor and the pipeline read it: upright, 8-bit RGB (16-bit and float images scaled,
+    transparency on white)."""
+    spec = importlib.util.spec_from_file_location("image_reading", READER)
+    if spec is None or not READER.is_file():
+        raise SystemExit(f"{READER} is missing: run this example from a copy of the step-hf repository.")
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    try:
+        return reader.rgb_image(Image.open(path), path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--image: cannot read {path}: {error}") from None
 
 
 def input_size(height: int, width: int, size: dict, divisor: int) -> tuple[int, int]:
@@ -67,7 +86,7 @@ def main() -> None:
 
     folder = Path(args.model)
     processor = json.loads((folder / "preprocessor_config.json").read_text())
-    image = ImageOps.exif_transpose(Image.open(args.image)).convert("RGB")
+    image = read_image(args.image)
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: pixel_values(image, processor)})))

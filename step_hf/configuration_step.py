@@ -6,6 +6,7 @@ Shipped as Hub code next to saved weights: imports only from `transformers` and 
 import dataclasses
 import difflib
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -112,8 +113,14 @@ class StepSettings:
                 if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
                     raise TypeError(f"`{name}` must be a list of numbers, one per {'size' if name[0] == 'p' else 'exit'}"
                                     f", got {value!r}.")
-                value = tuple(float(v) for v in value) if name.endswith("thresholds") else tuple(value)
-                object.__setattr__(self, name, value)
+                if name.endswith("thresholds"):
+                    # Numbers only: a JSON `true` or a string would otherwise pass through `float` unsaid.
+                    wrong = [v for v in value if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+                    if wrong:
+                        raise ValueError(f"`{name}` must hold numbers (probabilities), got {wrong[0]!r} in "
+                                         f"{list(value)}.")
+                    value = tuple(float(v) for v in value)
+                object.__setattr__(self, name, tuple(value))
         self._check_values()
 
     def _check_values(self) -> None:
@@ -135,7 +142,8 @@ class StepSettings:
             )
         if any(isinstance(count, bool) or not isinstance(count, int) or count < 1
                for count in self.exit_keep_tokens or ()):
-            raise ValueError(f"`exit_keep_tokens` must hold counts >= 1, one per exit, got {list(self.exit_keep_tokens)}.")
+            raise ValueError(f"`exit_keep_tokens` must hold whole numbers of tokens >= 1 (ints), one per exit, got "
+                             f"{list(self.exit_keep_tokens)}.")
         if self.token_budget is not None and (isinstance(self.token_budget, bool)
                                               or not isinstance(self.token_budget, int) or self.token_budget < 1):
             raise ValueError(f"`token_budget` must be a whole number of tokens >= 1 (or None), got {self.token_budget!r}.")
@@ -181,6 +189,11 @@ class StepSettings:
             )
         if self.halting and not exits:
             raise ValueError("`halting=True` needs at least one exit in `exit_layers`.")
+        if self.token_budget is not None and not shared:  # nothing to merge: the budget would be ignored
+            raise ValueError(
+                f"`token_budget` needs token sharing, but this model's `superpatch_sizes` are {config.superpatch_sizes}"
+                " (every token is one patch); leave `token_budget` None for it."
+            )
         if self.token_budget is not None and shared != [2**level for level in range(1, len(shared) + 1)]:
             raise ValueError(
                 f"`token_budget` needs `superpatch_sizes` to be consecutive powers of two from 2 (e.g. [2, 4, 8, 16]), "

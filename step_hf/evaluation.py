@@ -46,7 +46,13 @@ class EvalTransform:
 
     def __getitem__(self, index: int) -> dict:
         example = self.dataset[index]
-        inputs = self.processor(example["image"], segmentation_maps=example["label"], return_tensors="pt")
+        try:
+            inputs = self.processor(example["image"], segmentation_maps=example["label"], return_tensors="pt")
+        except ValueError as error:  # the processor numbers the images of its call: here always 0, not the row
+            split = getattr(self.dataset, "split", None)
+            row = f"Row {index}" + (f" of the {split} split" if split else " of the dataset")
+            message = str(error).replace("Segmentation map 0 ", "its label map ", 1).replace("Image 0 ", "its image ", 1)
+            raise ValueError(f"{row}: {message}") from None
         original = np.asarray(example["label"]).astype(np.int64)
         if self.processor.do_reduce_labels:
             original = reduce_labels(original)

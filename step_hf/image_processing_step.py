@@ -4,7 +4,9 @@ Shipped as Hub code next to saved weights: imports only numpy, torch, transforme
 """
 
 import base64
+import io
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,13 +26,10 @@ from transformers.image_utils import (
     SizeDict,
     is_pil_image,
 )
-from transformers.image_utils import load_image as transformers_load_image
 from transformers.processing_utils import ImagesKwargs, Unpack
-from transformers.utils import logging
 
+from .image_reading import WIDE_MODES, eight_bit_pixels, rgb_image
 from .superpatch import superpatch_targets_from_labels
-
-logger = logging.get_logger(__name__)
 
 # How to turn a colour-coded label image into class ids; said wherever one is refused.
 COLOUR_LABELS_HINT = (
@@ -86,13 +85,19 @@ def _pair(value: int | dict[str, int] | None, name: str) -> tuple[int, int] | No
 
 def load_image(image: "str | PIL.Image.Image", timeout: float | None = URL_TIMEOUT_S) -> "PIL.Image.Image":
     """
-    `transformers.image_utils.load_image` (a URL, a local path, a base64 string or a PIL image, turned upright by
-    its EXIF orientation and converted to RGB), with every failure naming the input. A URL is fetched here, with
-    the same HTTP client, so that a server that refuses the connection, does not answer within `timeout` seconds
-    (`None`: no limit), answers with an HTTP error (a 404 page), or answers with something that is not an image is
-    said so, with the URL and the status; all of these raise `OSError` (`ConnectionError`, `TimeoutError`).
+    An image given as a URL, a local path, a base64 string (or `data:image/...` URI) or a PIL image, as an upright
+    (by its EXIF orientation) 8-bit RGB PIL image, read by `image_reading.rgb_image`: 16-bit and float images are
+    scaled, not clipped, as the processor scales them, and transparency is composited onto white. Every failure
+    names the input: a URL is fetched with the HTTP client `transformers` uses, and a server that refuses the
+    connection, does not answer within `timeout` seconds (`None`: no limit), answers with an HTTP error (a 404
+    page), or answers with something that is not an image is said so, with the URL and the status; all of these
+    raise `OSError` (`ConnectionError`, `TimeoutError`).
     """
-    if isinstance(image, str) and image.startswith(("http://", "https://")):
+    if isinstance(image, PIL.Image.Image):
+        return rgb_image(image)
+    if not isinstance(image, str):
+        raise TypeError(f"`load_image` takes a URL, a path, a base64 string or a PIL image, got {type(image).__name__}.")
+    if image.startswith(("http://", "https://")):
         url = image
         try:
             response = httpx.get(url, timeout=timeout, follow_redirects=True)
@@ -108,19 +113,35 @@ def load_image(image: "str | PIL.Image.Image", timeout: float | None = URL_TIMEO
                 f"Cannot load the image at {url}: the server answered {response.status_code} "
                 f"{response.reason_phrase}, not an image."
             )
-        try:  # the bytes decoded by transformers' own `load_image`, given them as a base64 string
-            return transformers_load_image(base64.b64encode(response.content).decode("ascii"))
-        except (OSError, ValueError):  # its message names neither the URL nor what came back
+        try:
+            return rgb_image(decoded(io.BytesIO(response.content)), url)
+        except OSError:  # PIL's message names neither the URL nor what came back
             content_type = response.headers.get("content-type", "no content type")
             raise OSError(
                 f"Cannot load the image at {url}: the server answered {response.status_code} with "
                 f"{len(response.content)} bytes of {content_type}, which PIL cannot read as an image."
             ) from None
-    try:
-        return transformers_load_image(image)
-    except OSError as error:  # a local file that is not a whole image: PIL does not always name it
-        shown = image if isinstance(image, str) else "the image"
-        raise OSError(f"Cannot read {shown} as an image: {error}") from None
+    if os.path.isfile(image):
+        try:
+            return rgb_image(decoded(image), image)
+        except OSError as error:  # a local file that is not a whole image: PIL does not always name it
+            raise OSError(f"Cannot read {image} as an image: {error}") from None
+    try:  # neither a URL nor a file: a base64 string, as `transformers.image_utils.load_image` takes one
+        data = base64.b64decode(image.split(",", 1)[1] if image.startswith("data:image/") else image, validate=True)
+        return rgb_image(decoded(io.BytesIO(data)), "The base64 image")
+    except (OSError, ValueError):
+        shown = image if len(image) <= 100 else f"{image[:100]}..."
+        raise ValueError(
+            f"Cannot load {shown!r}: it is neither a URL (http:// or https://), an existing file, nor a base64 "
+            "encoded image."
+        ) from None
+
+
+def decoded(source) -> "PIL.Image.Image":
+    """The image in `source` (a path or a file object), decoded now: a truncated file fails here, as an `OSError`."""
+    image = PIL.Image.open(source)
+    image.load()
+    return image
 
 
 def check_processor_fields(fields: dict) -> None:
@@ -190,16 +211,16 @@ def flat_images(images) -> list:
     return [images]
 
 
-def eight_bit_image(image, index: int, do_rescale: bool):
+def eight_bit_image(image, index: int, do_rescale: bool, do_convert_rgb: bool = True):
     """
-    Bring one image to the processor's 8-bit range (see `StepImageProcessor`): 16-bit PIL modes and uint16 arrays
-    are divided by 257; bool is 0 or 255; other integer arrays must already hold 0..255; with `do_rescale`, floats
-    in [0, 1] are taken as already rescaled and multiplied by 255, other floats must hold 0..255. Integer PIL mode
-    'I' and float mode 'F' follow the same rules as their arrays. Greyscale (H, W) arrays become RGB. Everything
-    else is returned as it is.
+    Bring one image to the processor's 8-bit range by `image_reading`'s rules (see `StepImageProcessor`): PIL
+    images become RGB as `load_image` makes them (when `do_convert_rgb`), arrays and tensors 8-bit arrays (floats
+    as they are without `do_rescale`). Everything else is returned as it is.
     """
     if is_pil_image(image):
-        if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        if do_convert_rgb and (do_rescale or image.mode != "F"):
+            return rgb_image(image, f"Image {index}", upright=False)  # the one reading every entry point shares
+        if image.mode not in WIDE_MODES:
             return image
         what, image = f"a PIL mode {image.mode!r} image", np.asarray(image)
     elif isinstance(image, torch.Tensor):
@@ -210,44 +231,7 @@ def eight_bit_image(image, index: int, do_rescale: bool):
         what = f"an array of {image.dtype}"
     else:
         return image
-    if image.dtype.kind == "b":
-        image = image.astype(np.uint8) * 255  # as PIL mode '1': True is white
-    elif image.dtype.kind == "u" and image.dtype.itemsize == 2:
-        image = np.rint(image / 257).astype(np.uint8)  # 16 bits to 8: 65535 / 257 = 255 exactly
-    elif image.dtype.kind in "iu" and image.dtype != np.uint8:
-        low, high = int(image.min()), int(image.max())
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"Image {index} is {what} with values in [{low}, {high}]; integer images must hold 8-bit values "
-                "(0..255), or be uint16 for 16-bit data (divided by 257). Convert it: "
-                "`np.asarray(image).astype(np.uint16)` for 16-bit data, or scale it to 0..255 as uint8."
-            )
-        image = image.astype(np.uint8)
-    elif image.dtype.kind == "f" and do_rescale:
-        if not np.isfinite(image).all():
-            raise ValueError(f"Image {index} is {what} holding NaN or infinite values; replace them first.")
-        low, high = float(image.min()), float(image.max())
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"Image {index} is {what} with values in [{low:g}, {high:g}]; float images must hold [0, 1] (already "
-                "rescaled) or 0..255. Scale it to one of these, or pass `do_rescale=False` (and your own "
-                "normalisation) to feed it as it is."
-            )
-        if high <= 1:
-            logger.warning_once(
-                "Float images with values in [0, 1] are taken as already rescaled (not divided by 255 again); pass "
-                "them as uint8 or 0..255 floats if they are dark 0..255 images."
-            )
-            image = image * 255
-        image = np.rint(image).astype(np.uint8)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)  # greyscale to RGB, as PIL mode 'L' is converted
-    if image.ndim == 3 and image.shape[0] not in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
-        raise ValueError(
-            f"Image {index} has shape {image.shape}: images need 1 (greyscale), 3 (RGB) or 4 (RGBA) channels, "
-            "first or last (for greyscale with alpha, drop the alpha: `image[..., 0]`)."
-        )
-    return image
+    return eight_bit_pixels(image, f"Image {index} is {what}", do_rescale)
 
 
 def flat_label_maps(segmentation_maps, num_images: int) -> list:
@@ -332,7 +316,8 @@ class StepImageProcessor(PilBackend):
     r"""
     Prepares images (and optionally segmentation maps) for [`StepForSemanticSegmentation`].
 
-    Images are converted to RGB (greyscale, RGBA and palette images included), resized, rescaled to [0, 1] and
+    Images are converted to RGB (greyscale, RGBA and palette images included; transparency composited onto white,
+    as `load_image` does: both read PIL images with `image_reading.rgb_image`), resized, rescaled to [0, 1] and
     normalised. With `size={"height", "width"}` both sides are set exactly; with `size={"shortest_edge": n}` the
     aspect ratio is kept and each side rounded to a multiple of `size_divisor` (the patch size), since the model
     accepts any height and width that are multiples of 16. With `window_size`, each resized image larger than the
@@ -438,7 +423,8 @@ class StepImageProcessor(PilBackend):
         **kwargs,
     ) -> BatchFeature:
         do_rescale = kwargs["do_rescale"]
-        images = [eight_bit_image(image, index, do_rescale) for index, image in enumerate(flat_images(images))]
+        images = [eight_bit_image(image, index, do_rescale, do_convert_rgb)
+                  for index, image in enumerate(flat_images(images))]
         if not images:
             raise ValueError("`images` is empty: pass at least one image.")
         images = self._prepare_image_like_inputs(

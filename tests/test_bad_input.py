@@ -24,7 +24,9 @@ import torch
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
-from step_hf import StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel, load_vit_weights
+from step_hf import (
+    StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel, load_image, load_vit_weights,
+)
 from step_hf.evaluation import EvalTransform
 
 from .cases import assert_equal, case_id, refused, run_case, works
@@ -454,10 +456,151 @@ EVALUATION_CASES = [
     refused("a windowed processor for whole-image evaluation",
             lambda: EvalTransform([], StepImageProcessor(window_size=64)), ValueError, "window_size=64",
             "post_process_semantic_segmentation"),
+    # The processor sees one image at a time here: its "Segmentation map 0" would point at no row.
+    refused("a label map of another size than its image, in row 2",
+            lambda: EvalTransform(rows_with_a_small_label(), StepImageProcessor(size={"height": 32, "width": 32}))[2],
+            ValueError, "Row 2 of the dataset", "its label map is 24x24 but its image is 32x32"),
 ]
+
+
+def rows_with_a_small_label() -> list[dict]:
+    rows = [{"image": Image.new("RGB", (32, 32)), "label": Image.new("L", (32, 32))} for _ in range(3)]
+    rows[2]["label"] = Image.new("L", (24, 24))
+    return rows
 
 
 @pytest.mark.parametrize("case", EVALUATION_CASES, ids=case_id)
 def test_evaluation(case):
     run_case(case)
 
+
+
+# ---- reading images: every entry point alike ----------------------------------------------------------------------
+
+
+@functools.cache
+def image_files() -> SimpleNamespace:
+    """Files whose plain `convert("RGB")` is wrong: 16-bit greyscale, float, a palette with a transparent black beside
+    an opaque black, RGBA with transparent pixels; each with the 8-bit RGB image it should read as."""
+    folder = Path(tempfile.mkdtemp())
+    Image.fromarray(GRADIENT16).save(folder / "grey16.png")  # opens as PIL mode 'I;16'
+    Image.fromarray((GRADIENT8 / 255).astype(np.float32)).save(folder / "float.tiff")  # mode 'F' in [0, 1]
+    palette = Image.fromarray(np.tile(np.arange(16) % 2, (16, 1)).astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0] * 256)  # index 0 and 1 both black; index 0 transparent
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png")
+    opaque = np.tile(np.arange(16) % 2 == 1, (16, 1))
+    rgba = np.dstack([RGB8, np.where(opaque, 255, 0).astype(np.uint8)])
+    Image.fromarray(rgba).save(folder / "rgba.png")
+    return SimpleNamespace(
+        grey16=(folder / "grey16.png", rgb_of(GRADIENT8)), float=(folder / "float.tiff", rgb_of(GRADIENT8)),
+        palette=(folder / "palette.png", rgb_of(np.where(opaque, 0, 255).astype(np.uint8))),
+        rgba=(folder / "rgba.png", np.where(opaque[..., None], RGB8, 255).astype(np.uint8)))
+
+
+def read_by(entry: str, kind: str) -> np.ndarray:
+    """`kind`'s file as 8-bit pixels, read by one entry point: the processor given the path or the opened image,
+    `load_image`, or `examples/onnx_segment.py`'s reader run where torch cannot be imported."""
+    path = str(getattr(image_files(), kind)[0])
+    if entry == "load_image":
+        return np.asarray(load_image(path))
+    if entry == "onnx_segment.py":
+        script = (f"import runpy, sys, numpy; sys.modules['torch'] = None; "
+                  f"image = runpy.run_path({str(EXAMPLES / 'onnx_segment.py')!r})['read_image']({path!r}); "
+                  f"numpy.save(sys.argv[1], numpy.asarray(image))")
+        out = Path(tempfile.mkdtemp()) / "pixels.npy"
+        result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return np.load(out)
+    processor = StepImageProcessor(size={"height": 16, "width": 16}, do_normalize=False, do_resize=False)
+    pixel_values = processor(path if entry == "processor (path)" else Image.open(path), return_tensors="pt")
+    return np.rint(pixel_values["pixel_values"][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def reads_as(kind: str) -> Callable[[np.ndarray], None]:
+    return lambda result: np.testing.assert_array_equal(result, getattr(image_files(), kind)[1])
+
+
+@functools.cache
+def segmenter():
+    from transformers import pipeline
+
+    folder = tempfile.mkdtemp()
+    tiny_model().save_pretrained(folder)
+    StepImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return pipeline("image-segmentation", folder)
+
+
+def pipeline_segments(image_or_path) -> list[tuple[str, bytes]]:
+    return [(segment["label"], segment["mask"].tobytes()) for segment in segmenter()(image_or_path)]
+
+
+READING_CASES = [
+    # 16-bit greyscale, float, a transparent palette entry and alpha: one reading, whatever the entry point.
+    # The processor given the opened image already read them so: the rule the other entry points now follow.
+    *(works(f"{'guard: ' if entry == 'processor (opened)' else ''}{kind} file, {entry}",
+            lambda entry=entry, kind=kind: read_by(entry, kind), reads_as(kind))
+      for kind in ("grey16", "float", "palette", "rgba")
+      for entry in ("processor (opened)", "processor (path)", "load_image", "onnx_segment.py")),
+    works("the pipeline given a 16-bit PNG's path: the segments of its 8-bit image",
+          lambda: pipeline_segments(str(image_files().grey16[0])),
+          lambda result: assert_equal(result, pipeline_segments(Image.fromarray(rgb_of(GRADIENT8))))),
+    works("the pipeline given an opened 16-bit PNG: the segments of its 8-bit image",
+          lambda: pipeline_segments(Image.open(image_files().grey16[0])),
+          lambda result: assert_equal(result, pipeline_segments(Image.fromarray(rgb_of(GRADIENT8))))),
+    refused("a float file beyond 0..255, by load_image: named",
+            lambda: load_image(str(save_float(np.full((16, 16), 300.0, np.float32)))), ValueError, "hot.tiff",
+            "mode 'F'", "[300, 300]", "0..255"),
+]
+
+
+def save_float(pixels: np.ndarray) -> Path:
+    path = Path(tempfile.mkdtemp()) / "hot.tiff"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("case", READING_CASES, ids=case_id)
+def test_reading(case):
+    run_case(case)
+
+
+# ---- run-time settings from JSON or the command line --------------------------------------------------------------
+
+
+SHARING = dict(partition_source="policy", num_hidden_layers=3, exit_layers=[1])
+
+
+def update_settings(config: StepConfig, **changes) -> StepConfig:
+    config.update_settings(**changes)
+    return config
+
+
+SETTINGS_CASES = [
+    refused("exit_thresholds=[True]", lambda: tiny_model(**SHARING)(images(1), exit_thresholds=[True]), ValueError,
+            "`exit_thresholds`", "numbers", "True"),
+    refused("policy_thresholds=[True] * 4", lambda: tiny_model(**SHARING)(images(1), policy_thresholds=[True] * 4),
+            ValueError, "`policy_thresholds`", "numbers", "True"),
+    refused("policy_thresholds=['abc'] * 4", lambda: tiny_model(**SHARING)(images(1), policy_thresholds=["abc"] * 4),
+            ValueError, "`policy_thresholds`", "'abc'"),
+    refused("update_settings(exit_thresholds=[True])",
+            lambda: update_settings(tiny_config(**SHARING), exit_thresholds=[True]), ValueError, "`exit_thresholds`"),
+    works("guard: NumPy thresholds", lambda: tiny_model(**SHARING)(images(1), policy_thresholds=np.full(4, 0.5),
+                                                                   exit_thresholds=[np.float32(0.5)]),
+          lambda output: assert_equal(output.run.settings.policy_thresholds, (0.5,) * 4)),
+    refused("exit_keep_tokens=[20.0]", lambda: tiny_model(**SHARING)(images(1), exit_keep_tokens=[20.0]),
+            ValueError, "`exit_keep_tokens`", "whole numbers", "[20.0]"),
+    refused("a token budget per call on a model without token sharing",
+            lambda: tiny_model(superpatch_sizes=[1])(images(1), token_budget=10), ValueError, "`token_budget`",
+            "token sharing", "[1]"),
+    refused("a token budget by update_settings on a model without token sharing",
+            lambda: update_settings(tiny_config(superpatch_sizes=[1]), token_budget=10), ValueError,
+            "`token_budget`", "token sharing"),
+    works("guard: a token budget with token sharing", lambda: tiny_model(**SHARING)(images(1), token_budget=1),
+          lambda output: assert_equal(int(output.token_counts[0]), 1)),  # a 2x2 grid merged into one token
+]
+
+
+@pytest.mark.parametrize("case", SETTINGS_CASES, ids=case_id)
+def test_settings(case):
+    run_case(case)

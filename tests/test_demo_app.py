@@ -222,3 +222,60 @@ def test_in_a_real_browser(server, scene, trained_model, tmp_path):
         assert "Traceback" not in driver.find_element(browser.By.TAG_NAME, "body").text
     finally:
         driver.quit()
+
+
+def raw_request(server: str, image: Path, model: Path, **controls) -> str:
+    """One request by plain HTTP, its JSON written by Python (which writes NaN, as gradio_client will not); the
+    answer's event stream."""
+    import httpx
+
+    controls = {"partition": "policy thresholds", "policy_threshold": 0.5, "token_budget_percent": 50,
+                "halting": True, "shortest_side": 128, **{f"exit_threshold_{i + 1}": 0.9 for i in range(4)},
+                **controls}
+    with open(image, "rb") as f:
+        uploaded = httpx.post(f"{server}/gradio_api/upload", files={"files": f}, timeout=60).json()[0]
+    order = ["partition", "policy_threshold", "token_budget_percent", "halting", "shortest_side",
+             *(f"exit_threshold_{i + 1}" for i in range(4))]
+    data = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, str(model), *(controls[k] for k in order)]
+    event = httpx.post(f"{server}/gradio_api/call/segment", content=json.dumps({"data": data}),
+                       headers={"content-type": "application/json"}, timeout=60).json()["event_id"]
+    return httpx.get(f"{server}/gradio_api/call/segment/{event}", timeout=300).text
+
+
+def test_a_checkbox_sent_as_a_string_is_read_as_meant(client, scene):
+    """An API client may send the halting checkbox as "false": halting is then off (not `bool("false")`)."""
+    off = segment(client, scene, halting="false")
+    assert off["settings"]["halting"] is False and off["halted_share"] == {}
+    with pytest.raises(gradio_client.exceptions.AppError, match="halting checkbox must be true or false, got 'maybe'"):
+        segment(client, scene, halting="maybe")
+
+
+def test_a_slider_sent_as_nan_is_refused_by_its_control(server, scene, trained_model):
+    """NaN for a slider is refused naming the control, not as "cannot convert float NaN to integer"."""
+    for control, name in [("token_budget_percent", "token budget"), ("shortest_side", "shorter side"),
+                          ("policy_threshold", "policy threshold"), ("exit_threshold_1", "exit threshold 1")]:
+        answer = raw_request(server, scene, trained_model, partition="token budget", **{control: float("nan")})
+        assert re.search(f"The {name}.* must be a finite number, got nan", answer), answer[-1000:]
+
+
+def test_a_16_bit_upload_is_read_as_the_processor_reads_it(client, scene, tmp_path):
+    """A 16-bit greyscale PNG gives the numbers and pictures of its 8-bit image (not one clipped to white)."""
+    grey = np.asarray(Image.open(scene).convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # PIL mode 'I;16'
+    Image.fromarray(grey).convert("RGB").save(tmp_path / "grey8.png")
+    sixteen = segment(client, tmp_path / "grey16.png", halting=False)
+    eight = segment(client, tmp_path / "grey8.png", halting=False)
+    assert sixteen["tokens"] == eight["tokens"]
+    assert [p.tobytes() for p in sixteen["pictures"]] == [p.tobytes() for p in eight["pictures"]]
+
+
+def test_a_large_upload_of_any_mode_is_refused_from_its_header(client, tmp_path):
+    """Above 25 MP, whatever the mode: refused before anything decodes it. The files are cut short after the header,
+    so any decoding would fail instead of giving the size message."""
+    for mode in ("RGB", "L", "P", "I;16", "RGBA", "1"):
+        path = tmp_path / f"huge_{mode.replace(';', '')}.png"
+        Image.new(mode, (6000, 4500)).save(path)  # 27 MP
+        data = path.read_bytes()
+        path.write_bytes(data[:data.index(b"IDAT") + 64])  # the header, then the start of the pixels
+        with pytest.raises(gradio_client.exceptions.AppError, match=r"^The image is 6000x4500 pixels .*up to 25 MP"):
+            segment(client, path)

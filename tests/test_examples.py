@@ -10,7 +10,7 @@ from PIL import Image
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
 
-from .conftest import EXAMPLES, tiny_config
+from .conftest import EXAMPLES, tiny_config, tiny_model
 
 
 def run_example(script, *args, cwd):
@@ -71,6 +71,49 @@ def test_segment_turns_a_phone_photo_upright_by_its_exif_orientation(tmp_path):
     # The first panel, below its title, is the photo upright.
     assert any(picture.crop((0, top, 64, top + 96)).tobytes() == upright.tobytes()
                for top in range(picture.height - 96 + 1))
+
+
+def grey_pair(folder) -> tuple:
+    """A 16-bit greyscale PNG (PIL mode 'I;16') of a random picture and the 8-bit RGB PNG it stands for (/ 257)."""
+    grey = np.random.default_rng(0).integers(0, 256, (70, 110), dtype=np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "grey16.png")
+    Image.fromarray(grey).convert("RGB").save(folder / "grey8.png")
+    return folder / "grey16.png", folder / "grey8.png"
+
+
+def test_segment_reads_a_16_bit_image_as_its_8_bit_image(tmp_path):
+    StepForSemanticSegmentation(tiny_config()).save_pretrained(tmp_path / "m")
+    StepImageProcessor(size={"height": 64, "width": 96}).save_pretrained(tmp_path / "m")
+    pictures = []
+    for image in grey_pair(tmp_path):
+        run_example("segment.py", "--model_name_or_path", tmp_path / "m", "--image", image, "--output",
+                    tmp_path / "seg.png", cwd=tmp_path)
+        pictures.append(Image.open(tmp_path / "seg.png").tobytes())
+    assert pictures[0] == pictures[1]  # the picture, the prediction and the tokens: not those of a white image
+
+
+def test_onnx_segment_reads_a_16_bit_image_as_the_pipeline_given_it_opened(tmp_path):
+    """`examples/onnx_segment.py` (where torch cannot be imported) and the pipeline given the opened 16-bit image
+    (which the processor divides by 257) give the same class map."""
+    from transformers import pipeline
+
+    from step_hf.export import main as export
+
+    tiny_model().save_pretrained(tmp_path / "model")
+    StepImageProcessor(size={"shortest_edge": 64}, num_labels=4).save_pretrained(tmp_path / "model")
+    export(["--model_name_or_path", str(tmp_path / "model"), "--format", "onnx", "--output_dir",
+            str(tmp_path / "onnx"), "--image_size", "64", "96"])
+    grey16, _ = grey_pair(tmp_path)
+    script = (f"import runpy, sys; sys.modules['torch'] = None; sys.argv = {['onnx_segment.py', '--model', str(tmp_path / 'onnx'), '--image', str(grey16), '--output', str(tmp_path / 'classes.png')]!r}; "
+              f"runpy.run_path({str(EXAMPLES / 'onnx_segment.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    classes = np.array(Image.open(tmp_path / "classes.png"))
+    expected = np.full(classes.shape, -1)
+    for found in pipeline("image-segmentation", model=str(tmp_path / "model"))(Image.open(grey16)):
+        expected[np.array(found["mask"]) > 0] = tiny_model().config.label2id[found["label"]]
+    assert classes.shape == (70, 110) and len(np.unique(classes)) > 1
+    assert (classes == expected).mean() >= 0.999
 
 
 def test_plot_sweep_draws_the_curve_and_writes_its_data(tmp_path):

@@ -10,6 +10,9 @@ and the tokens, halted shares, GFLOPs and milliseconds of that run. Every reques
 """
 
 import argparse
+import base64
+import io
+import math
 import os
 import sys
 import tempfile
@@ -25,7 +28,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
+from PIL import Image  # noqa: E402
 from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation  # noqa: E402
 
 import step_hf  # noqa: E402, F401  (registers "step" with the Auto classes)
@@ -34,6 +37,7 @@ from step_hf.accounting import flops_for_token_counts, flops_per_image  # noqa: 
 from step_hf.analysis import (  # noqa: E402
     class_legend, colourise, draw_exits, draw_tokens, exit_legend, panel, token_legend,
 )
+from step_hf.image_reading import rgb_image  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -98,6 +102,22 @@ class Controls:
     shortest_side: int = 0  # the resized image's shorter side in pixels; 0: the processor's own sizing
 
 
+def control_number(value, control: str) -> float:
+    """A slider's value as the page or the API sent it, refused by the control's name unless a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise gr.Error(f"The {control} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def control_bool(value, control: str) -> bool:
+    """A checkbox's value: True or False, or their names as an API client may send them ("false" is False)."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise gr.Error(f"The {control} must be true or false, got {value!r}.")
+    return value
+
+
 def run_settings(config, controls: Controls, cells_per_window: int) -> dict:
     """The settings of one request, as overrides of the model's saved ones."""
     if controls.partition not in PARTITIONS:
@@ -111,13 +131,20 @@ def run_settings(config, controls: Controls, cells_per_window: int) -> dict:
     if config.exit_layers:
         thresholds = [*controls.exit_thresholds][: len(config.exit_layers)]
         thresholds += [thresholds[-1]] * (len(config.exit_layers) - len(thresholds))
-        settings.update(halting=bool(controls.halting), exit_thresholds=[float(t) for t in thresholds],
+        settings.update(halting=controls.halting, exit_thresholds=[float(t) for t in thresholds],
                         exit_keep_tokens=None)  # the sliders' thresholds decide, not fixed keep counts
     return settings
 
 
+def too_large(width: int, height: int) -> gr.Error:
+    """The refusal of an image above MAX_PIXELS, given the size its header says (checked before any decoding)."""
+    return gr.Error(f"The image is {width}x{height} pixels ({width * height / 1e6:.0f} MP); this demo takes up to "
+                    f"{MAX_PIXELS / 1e6:.0f} MP. Downscale it and upload it again.")
+
+
 def read_image(path: str | None) -> Image.Image:
-    """The uploaded file as an RGB image, or a message that says what is wrong with it."""
+    """The uploaded file as an 8-bit RGB image read as the processor reads images (16-bit and float scaled,
+    transparency on white, upright), or a message that says what is wrong with it."""
     if not path:
         raise gr.Error("Upload an image (PNG, JPEG, WebP) or pick one of the examples.")
 
@@ -129,26 +156,39 @@ def read_image(path: str | None) -> Image.Image:
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise unreadable(error)
     if image.width * image.height > MAX_PIXELS:
-        raise gr.Error(f"The image is {image.width}x{image.height} pixels ({image.width * image.height / 1e6:.0f} MP); "
-                       f"this demo takes up to {MAX_PIXELS / 1e6:.0f} MP. Downscale it and upload it again.")
+        raise too_large(*image.size)
     try:
         image.load()
-    except (OSError, ValueError) as error:  # e.g. a truncated file
+        return rgb_image(image, Path(path).name)  # a phone's photo the way up it was taken
+    except (OSError, ValueError) as error:  # e.g. a truncated file, or float pixels beyond 0..255
         raise unreadable(error)
-    return ImageOps.exif_transpose(image).convert("RGB")  # a phone's photo the way up it was taken
 
 
 class CheckedImage(gr.Image):
-    """gr.Image whose uploads that are not images (or are too large for Pillow) get a message in the page."""
+    """gr.Image that hands over the uploaded file as it is (no conversion to RGB by Gradio, which decodes the whole
+    image and clips 16-bit values: `read_image` reads it), refuses one above MAX_PIXELS from its header before
+    anything decodes it, and says so in the page when an upload is not an image."""
 
     is_template = True  # the page draws it as an ordinary gr.Image
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, image_mode=None, **kwargs)
+
     def preprocess(self, payload):
+        name = getattr(payload, "orig_name", None) or "The upload"
         try:
-            return super().preprocess(payload)
+            url = getattr(payload, "url", None) or ""
+            source = payload and (io.BytesIO(base64.b64decode(url.split(",", 1)[-1])) if url.startswith("data:")
+                                  else payload.path)
+            size = None
+            if source:
+                with Image.open(source) as header:  # reads the header only
+                    size = header.size
+            if size is None or size[0] * size[1] <= MAX_PIXELS:
+                return super().preprocess(payload)
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            name = getattr(payload, "orig_name", None) or "The upload"
             raise gr.Error(f"{name} cannot be read as an image ({error}). Upload a PNG, JPEG or WebP file.")
+        raise too_large(*size)
 
 
 @dataclass
@@ -341,8 +381,13 @@ def build_app(model_name: str, models: Models | None = None, camvid: bool = True
         def request(image, model, partition, policy_threshold, token_budget_percent, halting, shortest_side,
                     exit_threshold_1, exit_threshold_2, exit_threshold_3, exit_threshold_4):
             exit_thresholds = (exit_threshold_1, exit_threshold_2, exit_threshold_3, exit_threshold_4)
-            controls = Controls(partition, policy_threshold, token_budget_percent, halting, exit_thresholds,
-                                int(shortest_side))
+            # Typed here, each refused by its control's name: API clients send what they like (NaN, "false").
+            controls = Controls(
+                partition, control_number(policy_threshold, "policy threshold"),
+                control_number(token_budget_percent, "token budget (% of dense)"),
+                control_bool(halting, "halting checkbox"),
+                tuple(control_number(t, f"exit threshold {i + 1}") for i, t in enumerate(exit_thresholds)),
+                int(control_number(shortest_side, "shorter side after resizing")))
             result = segment(models.get(model), read_image(image), controls)
             return result.overlay, result.superpatches, result.exits, numbers_markdown(result.numbers), result.numbers
 
