@@ -19,16 +19,14 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
-# step_hf's image reader (numpy and PIL only), loaded from its file: importing the step_hf package imports torch.
-READER = Path(__file__).resolve().parent.parent / "step_hf" / "image_reading.py"
-
-
-def read_image(path: str) -> Image.Image:
+def read_image(path: str, model: Path) -> Image.Image:
     """The image as the processor and the pipeline read it: upright, 8-bit RGB (16-bit and float images scaled,
-    transparency on white)."""
-    spec = importlib.util.spec_from_file_location("image_reading", READER)
-    if spec is None or not READER.is_file():
-        raise SystemExit(f"{READER} is missing: run this example from a copy of the step-hf repository.")
+    transparency on white), by step_hf's image reader (numpy and PIL only), loaded from its file in the exported
+    folder: importing the step_hf package would import torch."""
+    reader_file = model / "image_reading.py"
+    spec = importlib.util.spec_from_file_location("image_reading", reader_file)
+    if spec is None or not reader_file.is_file():
+        raise SystemExit(f"{reader_file} is missing: export the model again with python -m step_hf.export.")
     reader = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reader)
     try:
@@ -86,7 +84,7 @@ def main() -> None:
 
     folder = Path(args.model)
     processor = json.loads((folder / "preprocessor_config.json").read_text())
-    image = read_image(args.image)
+    image = read_image(args.image, folder)
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: pixel_values(image, processor)})))

@@ -16,9 +16,11 @@ ahead of the run. The output folder holds one export: an earlier one there is re
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,6 +152,16 @@ def processor_input_size(processor: StepImageProcessor, config) -> tuple[tuple[i
     return tuple(stored if isinstance(stored, (list, tuple)) else (stored, stored)), "the model's image_size"
 
 
+def quiet_known_warnings() -> None:
+    """For our commands (not library calls): silence what the exporters print on every export and that says nothing
+    about the model at hand, so that the command's own lines are read: the version-drift notice of
+    `transformers.exporters` (our export tests are what validate these versions), torch.onnx's registry notes on
+    operators it skips, and pytree deprecation notices."""
+    transformers_logging.get_logger("transformers.exporters.utils").setLevel(logging.ERROR)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*(treespec|LeafSpec)", category=FutureWarning)
+
+
 def load_exported(folder: str | Path, device=None, **runner_kwargs):
     """
     The `transformers.exporters.ExportedModel` saved in `folder`, loaded on its runtime. An OpenVINO program runs in
@@ -171,8 +183,9 @@ def load_exported(folder: str | Path, device=None, **runner_kwargs):
 
 README = """# Exported STEP model
 
-Format: {format}{quantized}; program: `{program}`, with `export.json` (what `transformers.exporters` recorded), `config.json`
-and `preprocessor_config.json` (the image processor: resize and normalisation).
+Format: {format}{quantized}; program: `{program}`, with `export.json` (what `transformers.exporters` recorded), `config.json`,
+`preprocessor_config.json` (the image processor: resize and normalisation) and `image_reading.py` (how the processor
+reads an image into 8-bit RGB, with numpy and PIL only, for runners without torch).
 
 Run-time settings traced into the program (they cannot change without exporting again):
 
@@ -209,6 +222,8 @@ def write_export(exported, processor: StepImageProcessor, output: Path, overwrit
         exported.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "README.md").write_text(readme)
+        # The image reader (numpy and PIL only), so that a torch-free runner reads images as the processor does.
+        shutil.copyfile(Path(__file__).with_name("image_reading.py"), staging / "image_reading.py")
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
@@ -241,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {name: getattr(args, name) for name in RUN_SETTINGS
                  if getattr(args, name, None) is not None}
     transformers_logging.disable_progress_bar()  # its bars would bury a refusal's one line
+    quiet_known_warnings()
     try:
         model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
         processor = StepImageProcessor.from_pretrained(args.model_name_or_path)

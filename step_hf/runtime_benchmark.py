@@ -46,7 +46,7 @@ import transformers
 from .benchmark import (Variant, add_oracle_partitions, exit_keep_counts, load_batches, make_model, oracle_budget,
                         row_for, timed)
 from .configuration_step import StepSettings
-from .export import export_model, load_exported
+from .export import export_model, load_exported, quiet_known_warnings
 
 RUNTIMES = ("onnxruntime", "openvino", "torch")
 # The `step_hf.export` format each runtime runs.
@@ -325,6 +325,7 @@ def table(rows: list[dict], results: list[dict], args) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quiet_known_warnings()
     rows = run_benchmark(args)
     results = target_results(rows)
     print(table(rows, results, args))

@@ -27,6 +27,7 @@ from transformers import ViTConfig, ViTModel
 from step_hf import (
     StepConfig, StepForSemanticSegmentation, StepImageProcessor, StepModel, load_image, load_vit_weights,
 )
+import step_hf
 from step_hf.evaluation import EvalTransform
 
 from .cases import assert_equal, case_id, refused, run_case, works
@@ -505,8 +506,10 @@ def read_by(entry: str, kind: str) -> np.ndarray:
     if entry == "load_image":
         return np.asarray(load_image(path))
     if entry == "onnx_segment.py":
-        script = (f"import runpy, sys, numpy; sys.modules['torch'] = None; "
-                  f"image = runpy.run_path({str(EXAMPLES / 'onnx_segment.py')!r})['read_image']({path!r}); "
+        # An exported folder holds a copy of step_hf's `image_reading.py`, which the script reads from there.
+        script = (f"import pathlib, runpy, sys, numpy; sys.modules['torch'] = None; "
+                  f"image = runpy.run_path({str(EXAMPLES / 'onnx_segment.py')!r})['read_image']({path!r}, "
+                  f"pathlib.Path({str(Path(step_hf.__file__).parent)!r})); "
                   f"numpy.save(sys.argv[1], numpy.asarray(image))")
         out = Path(tempfile.mkdtemp()) / "pixels.npy"
         result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=120)
