@@ -17,7 +17,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Image, load_dataset
 from scenes import SCENE_CLASSES, make_scene
 
-from step_hf.cli import UserError
+from step_hf.cli import UserError, refusing, run_command
 from step_hf.image_processing_step import reduce_labels as reduce_label_values
 
 
@@ -49,10 +49,8 @@ def load_data(
     if dataset_name is None:
         dataset, id2label = builtin_scenes(seed)
     else:
-        try:
+        with refusing(dataset_name, "a Hub id or a local folder laid out like one"):  # e.g. an empty split
             dataset = load_dataset(dataset_name, dataset_config_name)
-        except ValueError as error:  # e.g. an empty split: datasets names it
-            raise UserError(f"Cannot load {dataset_name}: {error}") from error
         id2label = read_id2label(dataset_name, id2label_source)
     for split in (train_split, eval_split):
         check_split(dataset, split, (image_column_name, label_column_name))
@@ -173,4 +171,4 @@ __all__ = ["builtin_scenes", "check_dataset_labels", "check_split", "load_data",
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
 from step_hf.accounting import superpatch_area_shares
+from step_hf.cli import refusing, run_command
 from step_hf.configuration_step import SUPERPATCH_SIZES
 from step_hf.evaluation import EvalTransform, predictions
 
@@ -109,8 +110,9 @@ def print_table(results: dict, args) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     losses = train_policy(args) if args.policy_steps else []
-    model = StepForSemanticSegmentation.from_pretrained(args.output_dir if args.policy_steps
-                                                        else args.model_name_or_path).eval()
+    folder = args.output_dir if args.policy_steps else args.model_name_or_path
+    with refusing(f"the model {folder}", "a folder saved by examples/train.py --stage policy"):
+        model = StepForSemanticSegmentation.from_pretrained(folder).eval()
     processor = StepImageProcessor(
         size={"height": args.image_size, "width": args.image_size},
         superpatch_sizes=model.config.superpatch_sizes, num_labels=model.config.num_labels,
@@ -129,4 +131,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

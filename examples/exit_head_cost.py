@@ -15,6 +15,7 @@ import torch
 from step_hf import StepConfig, StepForSemanticSegmentation
 from step_hf.accounting import analytic_flops
 from step_hf.benchmark import timed
+from step_hf.cli import run_command
 from step_hf.token_layout import PackedBatch
 
 
@@ -78,4 +79,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

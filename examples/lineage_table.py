@@ -23,6 +23,7 @@ from plot_sweep import plot
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
 from step_hf.benchmark import timed
+from step_hf.cli import refusing, run_command
 from step_hf.evaluation import EvalTransform
 
 # (label, folder under a seed's folder), in the order of the table.
@@ -61,8 +62,9 @@ def final_row(folder: str) -> dict:
 def images_per_second(folder: str, dataset, count: int) -> float:
     """Frames per second through the saved model at its saved settings, batch 1, on the CPU: the benchmark's timing
     (`step_hf.benchmark.timed`), one warm-up pass over the frames, then the median of three."""
-    model = StepForSemanticSegmentation.from_pretrained(folder).eval()
-    frames = EvalTransform(dataset, StepImageProcessor.from_pretrained(folder))
+    with refusing(f"the model {folder}", "a folder saved by examples/train.py"):
+        model = StepForSemanticSegmentation.from_pretrained(folder).eval()
+        frames = EvalTransform(dataset, StepImageProcessor.from_pretrained(folder))
     pixels = [frames[index]["pixel_values"][None] for index in range(count)]
     with torch.inference_mode():
         ms_per_frame, _ = timed(model, pixels, SimpleNamespace(warmup=1, repeats=3, device="cpu"))
@@ -190,4 +192,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

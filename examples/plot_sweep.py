@@ -11,6 +11,7 @@ import json
 import os
 
 from step_hf.charts import COLOURS, Curve, draw_chart
+from step_hf.cli import run_command
 
 
 def main() -> None:
@@ -50,4 +51,4 @@ def plot(sweeps: list[list[dict]], labels: list[str], output: str, colours: list
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from step_hf import StepConfig, StepForSemanticSegmentation
+from step_hf.cli import run_command
 
 
 def one_step(preset: str, image_size: int, batch_size: int, checkpointing: bool) -> dict:
@@ -62,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

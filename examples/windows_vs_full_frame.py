@@ -15,6 +15,7 @@ import torch
 from transformers import AutoImageProcessor, pipeline
 
 from data import load_data
+from step_hf.cli import refusing, run_command
 from step_hf.evaluation import confusion_matrices, segmentation_metrics
 from step_hf.image_processing_step import reduce_labels
 
@@ -42,7 +43,8 @@ def main(argv=None) -> None:
     parser.add_argument("--window_stride", type=int, help="default: two thirds of the window")
     parser.add_argument("--max_eval_samples", type=int)
     args = parser.parse_args(argv)
-    processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    with refusing(f"the model {args.model_name_or_path}", "a folder saved by examples/train.py, or a Hub id"):
+        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
     if processor.window_size is not None:
         raise SystemExit("The saved processor already cuts windows; give a model saved for whole frames.")
     dataset = load_data(args.dataset_name, reduce_labels=processor.do_reduce_labels,
@@ -59,4 +61,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .cli import refusing, run_command
 from .configuration_step import SUPERPATCH_SIZES
 
 
@@ -274,7 +275,8 @@ def read_split(args: argparse.Namespace):
     them)."""
     from datasets import load_dataset
 
-    dataset = load_dataset(args.dataset_name, split=args.split)
+    with refusing(f"{args.dataset_name} [{args.split}]", "a Hub id or a local folder laid out like one"):
+        dataset = load_dataset(args.dataset_name, split=args.split)
     if args.max_samples:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     dataset = dataset.select_columns([args.image_column_name, args.label_column_name])
@@ -310,8 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     from .modeling_step import StepForSemanticSegmentation
 
     args = parse_args(argv)
-    model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path).eval()
-    processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
+    with refusing(f"the model {args.model_name_or_path}", "a folder saved by examples/train.py, or a Hub id"):
+        model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path).eval()
+        processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
     config, dataset = model.config, read_split(args)
     stats = None
     os.makedirs(args.output_dir, exist_ok=True)
@@ -341,4 +344,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -36,6 +36,7 @@ from types import SimpleNamespace
 import torch
 
 from .accounting import analytic_flops, flops_per_image, transformer_macs
+from .cli import UserError, refusing, run_command
 from .configuration_step import ATTENTION_MODES, VIT_PRESETS, StepConfig, StepSettings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation, StepRun
@@ -101,9 +102,10 @@ def read_images(dataset_name: str, split: str, count: int) -> tuple[list, list]:
         rows = table.slice(0, count).to_pylist()
         return ([Image.open(io.BytesIO(row["image"]["bytes"])) for row in rows],
                 [Image.open(io.BytesIO(row["label"]["bytes"])) for row in rows])
-    dataset = load_dataset(dataset_name, split=split)
+    with refusing(f"{dataset_name} [{split}]", "a Hub id or a local folder laid out like one"):
+        dataset = load_dataset(dataset_name, split=split)
     if len(dataset) < count:
-        raise ValueError(f"{dataset_name} [{split}] has {len(dataset)} images; {count} are needed.")
+        raise UserError(f"{dataset_name} [{split}] has {len(dataset)} images; {count} are needed.")
     rows = dataset[:count]
     return rows["image"], rows["label"]
 
@@ -129,7 +131,8 @@ def make_model(preset_or_path: str, image_size: tuple[int, int]) -> StepForSeman
     longer side, 11 classes (CamVid's): speed does not depend on the weights. In eval mode (in training the exit
     heads run at every forward)."""
     if preset_or_path not in VIT_PRESETS:
-        return StepForSemanticSegmentation.from_pretrained(preset_or_path).eval()
+        with refusing(f"the model {preset_or_path}", f"a saved STEP model's folder, or a preset: {list(VIT_PRESETS)}"):
+            return StepForSemanticSegmentation.from_pretrained(preset_or_path).eval()
     torch.manual_seed(0)
     return StepForSemanticSegmentation(StepConfig.from_preset(preset_or_path, image_size=max(image_size),
                                                               num_labels=11)).eval()
@@ -524,4 +527,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

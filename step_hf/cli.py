@@ -5,8 +5,9 @@ through `run_command`, which prints the message alone; anything else keeps its t
 `UserError` is a `ValueError`, so library callers catch it as they catch any refused value.
 """
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 USER_ERROR_EXIT_CODE = 2  # argparse's status for a bad command line: a refused input is the same kind of failure
 
@@ -23,6 +24,18 @@ def one_line(message: str) -> str:
     return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
+@contextlib.contextmanager
+def refusing(what: str, fix: str = "") -> Iterator[None]:
+    """Loading `what` (a model folder, a dataset) that fails as a missing or unreadable input (`OSError`, which
+    `datasets`' "not found" errors are, or `ValueError`, e.g. no such split) is a `UserError` naming it and `fix`."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        if isinstance(error, UserError):
+            raise
+        raise UserError(f"Cannot load {what}: {one_line(error)}{f' ({fix})' if fix else ''}") from None
+
+
 def run_command(main: Callable[..., object], argv: list[str] | None = None) -> None:
     """Run a command's `main(argv)` (`main()` when `argv` is None); a `UserError` becomes one line on stderr
     (`error: ...`) and the command's exit status."""
@@ -33,4 +46,4 @@ def run_command(main: Callable[..., object], argv: list[str] | None = None) -> N
         sys.exit(error.exit_code)
 
 
-__all__ = ["UserError", "run_command"]
+__all__ = ["UserError", "refusing", "run_command"]

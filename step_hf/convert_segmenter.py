@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .cli import run_command
 from .configuration_step import StepConfig
 from .image_processing_step import StepImageProcessor
 from .model_card import model_card
@@ -367,4 +368,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -25,6 +25,7 @@ from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
 from .accounting import flops_for_token_counts
 from .charts import Curve, draw_chart
+from .cli import refusing, run_command
 from .configuration_step import StepConfig
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
@@ -40,7 +41,8 @@ def parse_size(text: str) -> tuple[int, int]:
 def frames(dataset_name: str, count: int) -> list[tuple]:
     from datasets import load_dataset
 
-    split = load_dataset(dataset_name, split="validation")
+    with refusing(f"{dataset_name} [validation]", "a Hub id or a local folder laid out like one"):
+        split = load_dataset(dataset_name, split="validation")
     return [(split[index]["image"].convert("RGB"), split[index]["label"]) for index in range(count)]
 
 
@@ -135,7 +137,8 @@ def main(argv=None) -> None:
     if not args.policy_model:
         parser.error("--policy_model is needed: a saved model whose policy trained (train.py --stage policy)")
     images, labels = zip(*frames(args.dataset_name, args.num_images))
-    policy_model = StepForSemanticSegmentation.from_pretrained(args.policy_model).eval()
+    with refusing(f"the model {args.policy_model}", "a folder saved by examples/train.py"):
+        policy_model = StepForSemanticSegmentation.from_pretrained(args.policy_model).eval()
     sizes = [parse_size(size) for size in args.sizes]
     counts_at = {size: token_counts(policy_model, images, labels, size) for size in sizes}  # the same for any ViT
     rows = []
@@ -171,4 +174,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -45,6 +45,7 @@ import transformers
 
 from .benchmark import (Variant, add_oracle_partitions, exit_keep_counts, load_batches, make_model, oracle_budget,
                         row_for, timed)
+from .cli import run_command
 from .configuration_step import StepSettings
 from .export import export_model, load_exported, quiet_known_warnings
 
@@ -337,4 +338,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
