@@ -95,7 +95,11 @@ def budget_ladder(specs: list[str], counts: torch.Tensor, num_cells: int) -> lis
                                 f"at most {num_cells}, percentiles (p90) or mean, or a larger --image_size.")
         else:
             raise UserError(f"--budgets takes mean, percentiles such as p90, or token counts; got {spec!r}.")
-        budgets.append(budget_token_count(num_cells, min(num_cells, math.ceil(value))))
+        count = budget_token_count(num_cells, min(num_cells, math.ceil(value)))
+        if count < 1:
+            raise UserError(f"--budgets {spec} leaves no token on the input's grid of {num_cells} cells: give larger "
+                            "budgets, or percentiles (p90) or mean.")
+        budgets.append(count)
     return sorted(set(budgets), reverse=True)
 
 
@@ -318,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def calibrate(args) -> dict:
     """Measure every row, choose one, and write the output folder (see the module's docstring); returns what
     `calibration.json` holds."""
+    import datasets
     from transformers.utils import logging as transformers_logging
 
     from .export import (FORMATS, PROGRAM_FILES, check_fits_grid, export_model, export_readme,
@@ -328,7 +333,8 @@ def calibrate(args) -> dict:
     check_runtime(args.runtime)
     output = Path(args.output_dir)
     check_output_dir(output, args.overwrite)
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # progress bars would bury a refusal's one line
+    datasets.disable_progress_bars()
     torch.set_num_threads(args.threads)
     try:
         model = StepForSemanticSegmentation.from_pretrained(args.model).eval()

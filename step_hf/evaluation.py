@@ -29,7 +29,7 @@ from .image_processing_step import StepImageProcessor, reduce_labels
 
 class EvalTransform:
     """A dataset with `image` and `label` columns as the batches `predictions` reads: the processor's `pixel_values`
-    and `superpatch_targets`, and the label map at its original size (`original_labels`, reduced as the processor
+    and `superpatch_targets` (when it makes them), and the label map at its original size (`original_labels`, reduced as the processor
     reduces labels)."""
 
     def __init__(self, dataset, processor: StepImageProcessor):
@@ -50,8 +50,10 @@ class EvalTransform:
         original = np.asarray(example["label"]).astype(np.int64)
         if self.processor.do_reduce_labels:
             original = reduce_labels(original)
-        return {"pixel_values": inputs["pixel_values"][0], "superpatch_targets": inputs["superpatch_targets"][0],
-                "original_labels": torch.from_numpy(original)}
+        item = {"pixel_values": inputs["pixel_values"][0], "original_labels": torch.from_numpy(original)}
+        if "superpatch_targets" in inputs:  # a processor without superpatch sizes above 1 makes none
+            item["superpatch_targets"] = inputs["superpatch_targets"][0]
+        return item
 
 
 @torch.no_grad()
@@ -65,7 +67,7 @@ def predictions(model, loader, device: torch.device, settings: StepSettings | di
     """
     for batch in loader:
         batch = {key: value.to(device) for key, value in batch.items()}
-        outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
+        outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch.get("superpatch_targets"),
                         settings=settings, policy_only=policy_only)
         yield batch, outputs, None if policy_only else class_map(outputs.logits, batch["original_labels"].shape[-2:])
 
