@@ -320,15 +320,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def calibrate(args) -> dict:
-    """Measure every row, choose one, and write the output folder (see the module's docstring); returns what
-    `calibration.json` holds."""
+    """Measure every row, choose one, and write the output folder (`write_calibration`; see the module's
+    docstring); returns what `calibration.json` holds."""
     import datasets
     from transformers.utils import logging as transformers_logging
 
-    from .export import (FORMATS, PROGRAM_FILES, check_fits_grid, export_model, export_readme,
-                         processor_input_size, takes_one_input_size, write_export)
+    from .export import check_fits_grid, processor_input_size
     from .modeling_step import StepForSemanticSegmentation
-    from .runtime_benchmark import FORMATS as RUNTIME_FORMATS
 
     check_runtime(args.runtime)
     output = Path(args.output_dir)
@@ -410,47 +408,59 @@ def calibrate(args) -> dict:
           f"the cheapest ({args.cost}) within {args.max_miou_drop} mIoU of {args.reference}; on the accuracy-"
           f"{args.cost} front: {', '.join(rows[index]['name'] for index in front)}", flush=True)
 
-    # Everything goes into a folder beside the output, renamed into place once the chosen row is reproduced.
+    result = {"model": args.model, "image_size": list(image_size), "runtime": args.runtime, "threads": args.threads,
+              "batch_size": args.batch_size, "cost": args.cost, "reference": args.reference,
+              "max_miou_drop": args.max_miou_drop, "calibrated_missing": missing, "budgets": budgets, "rows": rows,
+              "chosen": chosen}
+    write_calibration(output, model, processor, result, report, loader_for, args)
+    return result
+
+
+def write_calibration(output: Path, model, processor: StepImageProcessor, result: dict, report: str, loader_for,
+                      args) -> None:
+    """Write the output folder: the copy with the chosen row's settings, its program (with `--export`), the rows,
+    the table and the picture, into a folder beside `output` that replaces it only once the chosen row, measured
+    again as deployed, reproduces the eager row; `result` gains what the deployed program measured."""
+    from .export import PROGRAM_FILES, export_model, export_readme, takes_one_input_size, write_export
+    from .runtime_benchmark import FORMATS as RUNTIME_FORMATS
+
+    row = result["rows"][result["chosen"]]
+    settings = StepSettings(**row["settings"])
+    # The runtime serves an exported program (torch: the saved copy, or with --torch_export its program); the program
+    # goes into the output with --export, else into a scratch folder only to be measured.
+    export_format = RUNTIME_FORMATS[args.runtime]
+    exported = args.runtime != "torch" or args.torch_export
+    where = f"{PROGRAM_FILES[export_format]} in {args.runtime}" if exported else "the saved copy in torch"
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     scratch = tempfile.TemporaryDirectory(prefix="step-calibrate-")
     try:
-        settings = StepSettings(**rows[chosen]["settings"])
         notes = (f"The weights of `{args.model}`, with the run-time settings `python -m step_hf.calibrate` chose: "
-                 f"{rows[chosen]['name']}, the cheapest ({args.cost}) in {args.runtime} within "
-                 f"{args.max_miou_drop} mIoU of the {args.reference} model.")
-        save_copy(copy.deepcopy(model), processor, staging, settings, rows[chosen], args.model, notes)
-        # The runtime serves an exported program (torch: the saved copy, or with --torch_export its program); it is
-        # written to the output with --export, else only to be measured.
-        export_format = RUNTIME_FORMATS[args.runtime]
-        exported = args.runtime != "torch" or args.torch_export
+                 f"{row['name']}, the cheapest ({args.cost}) in {args.runtime} within {args.max_miou_drop} mIoU of "
+                 f"the {args.reference} model.")
+        save_copy(copy.deepcopy(model), processor, staging, settings, row, args.model, notes)
         export_folder = Path(staging if args.export else scratch.name) / export_format
         if exported or args.export:
-            program, traced = export_model(copy.deepcopy(model), export_format, image_size, settings.to_dict())
-            one_size = takes_one_input_size(model, settings, export_format)
+            program, traced = export_model(copy.deepcopy(model), export_format, tuple(args.image_size),
+                                           settings.to_dict())
             argv = getattr(args, "argv", None)
             command = "python -m step_hf.calibrate " + " ".join(sys.argv[1:] if argv is None else argv)
+            one_size = takes_one_input_size(model, settings, export_format)
             write_export(program, processor, export_folder, False,
-                         export_readme(export_format, traced, image_size, one_size, command))
-        check = deployed_measure(export_folder if exported else staging, exported, loader_for, config, args)
-        difference = 100 * abs(check["mean_iou"] - rows[chosen]["mean_iou"])
-        where = f"{PROGRAM_FILES[export_format]} in {args.runtime}" if exported else "the saved copy in torch"
+                         export_readme(export_format, traced, args.image_size, one_size, command))
+        check = deployed_measure(export_folder if exported else staging, exported, loader_for, model.config, args)
+        difference = 100 * abs(check["mean_iou"] - row["mean_iou"])
         print(f"deployed ({where}): mIoU {100 * check['mean_iou']:.2f}, {difference:.3f} points from the eager row")
         if difference > DEPLOYED_MIOU_TOLERANCE:
             raise RuntimeError(f"The deployed program ({where}) measures mIoU {100 * check['mean_iou']:.2f} but the "
-                               f"eager row {100 * rows[chosen]['mean_iou']:.2f}: they must agree within "
+                               f"eager row {100 * row['mean_iou']:.2f}: they must agree within "
                                f"{DEPLOYED_MIOU_TOLERANCE} points. Nothing was written.")
-        result = {"model": args.model, "image_size": list(image_size), "runtime": args.runtime,
-                  "threads": args.threads, "batch_size": args.batch_size, "cost": args.cost,
-                  "reference": args.reference, "max_miou_drop": args.max_miou_drop, "calibrated_missing": missing,
-                  "budgets": budgets, "rows": rows, "chosen": chosen,
-                  "deployed": {"measured": where, "mean_iou": check["mean_iou"],
-                               "per_category_iou": check["per_category_iou"],
-                               "tokens_per_image": check["tokens_per_image"], "halted_share": check["halted_share"]}}
+        result["deployed"] = {"measured": where, **{key: check[key] for key in (
+            "mean_iou", "per_category_iou", "tokens_per_image", "halted_share")}}
         (staging / "calibration.json").write_text(json.dumps(result, indent=1))
         (staging / "calibration.md").write_text(report + "\n")
-        draw(rows, chosen, cost, staging / "calibration.png")
-        if output.exists():
+        draw(result["rows"], result["chosen"], COSTS[args.cost], staging / "calibration.png")
+        if output.exists():  # an earlier calibration (check_output_dir), replaced whole
             shutil.rmtree(output)
         staging.rename(output)
     finally:
@@ -458,7 +468,6 @@ def calibrate(args) -> dict:
         scratch.cleanup()
     exported_note = f" and its {export_format} program in {output / export_format}" if args.export else ""
     print(f"Wrote {output}: the model with the chosen row's settings{exported_note}, calibration.json/.md/.png")
-    return result
 
 
 def main(argv: list[str] | None = None) -> None:
