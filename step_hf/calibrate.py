@@ -347,7 +347,9 @@ def calibrate(args) -> dict:
                         "model trained with a policy (--stage policy or all) or exit heads.")
     if missing:
         print(f"{args.model}: {'; '.join(missing)}; calibrating the rest.", flush=True)
-    image_size = tuple(args.image_size) if args.image_size else processor_input_size(processor, config)[0]
+    image_size, source = ((tuple(args.image_size), "--image_size") if args.image_size
+                          else processor_input_size(processor, config))
+    print(f"Calibrating at {image_size[0]}x{image_size[1]} ({source})", flush=True)
     check_fits_grid(model, {}, image_size)  # a whole grid of patches
     args.image_size = image_size
     processor.size = {"height": image_size[0], "width": image_size[1]}  # every row, and the copy, at this size
