@@ -2,10 +2,12 @@
 that will serve it.
 
     python -m step_hf.calibrate --model outputs/camvid384/step --dataset_name ../shared/datasets/camvid \
-        --split validation --runtime onnxruntime --threads 2 --batch_size 8 --max_miou_drop 1 \
-        --output_dir outputs/camvid384/deploy --export
+        --split validation --runtime onnxruntime --threads 2 --batch_size 8 --image_size 384 512 \
+        --max_miou_drop 1 --output_dir outputs/camvid384/deploy --export
 
-At one input size (the model's processor's, or `--image_size`) it measures, on a labelled split:
+At one input size (`--image_size`; by default the processor's fixed height and width, else the model's `image_size`,
+so give it for a processor that keeps the aspect ratio, whose frames a square size would squash) it measures, on a
+labelled split:
 
 - `dense`: no token sharing, no halting;
 - `adaptive`: the model's own thresholds (policy and exits), image-dependent token counts;
