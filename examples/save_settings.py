@@ -7,16 +7,19 @@
 
 `--row best` (the default) takes the row the sweep marked best. The copy has the same weights; its configuration
 holds the row's partition source, thresholds and halting, its processor the row's input size, and its model card and
-`metrics.json` the row's measured numbers, so that `from_pretrained` or `pipeline` reproduces the row.
+`metrics.json` the row's measured numbers, so that `from_pretrained` or `pipeline` reproduces the row
+(`step_hf.calibrate.save_copy`, which also saves the row `python -m step_hf.calibrate` chooses among static token
+budgets and exit keep counts timed in a deployment runtime).
 """
 
 import argparse
 import json
 import os
-import re
+from pathlib import Path
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
-from step_hf.model_card import model_card
+from step_hf.calibrate import save_copy
+from step_hf.configuration_step import StepSettings
 
 
 def choose_row(rows: list[dict], row: str) -> dict:
@@ -45,25 +48,12 @@ def main(argv=None) -> None:
                          "run with them. Choose a 'policy' or 'dense' row.")
     model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
     processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
-    model.config.update_settings(**row["settings"])
     processor.size = row["processor_size"]
-    model.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump({"final_eval": row, "settings": model.config.settings.to_dict(), "source_model": args.model_name_or_path},
-                  f, indent=1)
-
-    source_card = os.path.join(args.model_name_or_path, "README.md")
-    found = re.search(r"```bash\n(.*?)\n```", open(source_card).read(), re.S) if os.path.isfile(source_card) else None
-    dataset_name = row.get("dataset_name") or "built-in procedural scenes"
-    if os.path.isdir(dataset_name):
-        dataset_name = os.path.basename(os.path.normpath(dataset_name))
     notes = (f"The weights of `{args.model_name_or_path}`, with run-time settings chosen by `examples/sweep.py` "
              f"(`{os.path.basename(args.sweep)}`: policy threshold {row['policy_threshold'] or '-'}, exit threshold "
              f"{row['exit_threshold'] or 'off'}).")
-    model_card(os.path.basename(os.path.normpath(args.output_dir)), model.config, found.group(1) if found else None,
-               dataset_name, row, notes, input_size=f"processor size {row['processor_size']}").save(
-        os.path.join(args.output_dir, "README.md"))
+    save_copy(model, processor, Path(args.output_dir), StepSettings(**row["settings"]), row, args.model_name_or_path,
+              notes)
     print(f"saved {args.output_dir}: {model.config.settings.to_dict()}, processor size {row['processor_size']}")
 
 

@@ -24,6 +24,7 @@ from data import load_data
 from torch.utils.data import DataLoader
 
 from step_hf import StepForSemanticSegmentation, StepImageProcessor
+from step_hf.calibrate import cheapest_within
 from step_hf.configuration_step import PARTITION_SOURCES, resolve_settings
 from step_hf.evaluation import EvalTransform, evaluate
 
@@ -64,9 +65,7 @@ def sweep(model, loader, accelerator, processor, args) -> list[dict]:
         accelerator.print(f"policy {policy_threshold}, exits {exit_threshold}: mIoU {100 * results['mean_iou']:.2f}, "
                           f"{results['tokens_per_image']:.1f} tokens, {results['gflops_per_image']:.2f} GFLOPs")
     best_miou = max(row["mean_iou"] for row in rows)
-    best = min((row for row in rows if row["mean_iou"] >= best_miou - args.max_miou_drop / 100),
-               key=lambda row: row["gflops_per_image"])
-    best["best"] = True
+    rows[cheapest_within(rows, best_miou, args.max_miou_drop, "gflops_per_image")]["best"] = True
     return rows
 
 

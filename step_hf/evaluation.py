@@ -29,7 +29,7 @@ from .image_processing_step import StepImageProcessor, reduce_labels
 
 class EvalTransform:
     """A dataset with `image` and `label` columns as the batches `predictions` reads: the processor's `pixel_values`
-    and `superpatch_targets`, and the label map at its original size (`original_labels`, reduced as the processor
+    and `superpatch_targets` (when it makes them), and the label map at its original size (`original_labels`, reduced as the processor
     reduces labels)."""
 
     def __init__(self, dataset, processor: StepImageProcessor):
@@ -56,8 +56,10 @@ class EvalTransform:
         original = np.asarray(example["label"]).astype(np.int64)
         if self.processor.do_reduce_labels:
             original = reduce_labels(original)
-        return {"pixel_values": inputs["pixel_values"][0], "superpatch_targets": inputs["superpatch_targets"][0],
-                "original_labels": torch.from_numpy(original)}
+        item = {"pixel_values": inputs["pixel_values"][0], "original_labels": torch.from_numpy(original)}
+        if "superpatch_targets" in inputs:  # a processor without superpatch sizes above 1 makes none
+            item["superpatch_targets"] = inputs["superpatch_targets"][0]
+        return item
 
 
 @torch.no_grad()
@@ -71,7 +73,7 @@ def predictions(model, loader, device: torch.device, settings: StepSettings | di
     """
     for batch in loader:
         batch = {key: value.to(device) for key, value in batch.items()}
-        outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch["superpatch_targets"],
+        outputs = model(pixel_values=batch["pixel_values"], superpatch_targets=batch.get("superpatch_targets"),
                         settings=settings, policy_only=policy_only)
         yield batch, outputs, None if policy_only else class_map(outputs.logits, batch["original_labels"].shape[-2:])
 
@@ -231,6 +233,25 @@ def check_dataset_classes(config, model_name: str, dataset_name: str) -> None:
         )
 
 
+def load_split(dataset_name: str, split: str, image_column: str = "image", label_column: str = "label",
+               max_samples: int | None = None):
+    """The split of a `datasets` folder or Hub id with its columns renamed `image` and `label`, its first
+    `max_samples` images when given; refused in one line (`UserError`) when it cannot load or has no labels."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(dataset_name, split=split)
+    except (FileNotFoundError, ValueError) as error:  # no such folder or Hub id, or no such split
+        raise UserError(f"Cannot load {dataset_name} [{split}]: {error}") from None
+    missing = {image_column, label_column} - set(dataset.column_names)
+    if missing:
+        raise UserError(f"{dataset_name} [{split}] has no column {sorted(missing)} (it has {dataset.column_names}): "
+                        "accuracy is measured against labels, so name the columns with --image_column_name / "
+                        "--label_column_name, or choose a split that has labels with --split.")
+    dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
+    return dataset.select(range(min(max_samples, len(dataset)))) if max_samples else dataset
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved STEP model, or a folder of python -m step_hf.export")
@@ -246,25 +267,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from datasets import load_dataset
-
     try:
         model, config, processor, exported = load_for_evaluation(args.model)
     except OSError as error:  # no such folder or Hub id, or a folder without a saved model
         raise UserError(f"Cannot load the model {args.model} (give a folder saved by examples/train.py or python -m "
                         f"step_hf.export, or a Hub id): {error}") from None
     check_dataset_classes(config, args.model, args.dataset_name)
-    try:
-        dataset = load_dataset(args.dataset_name, split=args.split)
-    except (FileNotFoundError, ValueError) as error:  # no such folder or Hub id, or no such split
-        raise UserError(f"Cannot load {args.dataset_name} [{args.split}]: {error}") from None
-    missing = {args.image_column_name, args.label_column_name} - set(dataset.column_names)
-    if missing:
-        raise UserError(f"{args.dataset_name} [{args.split}] has no column {sorted(missing)} (it has "
-                        f"{dataset.column_names}): name them with --image_column_name / --label_column_name.")
-    dataset = dataset.rename_columns({args.image_column_name: "image", args.label_column_name: "label"})
-    if args.max_samples:
-        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    dataset = load_split(args.dataset_name, args.split, args.image_column_name, args.label_column_name,
+                         args.max_samples)
     processor.do_reduce_labels = args.reduce_labels or processor.do_reduce_labels
     loader = torch.utils.data.DataLoader(EvalTransform(dataset, processor))  # label maps keep their own sizes
     with torch.no_grad():
@@ -280,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = [
-    "EvalTransform", "class_map", "confusion_matrices", "evaluate", "exported_predictions", "measure", "predictions",
-    "segmentation_metrics",
+    "EvalTransform", "class_map", "confusion_matrices", "evaluate", "exported_predictions", "load_split", "measure",
+    "predictions", "segmentation_metrics",
 ]
 
 

@@ -196,8 +196,21 @@ Run-time settings traced into the program (they cannot change without exporting 
 Input `pixel_values` `(batch, 3, height, width)`, normalised as the processor does; {shapes}. Outputs: `logits`
 `(batch, num_labels, height / 16, width / 16)`, `superpatch_map`, `token_counts`{halting}.
 
-Exported with `python -m step_hf.export {command}`.
+Exported with `{command}`.
 """
+
+
+def export_readme(export_format: str, traced_settings: dict, image_size: tuple[int, int], one_size: bool,
+                  command: str, quantize: str | None = None, batch_size: int = 1) -> str:
+    """The README of an exported folder: the program, the settings traced into it, its input shapes and the
+    command that wrote it."""
+    batch = f"a batch of {batch_size}" if export_format == "executorch" else "any batch"
+    shapes = f"{batch}, {image_size[0]}x{image_size[1]}" if one_size else f"{batch}, height and width (multiples of 16)"
+    return README.format(
+        format=export_format, quantized=" (int8 dynamic quantization)" if quantize else "",
+        program=PROGRAM_FILES[export_format], settings=json.dumps(traced_settings, indent=2), shapes=shapes,
+        halting=", `exit_map`, `halted_share`" if traced_settings["halting"] else "", command=command,
+    )
 
 
 def check_output_dir(output: Path, overwrite: bool) -> None:
@@ -276,18 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     one_size = takes_one_input_size(model, model.config.settings, args.format)  # the settings now traced
     if one_size:  # the program takes one input size: the processor saved beside it resizes every image to it
         processor.size = {"height": image_size[0], "width": image_size[1]}
-    program = PROGRAM_FILES[args.format]
-    batch = f"a batch of {args.batch_size}" if args.format == "executorch" else "any batch"
-    shapes = f"{batch}, {image_size[0]}x{image_size[1]}" if one_size else f"{batch}, height and width (multiples of 16)"
-    readme = README.format(
-        format=args.format, quantized=" (int8 dynamic quantization)" if args.quantize else "", program=program,
-        settings=json.dumps(traced_settings, indent=2), shapes=shapes,
-        halting=", `exit_map`, `halted_share`" if traced_settings["halting"] else "",
-        command=" ".join(argv if argv is not None else sys.argv[1:]),
-    )
+    command = "python -m step_hf.export " + " ".join(argv if argv is not None else sys.argv[1:])
+    readme = export_readme(args.format, traced_settings, image_size, one_size, command, args.quantize,
+                           args.batch_size)
     write_export(exported, processor, output, args.overwrite, readme)
     resized = f"; its processor resizes every image to {image_size[0]}x{image_size[1]}" if one_size else ""
-    print(f"Wrote {output / program} with settings {traced_settings}{resized}")
+    print(f"Wrote {output / PROGRAM_FILES[args.format]} with settings {traced_settings}{resized}")
 
 
 if __name__ == "__main__":
