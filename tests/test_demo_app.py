@@ -189,6 +189,10 @@ def test_in_a_real_browser(server, scene, trained_model, tmp_path):
         driver.get(server)
         browser.WebDriverWait(driver, 60).until(
             lambda d: d.find_elements(browser.By.CSS_SELECTOR, "#image input[type=file]"))
+        # One exit-threshold slider per exit of the model, no more.
+        shown = [i for i in range(4) if any(element.is_displayed() for element in
+                                            driver.find_elements(browser.By.ID, f"exit_threshold_{i}"))]
+        assert shown == list(range(len(exit_layers(trained_model))))
         browser.upload(driver, scene)
         first = browser.wait_for_numbers(driver)
         assert 0 < first["tokens"] <= first["dense_tokens"]

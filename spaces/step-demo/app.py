@@ -170,9 +170,8 @@ class CheckedImage(gr.Image):
     anything decodes it, and says so in the page when an upload is not an image."""
 
     is_template = True  # the page draws it as an ordinary gr.Image
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, image_mode=None, **kwargs)
+    # No `__init__` of its own: Gradio reads a component's page properties from its `__init__` signature. Build it
+    # with `image_mode=None`, so that Gradio hands the file over unconverted.
 
     def preprocess(self, payload):
         name = getattr(payload, "orig_name", None) or "The upload"
@@ -346,7 +345,7 @@ def build_app(model_name: str, models: Models | None = None, camvid: bool = True
                     "more tokens early. Each request runs with its own settings on one shared model.")
         with gr.Row():
             with gr.Column(scale=1):
-                image = CheckedImage(type="filepath", label="image", elem_id="image")
+                image = CheckedImage(type="filepath", image_mode=None, label="image", elem_id="image")
                 if examples:
                     gr.Examples(examples, inputs=image, label="examples")
                 model = gr.Textbox(model_name, label="model (a folder or a Hub id)", elem_id="model")
