@@ -48,6 +48,10 @@ from .charts import COLOURS, Curve, draw_chart
 from .cli import UserError, run_command
 from .configuration_step import StepSettings, resolve_settings
 from .evaluation import EvalTransform, check_dataset_classes, exported_predictions, load_split, measure, predictions
+from .export import (
+    PROGRAM_FILES, check_fits_grid, export_model, export_readme, processor_input_size, quiet_known_warnings,
+    takes_one_input_size, write_export,
+)
 from .image_processing_step import StepImageProcessor
 from .model_card import model_card
 from .superpatch import budget_token_count
@@ -327,7 +331,6 @@ def calibrate(args) -> dict:
     import datasets
     from transformers.utils import logging as transformers_logging
 
-    from .export import check_fits_grid, processor_input_size
     from .modeling_step import StepForSemanticSegmentation
 
     check_runtime(args.runtime)
@@ -425,7 +428,6 @@ def write_calibration(output: Path, model, processor: StepImageProcessor, result
     """Write the output folder: the copy with the chosen row's settings, its program (with `--export`), the rows,
     the table and the picture, into a folder beside `output` that replaces it only once the chosen row, measured
     again as deployed, reproduces the eager row; `result` gains what the deployed program measured."""
-    from .export import PROGRAM_FILES, export_model, export_readme, takes_one_input_size, write_export
     from .runtime_benchmark import FORMATS as RUNTIME_FORMATS
 
     row = result["rows"][result["chosen"]]
@@ -477,6 +479,7 @@ def write_calibration(output: Path, model, processor: StepImageProcessor, result
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.argv = argv  # the command line the export's README records
+    quiet_known_warnings()
     calibrate(args)
 
 
