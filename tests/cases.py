@@ -1,10 +1,12 @@
 """The table of bad and borderline inputs the fault tests share: a row is a `Case` that must either raise a clear
-error (its type and the words its message must hold) or succeed, its result checked."""
+error (its type and the words its message must hold) or succeed, its result checked. Also `output_leaves`, how the
+export tests compare a program's outputs with eager's."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 
 @dataclass
@@ -42,3 +44,14 @@ def assert_equal(got, expected) -> None:
 
 def case_id(case: Case) -> str:
     return case.name
+
+
+def output_leaves(output) -> dict[str, torch.Tensor]:
+    """The tensors of a model output by name (`hidden_states.3`, ...): what the library's exporter tests compare."""
+    leaves = {}
+    for name, value in output.items():
+        if isinstance(value, torch.Tensor):
+            leaves[name] = value
+        elif isinstance(value, (tuple, list)):
+            leaves.update({f"{name}.{i}": item for i, item in enumerate(value) if isinstance(item, torch.Tensor)})
+    return leaves

@@ -15,6 +15,8 @@ from step_hf import StepConfig, StepForSemanticSegmentation
 from step_hf.configuration_step import VIT_PRESETS
 from step_hf.export import export_model, load_exported
 
+from .cases import output_leaves
+
 exporters = pytest.importorskip("transformers.exporters")
 
 
@@ -143,17 +145,6 @@ def fast_subset(cells: list[Cell]) -> set[Cell]:
 
 
 FAST = fast_subset(matrix())
-
-
-def output_leaves(output) -> dict[str, torch.Tensor]:
-    """The tensors of a model output by name (`hidden_states.3`, ...): what the library's exporter tests compare."""
-    leaves = {}
-    for name, value in output.items():
-        if isinstance(value, torch.Tensor):
-            leaves[name] = value
-        elif isinstance(value, (tuple, list)):
-            leaves.update({f"{name}.{i}": item for i, item in enumerate(value) if isinstance(item, torch.Tensor)})
-    return leaves
 
 
 CHECKED = (1, 3)  # the batch sizes checked; the traced batch is 2 (`export_model`), of other images

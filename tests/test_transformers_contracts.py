@@ -1,6 +1,6 @@
 """The contracts of a `transformers` model that STEP keeps: big-model inference with offloading, gradient
 checkpointing, input embeddings for PEFT, batch-first outputs with attentions, attention implementations,
-`torch.export` of the static configurations, `transformers.Trainer` and LoRA adapters."""
+`torch.export` of every configuration (eager's output fields and values), `transformers.Trainer` and LoRA adapters."""
 
 import tempfile
 
@@ -9,6 +9,7 @@ import torch
 
 from step_hf import StepForSemanticSegmentation
 
+from .cases import output_leaves
 from .conftest import tiny_config
 
 PIXELS = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -232,8 +233,6 @@ EXPORTED = {
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic batch"])
 @pytest.mark.parametrize("name", EXPORTED)
 def test_torch_export_gives_eager_outputs_field_for_field(name, dynamic):
-    from .test_export_matrix import output_leaves
-
     torch.manual_seed(0)
     model = StepForSemanticSegmentation(tiny_config(**EXPORTED[name])).eval()  # default superpatch sizes
     pixels = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(5))
