@@ -38,7 +38,11 @@ def refusing(what: str, fix: str = "") -> Iterator[None]:
 
 def run_command(main: Callable[..., object], argv: list[str] | None = None) -> None:
     """Run a command's `main(argv)` (`main()` when `argv` is None); a `UserError` becomes one line on stderr
-    (`error: ...`) and the command's exit status."""
+    (`error: ...`) and the command's exit status. The library's weight-loading progress bars are off: a command prints
+    its own progress, and those bars would bury a refusal's one line."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     try:
         main(argv) if argv is not None else main()
     except UserError as error:

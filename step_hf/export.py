@@ -149,7 +149,9 @@ def processor_input_size(processor: StepImageProcessor, config) -> tuple[tuple[i
     if processor.do_resize and processor.size.height and processor.size.width:
         return (processor.size.height, processor.size.width), "the processor's fixed size"
     stored = config.image_size
-    return tuple(stored if isinstance(stored, (list, tuple)) else (stored, stored)), "the model's image_size"
+    size = tuple(stored if isinstance(stored, (list, tuple)) else (stored, stored))
+    return size, ("the model's image_size; its processor keeps each image's aspect ratio, so give --image_size "
+                  "HEIGHT WIDTH of your frames' shape to run them unsquashed")
 
 
 def quiet_known_warnings() -> None:
@@ -268,7 +270,6 @@ def main(argv: list[str] | None = None) -> None:
 
     overrides = {name: getattr(args, name) for name in RUN_SETTINGS
                  if getattr(args, name, None) is not None}
-    transformers_logging.disable_progress_bar()  # its bars would bury a refusal's one line
     quiet_known_warnings()
     try:
         model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
