@@ -328,17 +328,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def calibrate(args) -> dict:
     """Measure every row, choose one, and write the output folder (`write_calibration`; see the module's
     docstring); returns what `calibration.json` holds."""
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
     from .modeling_step import StepForSemanticSegmentation
 
     check_runtime(args.runtime)
     output = Path(args.output_dir)
     check_output_dir(output, args.overwrite)
-    transformers_logging.disable_progress_bar()  # progress bars would bury a refusal's one line
-    datasets.disable_progress_bars()
-    torch.set_num_threads(args.threads)
     try:
         model = StepForSemanticSegmentation.from_pretrained(args.model).eval()
         processor = StepImageProcessor.from_pretrained(args.model)
@@ -480,7 +474,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.argv = argv  # the command line the export's README records
     quiet_known_warnings()
-    calibrate(args)
+    import datasets
+
+    datasets.disable_progress_bars()  # they would bury a refusal's one line
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # torch's threads for the run, given back to an in-process caller
+    try:
+        calibrate(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 __all__ = ["accuracy_latency_front", "budget_ladder", "calibrate", "cheapest_within", "keep_counts",

@@ -273,9 +273,15 @@ def measure_model(preset_or_path: str, size: tuple[int, int], args) -> list[dict
 
 
 def run_benchmark(args) -> list[dict]:
-    """The rows of every model at every input size, in this run's runtime."""
+    """The rows of every model at every input size, in this run's runtime (torch with `args.threads` threads for
+    the run, given back after it)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    return [row for preset in args.presets for size in args.image_sizes for row in measure_model(preset, size, args)]
+    try:
+        return [row for preset in args.presets for size in args.image_sizes
+                for row in measure_model(preset, size, args)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def target_results(rows: list[dict]) -> list[dict]:
