@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -45,12 +44,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from .charts import COLOURS, Curve, draw_chart
-from .cli import UserError, run_command
+from .cli import UserError, refusing, run_command
 from .configuration_step import StepSettings, resolve_settings
 from .evaluation import EvalTransform, check_dataset_classes, exported_predictions, load_split, measure, predictions
 from .export import (
-    PROGRAM_FILES, check_fits_grid, export_model, export_readme, processor_input_size, quiet_known_warnings,
-    takes_one_input_size, write_export,
+    PROGRAM_FILES, check_fits_grid, check_output_dir, export_model, export_readme, processor_input_size,
+    quiet_known_warnings, staged_folder, takes_one_input_size, write_export,
 )
 from .image_processing_step import StepImageProcessor
 from .model_card import model_card
@@ -257,17 +256,6 @@ def check_runtime(runtime: str) -> None:
                         f"{runtime}) or choose another --runtime ({', '.join(r for r in RUNTIMES if r != runtime)}).")
 
 
-def check_output_dir(output: Path, overwrite: bool) -> None:
-    """Refuse an existing output folder unless `overwrite`, and one that holds something other than an earlier
-    calibration (so `--overwrite` never removes unrelated files)."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        earlier = output.is_dir() and (output / "calibration.json").is_file()
-        if not (earlier and overwrite):
-            raise UserError(f"--output_dir {output} already holds " + (
-                "a calibration: add --overwrite to replace it" if earlier
-                else "other files: choose an empty or new folder") + ".")
-
-
 def deployed_measure(folder: Path, exported: bool, loader_for, config, args) -> dict:
     """The chosen row measured as deployed: the exported program in `folder`, loaded in its runtime, or the saved
     copy in `folder` run by torch."""
@@ -332,13 +320,10 @@ def calibrate(args) -> dict:
 
     check_runtime(args.runtime)
     output = Path(args.output_dir)
-    check_output_dir(output, args.overwrite)
-    try:
+    check_output_dir(output, args.overwrite, marker="calibration.json", holds="a calibration")
+    with refusing(f"the model {args.model}", "a folder saved by examples/train.py"):
         model = StepForSemanticSegmentation.from_pretrained(args.model).eval()
         processor = StepImageProcessor.from_pretrained(args.model)
-    except OSError as error:
-        raise UserError(f"Cannot load the model {args.model} (give a folder saved by examples/train.py): "
-                        f"{error}") from None
     config = model.config
     policy, exits, missing = calibrated_parts(config)
     if not (policy or exits):
@@ -431,15 +416,12 @@ def write_calibration(output: Path, model, processor: StepImageProcessor, result
     export_format = RUNTIME_FORMATS[args.runtime]
     exported = args.runtime != "torch" or args.torch_export
     where = f"{PROGRAM_FILES[export_format]} in {args.runtime}" if exported else "the saved copy in torch"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    scratch = tempfile.TemporaryDirectory(prefix="step-calibrate-")
-    try:
+    with staged_folder(output) as staging, tempfile.TemporaryDirectory(prefix="step-calibrate-") as scratch:
         notes = (f"The weights of `{args.model}`, with the run-time settings `python -m step_hf.calibrate` chose: "
                  f"{row['name']}, the cheapest ({args.cost}) in {args.runtime} within {args.max_miou_drop} mIoU of "
                  f"the {args.reference} model.")
         save_copy(copy.deepcopy(model), processor, staging, settings, row, args.model, notes)
-        export_folder = Path(staging if args.export else scratch.name) / export_format
+        export_folder = Path(staging if args.export else scratch) / export_format
         if exported or args.export:
             program, traced = export_model(copy.deepcopy(model), export_format, tuple(args.image_size),
                                            settings.to_dict())
@@ -460,12 +442,6 @@ def write_calibration(output: Path, model, processor: StepImageProcessor, result
         (staging / "calibration.json").write_text(json.dumps(result, indent=1))
         (staging / "calibration.md").write_text(report + "\n")
         draw(result["rows"], result["chosen"], COSTS[args.cost], staging / "calibration.png")
-        if output.exists():  # an earlier calibration (check_output_dir), replaced whole
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        scratch.cleanup()
     exported_note = f" and its {export_format} program in {output / export_format}" if args.export else ""
     print(f"Wrote {output}: the model with the chosen row's settings{exported_note}, calibration.json/.md/.png")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .accounting import flops_per_image
-from .cli import UserError, run_command
+from .cli import UserError, refusing, run_command
 from .configuration_step import StepSettings
 from .image_processing_step import StepImageProcessor, reduce_labels
 
@@ -239,10 +239,8 @@ def load_split(dataset_name: str, split: str, image_column: str = "image", label
     `max_samples` images when given; refused in one line (`UserError`) when it cannot load or has no labels."""
     from datasets import load_dataset
 
-    try:
+    with refusing(f"{dataset_name} [{split}]", "a Hub id or a local folder laid out like one"):  # or no such split
         dataset = load_dataset(dataset_name, split=split)
-    except (FileNotFoundError, ValueError) as error:  # no such folder or Hub id, or no such split
-        raise UserError(f"Cannot load {dataset_name} [{split}]: {error}") from None
     missing = {image_column, label_column} - set(dataset.column_names)
     if missing:
         raise UserError(f"{dataset_name} [{split}] has no column {sorted(missing)} (it has {dataset.column_names}): "
@@ -267,11 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    try:
+    with refusing(f"the model {args.model}", "a folder saved by examples/train.py or python -m step_hf.export, "
+                  "or a Hub id"):
         model, config, processor, exported = load_for_evaluation(args.model)
-    except OSError as error:  # no such folder or Hub id, or a folder without a saved model
-        raise UserError(f"Cannot load the model {args.model} (give a folder saved by examples/train.py or python -m "
-                        f"step_hf.export, or a Hub id): {error}") from None
     check_dataset_classes(config, args.model, args.dataset_name)
     dataset = load_split(args.dataset_name, args.split, args.image_column_name, args.label_column_name,
                          args.max_samples)

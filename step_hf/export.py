@@ -15,19 +15,21 @@ ahead of the run. The output folder holds one export: an earlier one there is re
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.export import Dim
 from transformers.utils import logging as transformers_logging
 
-from .cli import UserError, run_command
+from .cli import UserError, refusing, run_command
 from .configuration_step import RUN_SETTINGS, StepSettings, resolve_settings
 from .image_processing_step import StepImageProcessor
 from .modeling_step import StepForSemanticSegmentation
@@ -181,8 +183,6 @@ def load_exported(folder: str | Path, device=None, **runner_kwargs):
     return ExportedModel.from_pretrained(folder, device=device, **runner_kwargs)
 
 
-
-
 README = """# Exported STEP model
 
 Format: {format}{quantized}; program: `{program}`, with `export.json` (what `transformers.exporters` recorded), `config.json`,
@@ -215,35 +215,45 @@ def export_readme(export_format: str, traced_settings: dict, image_size: tuple[i
     )
 
 
-def check_output_dir(output: Path, overwrite: bool) -> None:
-    """Refuse an output folder that holds anything but an earlier export, and an earlier export without
-    `overwrite`: one folder holds one export (a loader would otherwise pick a stale program beside the new one)."""
+def check_output_dir(output: Path, overwrite: bool, marker: str = "export.json", holds: str = "an export") -> None:
+    """Refuse an output folder that holds anything but an earlier output of the same command (`holds`, known by its
+    `marker` file), and that earlier output without `overwrite`: one folder holds one output (a loader would
+    otherwise pick a stale program beside the new one), and `--overwrite` never removes unrelated files."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        earlier = output.is_dir() and (output / "export.json").is_file()
+        earlier = output.is_dir() and (output / marker).is_file()
         if not (earlier and overwrite):
             raise ExportRefused(
-                f"--output_dir {output} already holds " + ("an export: add --overwrite to replace it" if earlier
-                else "other files: choose an empty or new folder") + " (one folder holds one export)."
+                f"--output_dir {output} already holds " + (f"{holds}: add --overwrite to replace it" if earlier
+                else "other files: choose an empty or new folder") + f" (one folder holds one {holds.split()[-1]})."
             )
 
 
-def write_export(exported, processor: StepImageProcessor, output: Path, overwrite: bool, readme: str) -> None:
-    """Save the program, the processor and the README into `output` as one consistent export (`check_output_dir`):
-    written beside it first, then moved in whole, so that a failure leaves nothing half-written."""
-    check_output_dir(output, overwrite)
+@contextlib.contextmanager
+def staged_folder(output: Path) -> Iterator[Path]:
+    """A new folder beside `output` to write into: when the block ends it replaces `output` whole, and when the block
+    fails it is removed, so that a failure leaves nothing half-written (`check_output_dir` says what may be
+    replaced)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        exported.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        (staging / "README.md").write_text(readme)
-        # The image reader (numpy and PIL only), so that a torch-free runner reads images as the processor does.
-        shutil.copyfile(Path(__file__).with_name("image_reading.py"), staging / "image_reading.py")
+        yield staging
         if output.exists():
             shutil.rmtree(output)
         staging.rename(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_export(exported, processor: StepImageProcessor, output: Path, overwrite: bool, readme: str) -> None:
+    """Save the program, the processor and the README into `output` as one consistent export (`check_output_dir`,
+    `staged_folder`)."""
+    check_output_dir(output, overwrite)
+    with staged_folder(output) as staging:
+        exported.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "README.md").write_text(readme)
+        # The image reader (numpy and PIL only), so that a torch-free runner reads images as the processor does.
+        shutil.copyfile(Path(__file__).with_name("image_reading.py"), staging / "image_reading.py")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -271,11 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {name: getattr(args, name) for name in RUN_SETTINGS
                  if getattr(args, name, None) is not None}
     quiet_known_warnings()
-    try:
+    with refusing(f"the model {args.model_name_or_path}", "a folder saved by examples/train.py, or a Hub id"):
         model = StepForSemanticSegmentation.from_pretrained(args.model_name_or_path)
         processor = StepImageProcessor.from_pretrained(args.model_name_or_path)
-    except OSError as error:  # no such folder, or no saved model in it
-        raise ExportRefused(f"Cannot load the model {args.model_name_or_path}: {error}") from None
     if args.image_size:
         image_size, source = tuple(args.image_size), "--image_size"
     else:

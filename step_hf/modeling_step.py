@@ -134,7 +134,8 @@ class StepModelOutput(ModelOutput):
     class token at position 0, then its (super)tokens in the order of the token layout (raster order of their
     top-left cells), padded to the image with the most tokens. Position p >= 1 of image b is token
     `state.layout.batch.offsets[b] + p - 1` of the layout (`state` from `forward(..., return_encoder_state=True)`),
-    whose cells are `layout.cell_row`, `cell_col` and `block_side` at that index. Padding, and tokens that halted at an exit, hold zeros.
+    whose cells are `layout.cell_row`, `cell_col` and `block_side` at that index. Padding, and tokens that halted at
+    an exit, hold zeros.
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + max_tokens, hidden_size)`):
